@@ -1,0 +1,3 @@
+"""CaptainOS build tool."""
+
+__version__ = "0.1.0"

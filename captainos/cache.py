@@ -1,0 +1,151 @@
+"""Keyed, atomic cache entries: a stage is done only when its entry was renamed into place.
+
+An entry is `<cache>/<stage>/<arch>/<key>/`. It is built in a sibling `*.partial-<pid>`
+directory and renamed when complete, so an interrupted build (Ctrl-C, kill, power loss)
+leaves nothing a later run can mistake for done. The key hashes every input: a bumped pin or
+an edited config file produces a new key and so a rebuild, with no FORCE_* needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from captainos import log
+from captainos.errors import CaptainError
+
+STAMP = ".captainos-complete.json"
+
+
+def key(parts: dict[str, Any]) -> str:
+    """A short stable digest of the inputs (canonical JSON)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path) -> str:
+    """Digest of a directory's relative paths, modes, link targets and contents."""
+    digest = hashlib.sha256()
+    if not root.exists():
+        raise CaptainError(f"missing input directory {root}")
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if "__pycache__" in rel:
+            continue
+        mode = path.lstat().st_mode
+        digest.update(f"{rel}\0{mode:o}\0".encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file beside path and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a file (mode included) so that dst is either the old or the whole new file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached stage result."""
+
+    root: Path
+    parts: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    def done(self) -> bool:
+        return (self.root / STAMP).is_file()
+
+
+def entry(cache_dir: Path, stage: str, arch: str, parts: dict[str, Any]) -> Entry:
+    return Entry(cache_dir / stage / arch / key(parts), parts)
+
+
+@contextlib.contextmanager
+def building(item: Entry) -> Iterator[Path]:
+    """Yield an empty work dir; on success it becomes the entry, on any failure it is deleted."""
+    item.root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in item.root.parent.glob(f"{item.root.name}.partial-*"):
+        log.debug(f"removing interrupted build {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+    work = item.root.with_name(f"{item.root.name}.partial-{os.getpid()}")
+    work.mkdir()
+    try:
+        yield work
+        (work / STAMP).write_text(json.dumps(item.parts, sort_keys=True, indent=1, default=str))
+        if item.root.exists():
+            shutil.rmtree(item.root)
+        os.rename(work, item.root)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def record_last(cache_dir: Path, stage: str, arch: str, item: Entry) -> None:
+    """Remember the newest complete entry, for stages run with mode `skip` later."""
+    atomic_write(cache_dir / stage / arch / "last", item.key + "\n")
+
+
+def last(cache_dir: Path, stage: str, arch: str) -> Entry:
+    """The newest complete entry of a stage, or a clear error when there is none."""
+    pointer = cache_dir / stage / arch / "last"
+    if pointer.is_file():
+        root = pointer.parent / pointer.read_text().strip()
+        found = Entry(root, {})
+        if found.done():
+            return found
+    raise CaptainError(f"the {stage} stage is skipped but no earlier {stage} build for {arch} exists",
+                       f"run './build.py {stage}' once first")
+
+
+def cached(cache_dir: Path, stage: str, arch: str, parts: dict[str, Any], *, force: bool,
+           produce: Callable[[Path], None]) -> Path:
+    """Return the entry directory for these inputs, producing it (atomically) when missing.
+
+    produce(work) fills the work directory; it becomes the entry only if it returns.
+    """
+    item = entry(cache_dir, stage, arch, parts)
+    if item.done() and not force:
+        log.info(f"    cached: {stage} {item.key} ({item.root})")
+    else:
+        with building(item) as work:
+            produce(work)
+    record_last(cache_dir, stage, arch, item)
+    return item.root

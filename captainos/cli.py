@@ -1,0 +1,216 @@
+"""The command line, generated from config.Config: one flag per option, verbs as subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from captainos import __version__, artifacts, config, log
+from captainos.config import Config
+from captainos.errors import CaptainError
+
+VERBS: dict[str, str] = {
+    "build": "run every stage: kernel -> tools -> initramfs -> iso -> checksums (the default)",
+    "kernel": "build or fetch the kernel and its modules",
+    "tools": "produce containerd, runc, nerdctl and the CNI plugins at their pinned versions",
+    "initramfs": "assemble the initramfs with mkosi (needs the kernel and tools stages)",
+    "iso": "build the UEFI-bootable ISO from the kernel and initramfs",
+    "checksums": "write out/sha256sums-<arch>.txt (or check it with --verify)",
+    "qemu-test": "boot out/ artifacts in QEMU (serial console on this terminal; Ctrl-A X quits)",
+    "shell": "open a shell in the builder container (docker mode) or with the build environment",
+    "clean": "remove out/ and build/ (with --all also the caches and the local mkosi)",
+    "summary": "print the resolved configuration and mkosi's summary (--json: machine-readable)",
+    "setup": "install the host prerequisites (Debian/Ubuntu, as root) and the pinned mkosi",
+}
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field; SUPPRESS so a flag given before the verb is not reset after it."""
+    group = parser.add_argument_group("options (each also read from the environment variable shown)")
+    for f in dataclasses.fields(Config):
+        kind = config.option_type(f)
+        env = config.option_env(f)
+        default = f.default
+        shown = ",".join(str(config._jsonable(v)) for v in default) if isinstance(default, tuple) else (
+            config._jsonable(default))
+        help_text = f"{f.metadata['help']} [env {env}; default: {shown if shown not in ('', None) else 'unset'}]"
+        if kind is bool:
+            group.add_argument(config.option_flag(f), dest=f.name, action="store_const", const="1",
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        choices = [m.value for m in kind] if isinstance(kind, type) and issubclass(kind, config.enum.Enum) else None
+        group.add_argument(config.option_flag(f), dest=f.name, default=argparse.SUPPRESS, choices=choices,
+                           metavar=f.metadata["metavar"] or (None if choices else f.name.upper()), help=help_text)
+    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="log every command run and show tracebacks [env DEBUG]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line plus a hint, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CaptainError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="build.py",
+        description="Build and test CaptainOS, the in-memory provisioning OS for Tinkerbell.",
+        epilog="Run 'build.py VERB --help' for a verb's own options.",
+    )
+    parser.add_argument("--version", action="version", version=f"captainos {__version__}")
+    _add_options(parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb, help_text in VERBS.items():
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        _add_options(sub)
+        if verb == "summary":
+            sub.add_argument("--json", action="store_true", help="print the configuration as JSON on stdout")
+        if verb == "checksums":
+            sub.add_argument("--verify", action="store_true", help="check out/ against the sums file")
+        if verb == "clean":
+            sub.add_argument("--all", action="store_true", help="also remove caches and the local mkosi")
+        if verb == "qemu-test":
+            sub.add_argument("--workflow", metavar="FILE",
+                             help="run a workflow YAML end to end: registry, agent, server and VM")
+    return parser
+
+
+def parse(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, Config, argparse.Namespace]:
+    args = make_parser().parse_args(list(argv))
+    verb = args.verb or "build"
+    names = {f.name for f in dataclasses.fields(Config)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    cfg = config.load(os.environ if env is None else env, flags)
+    return verb, cfg, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("DEBUG", "").lower() in ("1", "true", "yes", "on")
+    log.set_debug(debug)
+    try:
+        verb, cfg, args = parse(argv)
+        HANDLERS[verb](cfg, args)
+    except CaptainError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        log.error(exc.message)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 141
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing partial was kept")
+        return 130
+    return 0
+
+
+# --- verb handlers: thin; the work is in the stage modules ---------------------------------
+
+def _prepare(cfg: Config, verb: str) -> None:
+    from captainos import host
+
+    host.check(cfg, verb)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _build(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import pipeline
+
+    _prepare(cfg, "build")
+    pipeline.build(cfg)
+
+
+def _stage_verb(name: str) -> Callable[[Config, argparse.Namespace], None]:
+    def handler(cfg: Config, args: argparse.Namespace) -> None:
+        from captainos import cache, pipeline
+
+        _prepare(cfg, name)
+        arch = cfg.arch.value
+        if name == "kernel":
+            pipeline.build_kernel(cfg)
+        elif name == "tools":
+            pipeline.build_tools(cfg)
+        elif name == "initramfs":
+            kernel_entry = cache.last(cfg.cache_dir, "kernel", arch).root
+            pipeline.build_initramfs(cfg, kernel_entry, cache.last(cfg.cache_dir, "tools", arch).root)
+        elif name == "iso":
+            pipeline.build_iso(cfg, cache.last(cfg.cache_dir, "kernel", arch).root,
+                               cache.last(cfg.cache_dir, "initramfs", arch).root)
+    return handler
+
+
+def _checksums(cfg: Config, args: argparse.Namespace) -> None:
+    if args.verify:
+        for name in artifacts.verify_checksums(cfg.out_dir, cfg.arch):
+            print(f"{name}: OK")
+        return
+    path = artifacts.write_checksums(cfg.out_dir, cfg.arch)
+    sys.stdout.write(path.read_text())
+
+
+def _summary(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import summary
+
+    report = summary.collect(cfg)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        summary.show(report, cfg)
+
+
+def _qemu_test(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import host
+
+    host.check(cfg, "qemu-test")
+    if args.workflow:
+        from captainos import e2e
+
+        e2e.run_workflow_file(cfg, args.workflow)
+        return
+    from captainos import qemu
+
+    qemu.interactive(cfg)
+
+
+def _shell(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import host
+
+    host.shell(cfg)
+
+
+def _clean(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import host
+
+    host.clean(cfg, everything=args.all)
+
+
+def _setup(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import host
+
+    host.setup(cfg)
+
+
+HANDLERS: dict[str, Callable[[Config, Any], None]] = {
+    "build": _build,
+    "kernel": _stage_verb("kernel"),
+    "tools": _stage_verb("tools"),
+    "initramfs": _stage_verb("initramfs"),
+    "iso": _stage_verb("iso"),
+    "checksums": _checksums,
+    "qemu-test": _qemu_test,
+    "shell": _shell,
+    "clean": _clean,
+    "summary": _summary,
+    "setup": _setup,
+}

@@ -1,0 +1,261 @@
+"""The one typed configuration: every option declares its default, help and env var once.
+
+The CLI (cli.py), `summary` and the cache keys are all derived from the `Config` fields.
+Precedence: default < environment variable < command-line flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captainos.errors import CaptainError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Arch(enum.Enum):
+    AMD64 = "amd64"
+    ARM64 = "arm64"
+
+    # Each fact about an architecture lives here, next to its siblings.
+    def uname(self) -> str:
+        return {"amd64": "x86_64", "arm64": "aarch64"}[self.value]
+
+    def smee_name(self) -> str:
+        """The suffix Smee downloads by default (vmlinuz-x86_64, initramfs-aarch64)."""
+        return self.uname()
+
+    def kernel_arch(self) -> str:
+        return {"amd64": "x86", "arm64": "arm64"}[self.value]
+
+    def kernel_image(self) -> str:
+        """The make target's output, relative to the kernel tree."""
+        return {"amd64": "arch/x86/boot/bzImage", "arm64": "arch/arm64/boot/Image"}[self.value]
+
+    def make_target(self) -> str:
+        return {"amd64": "bzImage", "arm64": "Image"}[self.value]
+
+    def cross_compile(self) -> str:
+        """CROSS_COMPILE prefix when building on a host of another architecture."""
+        return "" if self.is_host() else f"{self.uname()}-linux-gnu-"
+
+    def go_arch(self) -> str:
+        return self.value
+
+    def mkosi_arch(self) -> str:
+        return {"amd64": "x86-64", "arm64": "arm64"}[self.value]
+
+    def elf_machine(self) -> int:
+        """e_machine of the ELF header (EM_X86_64 = 62, EM_AARCH64 = 183)."""
+        return {"amd64": 62, "arm64": 183}[self.value]
+
+    def qemu_binary(self) -> str:
+        return f"qemu-system-{self.uname()}"
+
+    def qemu_machine(self) -> str:
+        return {"amd64": "q35", "arm64": "virt"}[self.value]
+
+    def serial_console(self) -> str:
+        return {"amd64": "ttyS0", "arm64": "ttyAMA0"}[self.value]
+
+    def efi_target(self) -> str:
+        return {"amd64": "x86_64-efi", "arm64": "arm64-efi"}[self.value]
+
+    def is_host(self) -> bool:
+        return platform.machine() in (self.uname(), self.value)
+
+    @classmethod
+    def host(cls) -> Arch:
+        for arch in cls:
+            if arch.is_host():
+                return arch
+        raise CaptainError(f"unsupported host architecture {platform.machine()}")
+
+
+class StageMode(enum.Enum):
+    """Where a stage runs."""
+
+    NATIVE = "native"
+    DOCKER = "docker"
+    SKIP = "skip"
+
+
+class KernelSource(enum.Enum):
+    """Where the kernel comes from (see kernel.py)."""
+
+    AUTO = "auto"  # KERNEL_SRC if set, else kernel.org if reachable, else debian-source
+    LOCAL = "local"  # KERNEL_SRC tree
+    KERNEL_ORG = "kernel-org"  # release tarball, sha256-verified
+    DEBIAN_SOURCE = "debian-source"  # Debian's linux-source package, compiled with our config
+    DEBIAN_IMAGE = "debian-image"  # Debian's prebuilt linux-image, nothing compiled
+
+
+class ToolsSource(enum.Enum):
+    """Where the container stack binaries come from (see tools.py)."""
+
+    AUTO = "auto"  # release when the release host answers, else go
+    RELEASE = "release"
+    GO = "go"
+
+
+class Accel(enum.Enum):
+    AUTO = "auto"  # KVM when a probe guest runs, else TCG
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+_SIZE = re.compile(r"^[1-9][0-9]*[MG]$")
+
+
+def _opt(default: Any, help: str, env: str | None = None, *, metavar: str | None = None,
+         key: bool = True) -> Any:
+    """Declare an option. env defaults to the upper-cased field name; key=False keeps it
+    out of cache keys (options that never change what a stage produces)."""
+    meta = {"help": help, "env": env, "metavar": metavar, "key": key}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence options")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: Arch = _opt(Arch.AMD64, "target architecture")
+    out_dir: Path = _opt(Path("out"), "where artifacts are written", key=False)
+    cache_dir: Path = _opt(Path.home() / ".cache" / "captainos", "cache of downloads and built stages",
+                           "CAPTAINOS_CACHE", key=False)
+    kernel_mode: StageMode = _opt(StageMode.NATIVE, "how the kernel stage runs", key=False)
+    tools_mode: StageMode = _opt(StageMode.NATIVE, "how the tools stage runs", key=False)
+    initramfs_mode: StageMode = _opt(StageMode.NATIVE, "how the initramfs (mkosi) stage runs", key=False)
+    iso_mode: StageMode = _opt(StageMode.NATIVE, "how the ISO stage runs", key=False)
+    kernel_source: KernelSource = _opt(KernelSource.AUTO, "where the kernel comes from")
+    kernel_src: Path | None = _opt(None, "local kernel source tree (implies --kernel-source local)",
+                                   metavar="DIR")
+    kernel_version: str = _opt("6.12.69", "kernel.org release to build")
+    force_kernel: bool = _opt(False, "rebuild the kernel even when cached", key=False)
+    tools_source: ToolsSource = _opt(ToolsSource.AUTO, "where containerd/runc/nerdctl/CNI come from")
+    tools_mirror: str = _opt("", "base URL replacing the upstream release host (air-gapped sites)",
+                             metavar="URL")
+    force_tools: bool = _opt(False, "redo the tools stage even when cached", key=False)
+    no_cache: bool = _opt(False, "ignore every cache: rebuild the builder image and all stages", key=False)
+    profiles: tuple[str, ...] = _opt((), "comma-separated mkosi profiles (e.g. test)", metavar="LIST")
+    extra_ca_certs: tuple[Path, ...] = _opt((), "comma-separated PEM files added to the image's trust store",
+                                           metavar="FILES")
+    qemu_append: str = _opt("", "extra kernel command line for qemu-test", key=False)
+    qemu_mem: str = _opt("2G", "guest memory for qemu-test (e.g. 512M, 2G)", key=False)
+    qemu_smp: int = _opt(2, "guest CPUs for qemu-test", key=False)
+    qemu_accel: Accel = _opt(Accel.AUTO, "QEMU accelerator", key=False)
+
+    def __post_init__(self) -> None:
+        if not _SIZE.match(self.qemu_mem):
+            raise CaptainError(f"invalid qemu memory size (QEMU_MEM/--qemu-mem) {self.qemu_mem!r}",
+                               "use a size like 512M or 2G")
+        if self.qemu_smp < 1:
+            raise CaptainError(f"invalid CPU count (QEMU_SMP/--qemu-smp) {self.qemu_smp}",
+                               "use a positive number of CPUs")
+        if self.kernel_src is not None and self.kernel_source not in (KernelSource.AUTO, KernelSource.LOCAL):
+            raise CaptainError("KERNEL_SRC is set but the kernel source is "
+                               f"{self.kernel_source.value}", "unset one of them")
+        if self.tools_mirror and not re.match(r"^https?://", self.tools_mirror):
+            raise CaptainError(f"invalid tools mirror {self.tools_mirror!r}", "use an http:// or https:// URL")
+
+    # Derived paths: every stage agrees on them through here.
+    @property
+    def build_dir(self) -> Path:
+        return REPO / "build" / self.arch.value
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def key_fields(self) -> dict[str, Any]:
+        """The options that change what the build produces (used in cache keys)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["key"]}
+
+
+def option_env(f: dataclasses.Field[Any]) -> str:
+    return f.metadata["env"] or f.name.upper()
+
+
+def option_flag(f: dataclasses.Field[Any]) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def option_type(f: dataclasses.Field[Any]) -> Any:
+    """The field's base type: Arch, Path, bool, int, str, or tuple[X, ...] element type."""
+    hints = {"Arch": Arch, "StageMode": StageMode, "KernelSource": KernelSource,
+             "ToolsSource": ToolsSource, "Accel": Accel, "Path": Path, "bool": bool, "int": int, "str": str}
+    text = str(f.type).replace("| None", "").strip()
+    if text.startswith("tuple["):
+        text = text[len("tuple["):].split(",")[0]
+    return hints[text]
+
+
+def is_sequence(f: dataclasses.Field[Any]) -> bool:
+    return str(f.type).startswith("tuple[")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def parse_value(f: dataclasses.Field[Any], raw: str, source: str) -> Any:
+    """Turn a string from the environment or a flag into the field's type, or fail clearly."""
+    kind = option_type(f)
+    if is_sequence(f):
+        return tuple(_parse_one(f, kind, part.strip(), source) for part in raw.split(",") if part.strip())
+    return _parse_one(f, kind, raw, source)
+
+
+def _parse_one(f: dataclasses.Field[Any], kind: Any, raw: str, source: str) -> Any:
+    if kind is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise CaptainError(f"invalid {source} {raw!r}", "use 1/0, true/false, yes/no or on/off")
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(raw)
+        except ValueError:
+            allowed = ", ".join(m.value for m in kind)
+            raise CaptainError(f"invalid {source} {raw!r}", f"choose one of: {allowed}") from None
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise CaptainError(f"invalid {source} {raw!r}", "expected a whole number") from None
+    if kind is Path:
+        return Path(raw).expanduser() if raw else None
+    return raw
+
+
+def load(env: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None) -> Config:
+    """Resolve the configuration from the environment and raw flag strings (flags win)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        name = option_env(f)
+        if name in env and (env[name] != "" or option_type(f) is not bool):
+            values[f.name] = parse_value(f, env[name], name)
+        if flags and f.name in flags:
+            values[f.name] = parse_value(f, flags[f.name], option_flag(f))
+    if values.get("kernel_src") is not None and values.get("kernel_source", KernelSource.AUTO) is KernelSource.AUTO:
+        values["kernel_source"] = KernelSource.LOCAL
+    return Config(**values)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value

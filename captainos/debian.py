@@ -1,0 +1,263 @@
+"""Packages from the Debian archive, verified along the archive's own chain of trust.
+
+InRelease is checked with gpgv against the host's Debian archive keyring; only the signed
+text gpgv writes back is parsed. Packages.xz must match the SHA256 InRelease lists for it,
+and a .deb must match the SHA256 its Packages record lists. Nothing is used before its
+digest matched; verified files are cached by sha256, so a cache hit is a verified file.
+
+Trust root: /usr/share/keyrings/debian-archive-keyring.gpg from the host's
+debian-archive-keyring package (installed and verified by the host's apt). Bookworm's
+package (2023.3+deb12u2) already carries the trixie signing keys.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import lzma
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from captainos import cache, log, pins
+from captainos.errors import CaptainError
+from captainos.run import Runner, run
+
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+TIMEOUT = 60.0
+
+
+# --- downloads ---------------------------------------------------------------------------
+
+def download(url: str, dest: Path, *, sha256: str | None = None, size: int | None = None,
+             timeout: float = TIMEOUT) -> Path:
+    """Fetch url to dest through a temp file; with sha256 given, a mismatch keeps nothing."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, tmp.open("wb") as sink:
+            total = size or int(response.headers.get("Content-Length") or 0) or None
+            progress = log.Progress(dest.name, total)
+            done = 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                sink.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                progress.update(done)
+            if total and total > (1 << 22):
+                progress.close()
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise CaptainError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}",
+                               "the download is corrupt or was tampered with; nothing was kept")
+        if size is not None and done != size:
+            raise CaptainError(f"size mismatch for {url}: expected {size} bytes, got {done}")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as exc:
+        raise CaptainError(f"download failed: {url}: {getattr(exc, 'reason', exc)}",
+                           "check the network or the mirror") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def fetch_verified(url: str, sha256: str, cache_dir: Path, *, size: int | None = None) -> Path:
+    """The file at url with this sha256, from the cache (downloads/<sha256>/<name>) or the network."""
+    dest = cache_dir / "downloads" / sha256 / url.rsplit("/", 1)[-1]
+    if dest.is_file() and cache.sha256_file(dest) == sha256:
+        log.debug(f"cached download {dest}")
+        return dest
+    return download(url, dest, sha256=sha256, size=size)
+
+
+# --- Debian versions ---------------------------------------------------------------------
+
+def _order(char: str) -> int:
+    """Sort weight of one character of a non-digit run: ~ first, then end, letters, others."""
+    if char == "~":
+        return -1
+    if char.isalpha():
+        return ord(char)
+    return ord(char) + 256
+
+
+def _compare_part(a: str, b: str) -> int:
+    while a or b:
+        lead_a = re.match(r"[^0-9]*", a).group()  # type: ignore[union-attr]
+        lead_b = re.match(r"[^0-9]*", b).group()  # type: ignore[union-attr]
+        for i in range(max(len(lead_a), len(lead_b))):
+            wa = _order(lead_a[i]) if i < len(lead_a) else 0
+            wb = _order(lead_b[i]) if i < len(lead_b) else 0
+            if wa != wb:
+                return -1 if wa < wb else 1
+        a, b = a[len(lead_a):], b[len(lead_b):]
+        num_a = re.match(r"[0-9]*", a).group()  # type: ignore[union-attr]
+        num_b = re.match(r"[0-9]*", b).group()  # type: ignore[union-attr]
+        if int(num_a or 0) != int(num_b or 0):
+            return -1 if int(num_a or 0) < int(num_b or 0) else 1
+        a, b = a[len(num_a):], b[len(num_b):]
+    return 0
+
+
+def compare_versions(a: str, b: str) -> int:
+    """Debian version order (epoch, upstream, revision): -1, 0 or 1."""
+    def split(v: str) -> tuple[int, str, str]:
+        epoch, _, rest = v.rpartition(":") if ":" in v else ("0", "", v)
+        upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "0")
+        return int(epoch or 0), upstream, revision
+
+    ea, ua, ra = split(a)
+    eb, ub, rb = split(b)
+    if ea != eb:
+        return -1 if ea < eb else 1
+    return _compare_part(ua, ub) or _compare_part(ra, rb)
+
+
+# --- control files -----------------------------------------------------------------------
+
+def parse_paragraphs(text: str) -> list[dict[str, str]]:
+    """deb822 paragraphs (Packages, Release): field -> value, continuation lines joined by newlines."""
+    paragraphs: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last = ""
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                paragraphs.append(current)
+            current, last = {}, ""
+        elif line[0] in " \t" and last:
+            current[last] += "\n" + line.strip()
+        elif ":" in line:
+            last, _, value = line.partition(":")
+            current[last] = value.strip()
+    if current:
+        paragraphs.append(current)
+    return paragraphs
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    arch: str
+    filename: str
+    sha256: str
+    size: int
+    fields: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def depends(self) -> list[str]:
+        """Package names of Depends (first alternative, version constraints dropped)."""
+        names = []
+        for item in self.fields.get("Depends", "").split(","):
+            name = item.split("|")[0].split("(")[0].strip().split(":")[0]
+            if name:
+                names.append(name)
+        return names
+
+
+@dataclass
+class Archive:
+    """One suite of a Debian mirror, read through its signed InRelease."""
+
+    cache_dir: Path
+    suite: str = pins.DEBIAN_RELEASE
+    mirror: str = pins.DEBIAN_MIRROR
+    keyring: Path = KEYRING
+    component: str = "main"
+    _release: dict[str, str] | None = None
+    _indexes: dict[str, list[Package]] = field(default_factory=dict)
+
+    def release(self) -> dict[str, str]:
+        """The signed fields of InRelease (fetched fresh each run: it is what moves)."""
+        if self._release is None:
+            work = self.cache_dir / "debian" / self.suite
+            raw = download(f"{self.mirror}/dists/{self.suite}/InRelease", work / "InRelease")
+            self._release = verify_inrelease(raw, self.keyring, self.suite)
+        return self._release
+
+    def _index_digest(self, path: str) -> tuple[str, int]:
+        for line in self.release().get("SHA256", "").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == path:
+                return parts[0], int(parts[1])
+        raise CaptainError(f"{path} is not listed in the InRelease of {self.suite} at {self.mirror}")
+
+    def packages(self, arch: str) -> list[Package]:
+        if arch not in self._indexes:
+            path = f"{self.component}/binary-{arch}/Packages.xz"
+            sha256, size = self._index_digest(path)
+            if self.release().get("Acquire-By-Hash") == "yes":
+                url = f"{self.mirror}/dists/{self.suite}/{path.rsplit('/', 1)[0]}/by-hash/SHA256/{sha256}"
+            else:
+                url = f"{self.mirror}/dists/{self.suite}/{path}"
+            dest = self.cache_dir / "downloads" / sha256 / "Packages.xz"
+            if not (dest.is_file() and cache.sha256_file(dest) == sha256):
+                download(url, dest, sha256=sha256, size=size)
+            self._indexes[arch] = parse_packages(lzma.decompress(dest.read_bytes()).decode())
+        return self._indexes[arch]
+
+    def package(self, name: str, arch: str) -> Package:
+        """The newest version of a package in this suite (arch 'all' ones are in every arch's list)."""
+        found = [p for p in self.packages(arch) if p.name == name]
+        if not found:
+            raise CaptainError(f"package {name} not found in Debian {self.suite}/{self.component} for {arch}",
+                               f"check the name at {self.mirror}/dists/{self.suite}/")
+        newest = found[0]
+        for candidate in found[1:]:
+            if compare_versions(candidate.version, newest.version) > 0:
+                newest = candidate
+        return newest
+
+    def fetch(self, pkg: Package) -> Path:
+        return fetch_verified(f"{self.mirror}/{pkg.filename}", pkg.sha256, self.cache_dir, size=pkg.size)
+
+
+def parse_packages(text: str) -> list[Package]:
+    out = []
+    for para in parse_paragraphs(text):
+        if {"Package", "Version", "Filename", "SHA256", "Size"} <= para.keys():
+            out.append(Package(para["Package"], para["Version"], para.get("Architecture", ""),
+                               para["Filename"], para["SHA256"], int(para["Size"]), para))
+    return out
+
+
+def verify_inrelease(path: Path, keyring: Path, suite: str, now: datetime | None = None) -> dict[str, str]:
+    """gpgv-check a clearsigned InRelease and return the fields of its signed text only."""
+    if not keyring.is_file():
+        raise CaptainError(f"Debian archive keyring {keyring} not found", "install the debian-archive-keyring package")
+    signed = path.with_name(path.name + ".verified")
+    signed.unlink(missing_ok=True)
+    result = run(["gpgv", "--keyring", keyring, "--output", signed, path],
+                 log_file=path.with_name("gpgv.log"), check=False)
+    if result.returncode != 0 or not signed.is_file():
+        raise CaptainError(f"the signature of {path} does not verify against {keyring}",
+                           f"gpgv's output is in {path.with_name('gpgv.log')}; nothing from it was used")
+    paras = parse_paragraphs(signed.read_text())
+    fields = paras[0] if paras else {}
+    if suite not in (fields.get("Suite"), fields.get("Codename")):
+        raise CaptainError(f"InRelease names suite {fields.get('Suite')!r}/{fields.get('Codename')!r}, "
+                           f"not {suite!r}", "the mirror served the wrong release file")
+    if "Valid-Until" in fields:
+        until = email.utils.parsedate_to_datetime(fields["Valid-Until"])
+        if until < (now or datetime.now(UTC)):
+            raise CaptainError(f"the InRelease of {suite} expired on {fields['Valid-Until']}",
+                               "the mirror is stale; use another one")
+    return fields
+
+
+def fetch_package(name: str, arch: str, suite: str = pins.DEBIAN_RELEASE, *, cache_dir: Path,
+                  mirror: str = pins.DEBIAN_MIRROR, keyring: Path = KEYRING) -> Path:
+    """The verified .deb of the newest `name` for `arch` in `suite`, cached by its sha256."""
+    archive = Archive(cache_dir, suite=suite, mirror=mirror, keyring=keyring)
+    return archive.fetch(archive.package(name, arch))
+
+
+def extract(runner: Runner, deb: Path, dest: Path) -> None:
+    """Unpack a .deb's file tree (no maintainer scripts run)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    runner.run(["dpkg-deb", "-x", deb, dest])

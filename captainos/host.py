@@ -1,0 +1,178 @@
+"""The build host: prerequisite checks before any work, `setup`, `shell` and `clean`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from captainos import cache, log, pins
+from captainos.config import REPO, Arch, Config, KernelSource, StageMode, ToolsSource
+from captainos.errors import CaptainError
+from captainos.run import base_env, run
+
+TOOLS_DIR = REPO / ".tools"
+
+
+@dataclass(frozen=True)
+class Need:
+    """A host command a stage needs, what for, and the Debian package that provides it."""
+
+    command: str
+    purpose: str
+    package: str
+
+
+KERNEL_COMPILE = (
+    Need("make", "kernel compile", "make"), Need("gcc", "kernel compile", "gcc"),
+    Need("flex", "kernel compile", "flex"), Need("bison", "kernel compile", "bison"),
+    Need("bc", "kernel compile", "bc"), Need("perl", "kernel compile", "perl"),
+    Need("depmod", "kernel module index", "kmod"), Need("xz", "kernel source unpacking", "xz-utils"),
+    Need("pahole", "kernel BTF (if enabled)", "dwarves"),
+)
+KERNEL_PACKAGES = (Need("dpkg-deb", "unpacking Debian packages", "dpkg"),
+                   Need("gpgv", "Debian archive signature check", "gpgv"),
+                   Need("depmod", "kernel module index", "kmod"))
+TOOLS_GO = (Need("go", "building containerd/runc/nerdctl/CNI from Go modules", "golang-go (>= 1.24)"),
+            Need("gcc", "runc (cgo, libseccomp)", "gcc"), Need("pkg-config", "runc's libseccomp lookup", "pkg-config"))
+INITRAMFS = (Need("python3", "running mkosi", "python3"), Need("zstd", "compressing the initramfs", "zstd"),
+             Need("cpio", "writing the initramfs", "cpio"), Need("apt-get", "mkosi's Debian bootstrap", "apt"),
+             Need("dpkg-deb", "unpacking Debian packages", "dpkg"))
+ISO = (Need("xorriso", "writing the ISO", "xorriso"), Need("mformat", "the EFI system partition image", "mtools"),
+       Need("grub-mkstandalone", "the GRUB EFI image", "grub-common"))
+QEMU = {Arch.AMD64: Need("qemu-system-x86_64", "booting images", "qemu-system-x86"),
+        Arch.ARM64: Need("qemu-system-aarch64", "booting images", "qemu-system-arm")}
+DOCKER = Need("docker", "the docker stage mode", "docker.io")
+
+# What `setup` installs: every package above plus the libraries the builds link against.
+APT_PACKAGES = (
+    "make", "gcc", "flex", "bison", "bc", "perl", "kmod", "xz-utils", "dwarves", "libelf-dev", "libssl-dev",
+    "dpkg", "gpgv", "debian-archive-keyring", "pkg-config", "libseccomp-dev", "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross", "python3", "zstd", "cpio", "apt", "systemd-container", "bubblewrap",
+    "xorriso", "mtools", "grub-common", "grub-efi-amd64-bin", "grub-efi-arm64-bin", "ovmf", "qemu-efi-aarch64",
+    "qemu-system-x86", "qemu-system-arm", "qemu-utils", "openssl", "skopeo", "docker-registry",
+    "apache2-utils", "busybox-static", "shellcheck", "file", "curl", "ca-certificates",
+)
+
+
+def needs(cfg: Config, verb: str) -> list[Need]:
+    """The commands a verb needs with this configuration."""
+    stages = {"build": ("kernel", "tools", "initramfs", "iso")}.get(verb, (verb,))
+    modes = {"kernel": cfg.kernel_mode, "tools": cfg.tools_mode, "initramfs": cfg.initramfs_mode,
+             "iso": cfg.iso_mode}
+    found: list[Need] = []
+    for stage in stages:
+        mode = modes.get(stage, StageMode.NATIVE)
+        if mode is StageMode.SKIP:
+            continue
+        if mode is StageMode.DOCKER:
+            found.append(DOCKER)
+            continue
+        if stage == "kernel":
+            found += KERNEL_PACKAGES if cfg.kernel_source is KernelSource.DEBIAN_IMAGE else KERNEL_COMPILE
+            if cfg.kernel_source is not KernelSource.DEBIAN_IMAGE and not cfg.arch.is_host():
+                found.append(Need(f"{cfg.arch.cross_compile()}gcc", "cross-compiling the kernel",
+                                  f"gcc-{cfg.arch.uname()}-linux-gnu"))
+        elif stage == "tools" and cfg.tools_source is not ToolsSource.RELEASE:
+            found += TOOLS_GO
+        elif stage == "initramfs":
+            found += INITRAMFS
+        elif stage == "iso":
+            found += ISO
+        elif stage == "qemu-test":
+            found.append(QEMU[cfg.arch])
+    return found
+
+
+def needs_root(cfg: Config, verb: str) -> bool:
+    """mkosi builds the image tree as root (device nodes, ownership)."""
+    return verb in ("build", "initramfs") and cfg.initramfs_mode is StageMode.NATIVE
+
+
+def check(cfg: Config, verb: str) -> None:
+    """Fail before any work: one line per missing tool, with what installs it."""
+    if needs_root(cfg, verb) and os.geteuid() != 0:
+        raise CaptainError(f"'{verb}' in native mode must run as root (mkosi builds the image as root)",
+                           "run it with sudo, or use --initramfs-mode docker")
+    path = base_env()["PATH"]
+    missing = [n for n in dict.fromkeys(needs(cfg, verb)) if shutil.which(n.command, path=path) is None]
+    for need in missing:
+        log.error(f"missing {need.command}: needed for {need.purpose}; install: apt-get install {need.package}")
+    if missing:
+        raise CaptainError(f"{len(missing)} prerequisite(s) missing", "or run './build.py setup' as root")
+    if verb in ("build", "initramfs") and cfg.initramfs_mode is StageMode.NATIVE and not mkosi_dir().is_dir():
+        raise CaptainError(f"mkosi {pins.MKOSI.version} is not unpacked in {TOOLS_DIR}",
+                           "run './build.py setup' (it downloads and verifies Debian's mkosi package)")
+
+
+def mkosi_dir() -> Path:
+    return TOOLS_DIR / f"mkosi-{pins.MKOSI.version}"
+
+
+def mkosi_pythonpath() -> Path:
+    return mkosi_dir() / "usr" / "lib" / "python3" / "dist-packages"
+
+
+def setup(cfg: Config) -> None:
+    """Install apt prerequisites and the pinned mkosi into .tools/ (Debian/Ubuntu, root)."""
+    if os.geteuid() != 0:
+        raise CaptainError("setup installs packages and must run as root", "run: sudo ./build.py setup")
+    with log.stage("setup", "apt packages"):
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-qq"], env=env)
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], env=env)
+    with log.stage("setup", f"mkosi {pins.MKOSI.version}"):
+        install_mkosi(pins.MKOSI, mkosi_dir())
+
+
+def install_mkosi(pin: pins.DebPin, target: Path, mirror: str = pins.DEBIAN_MIRROR) -> None:
+    """Download the pinned .deb, verify its sha256, unpack it, and rename it into place."""
+    if (target / cache.STAMP).is_file():
+        log.info(f"    mkosi {pin.version} already in {target}")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".mkosi-") as tmp:
+        deb = Path(tmp) / Path(pin.filename).name
+        url = f"{mirror}/{pin.filename}"
+        log.info(f"    downloading {url}")
+        with urllib.request.urlopen(url, timeout=60) as response, deb.open("wb") as sink:
+            shutil.copyfileobj(response, sink)
+        digest = cache.sha256_file(deb)
+        if digest != pin.sha256:
+            raise CaptainError(f"checksum mismatch for {deb.name}: got {digest}, pinned {pin.sha256}",
+                               "the mirror served a different file; nothing was installed")
+        unpacked = Path(tmp) / "root"
+        run(["dpkg-deb", "-x", deb, unpacked])
+        (unpacked / cache.STAMP).write_text(pin.sha256 + "\n")
+        cache.remove(target)
+        os.rename(unpacked, target)
+    log.info(f"    mkosi {pin.version} unpacked in {target}")
+
+
+def shell(cfg: Config) -> None:
+    """An interactive shell: in the builder container, or on the host with the build env."""
+    if cfg.initramfs_mode is StageMode.DOCKER:
+        from captainos import docker
+        from captainos.run import docker_run_argv
+
+        argv = docker_run_argv(docker.ensure_builder(cfg), ["bash"], env={}, mounts=(REPO, cfg.cache_dir),
+                               workdir=REPO, interactive=True)
+        os.execvpe(argv[0], argv, base_env())
+    env = base_env({"PYTHONPATH": str(mkosi_pythonpath()), "CAPTAINOS_ARCH": cfg.arch.value,
+                    "PS1": f"(captainos {cfg.arch.value}) \\w# "})
+    log.info(f"build environment shell (mkosi: python3 -m mkosi; arch {cfg.arch.value}); exit to leave")
+    os.chdir(REPO)
+    os.execvpe("bash", ["bash", "--norc", "-i"], env)
+
+
+def clean(cfg: Config, everything: bool) -> None:
+    targets = [cfg.out_dir, REPO / "build"]
+    if everything:
+        targets += [cfg.cache_dir, TOOLS_DIR]
+    for target in targets:
+        if target.exists():
+            log.info(f"    removing {target}")
+            cache.remove(target)

@@ -1,0 +1,224 @@
+"""Small OCI images written by our own code, byte for byte reproducible, pushed with skopeo.
+
+Two kinds are needed by the end-to-end harness: the agent image (FROM scratch with one static
+binary at /tink-agent, like the official one) and action images (Debian's static busybox with
+its applets as symlinks). Both are an OCI image layout directory: `oci-layout`, `index.json`
+and content-addressed blobs. Every tar member has a fixed owner and mtime, members are sorted
+and gzip carries no name or time, so the same inputs always give the same digests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from captainos import cache
+from captainos.config import Arch
+from captainos.errors import CaptainError
+from captainos.run import Runner
+
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+REF_NAME = "org.opencontainers.image.ref.name"
+EPOCH = 0  # mtime of every tar member and of the gzip header
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+# Applets the action images expose as /bin/<name> (the scenarios use only these).
+BUSYBOX_APPLETS = ("[", "cat", "cmp", "dd", "echo", "env", "false", "grep", "head", "hexdump", "id", "ls",
+                   "od", "printf", "sh", "sleep", "sync", "test", "true", "uname", "wc")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer member: a regular file (data), a directory, or a symlink (target)."""
+
+    path: str  # relative, no leading slash
+    mode: int = 0o755
+    data: bytes | None = None
+    target: str | None = None
+
+    @property
+    def kind(self) -> bytes:
+        if self.target is not None:
+            return tarfile.SYMTYPE
+        return tarfile.REGTYPE if self.data is not None else tarfile.DIRTYPE
+
+
+@dataclass(frozen=True)
+class Image:
+    """What an image holds; `layout()` writes it."""
+
+    arch: Arch
+    members: tuple[Member, ...]
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def agent_image(binary: Path, arch: Arch, version: str) -> Image:
+    """FROM scratch, /tink-agent, ENTRYPOINT ["/tink-agent"]: the shape of the official image."""
+    return Image(arch=arch, members=(Member("tink-agent", 0o755, binary.read_bytes()),),
+                 entrypoint=("/tink-agent",), labels={"org.opencontainers.image.version": version})
+
+
+def busybox_image(arch: Arch, busybox: Path = BUSYBOX) -> Image:
+    """An action image: /bin/busybox and its applets; the action's command is the whole argv."""
+    if not arch.is_host() and busybox == BUSYBOX:
+        raise CaptainError(f"the host busybox is not an {arch.value} binary",
+                           "run the end-to-end harness on a host of the target architecture")
+    if not busybox.is_file():
+        raise CaptainError(f"{busybox} not found", "apt-get install busybox-static")
+    members = [Member("bin", 0o755), Member("bin/busybox", 0o755, busybox.read_bytes()),
+               Member("tmp", 0o1777)]
+    members += [Member(f"bin/{name}", 0o777, target="busybox") for name in BUSYBOX_APPLETS]
+    return Image(arch=arch, members=tuple(members), cmd=("/bin/sh",), env=("PATH=/bin",))
+
+
+def layer_tar(members: Sequence[Member]) -> bytes:
+    """An uncompressed, reproducible tar of the members (sorted, owner root, fixed mtime)."""
+    seen: set[str] = set()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member in sorted(members, key=lambda m: m.path):
+            if member.path.startswith("/") or member.path in seen or not member.path:
+                raise CaptainError(f"bad or duplicate layer path {member.path!r}")
+            seen.add(member.path)
+            info = tarfile.TarInfo(member.path)
+            info.type = member.kind
+            info.mode = member.mode
+            info.mtime = EPOCH
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if member.target is not None:
+                info.linkname = member.target
+                tar.addfile(info)
+            elif member.data is not None:
+                info.size = len(member.data)
+                tar.addfile(info, io.BytesIO(member.data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=6, mtime=EPOCH) as handle:
+        handle.write(data)
+    return buffer.getvalue()
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _descriptor(media: str, data: bytes) -> dict[str, object]:
+    return {"mediaType": media, "digest": _digest(data), "size": len(data)}
+
+
+def image_blobs(image: Image) -> tuple[bytes, bytes, bytes]:
+    """(layer.tar.gz, config, manifest) of the image."""
+    tar = layer_tar(image.members)
+    layer = gzip_bytes(tar)
+    settings: dict[str, object] = {"Env": list(image.env)}
+    if image.entrypoint:
+        settings["Entrypoint"] = list(image.entrypoint)
+    if image.cmd:
+        settings["Cmd"] = list(image.cmd)
+    if image.labels:
+        settings["Labels"] = dict(image.labels)
+    config: dict[str, object] = {
+        "architecture": image.arch.go_arch(), "os": "linux", "config": settings,
+        "rootfs": {"type": "layers", "diff_ids": [_digest(tar)]},
+        "history": [{"created_by": "captainos.oci", "comment": "written by CaptainOS"}],
+    }
+    if image.arch is Arch.ARM64:
+        config["variant"] = "v8"
+    config_blob = _json(config)
+    manifest = _json({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
+                      "config": _descriptor(MEDIA_CONFIG, config_blob),
+                      "layers": [_descriptor(MEDIA_LAYER, layer)]})
+    return layer, config_blob, manifest
+
+
+def write_layout(image: Image, dest: Path, tag: str) -> str:
+    """Write an OCI image layout at dest (replacing it atomically); return the manifest digest."""
+    layer, config_blob, manifest = image_blobs(image)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        blobs = work / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        for blob in (layer, config_blob, manifest):
+            (blobs / _digest(blob).split(":", 1)[1]).write_bytes(blob)
+        (work / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
+        index = {"schemaVersion": 2, "mediaType": MEDIA_INDEX,
+                 "manifests": [{**_descriptor(MEDIA_MANIFEST, manifest), "annotations": {REF_NAME: tag}}]}
+        (work / "index.json").write_bytes(_json(index))
+        cache.remove(dest)
+        work.rename(dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return _digest(manifest)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Registry credentials; kept out of argv and logs (skopeo reads them from an auth file)."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def auth_file_json(registry: str, creds: Credentials) -> str:
+    """The containers-auth.json (docker config) document granting creds for registry."""
+    import base64
+
+    token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+    return json.dumps({"auths": {registry: {"auth": token}}})
+
+
+@contextmanager
+def auth_file(registry: str, creds: Credentials | None) -> Iterator[Path | None]:
+    """A private temp auth file for skopeo (mode 0600, deleted afterwards)."""
+    if creds is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="captainos-auth-") as tmp:
+        path = Path(tmp) / "auth.json"
+        path.touch(mode=0o600)
+        path.write_text(auth_file_json(registry, creds))
+        yield path
+
+
+def push_argv(layout: Path, tag: str, dest_ref: str, *, cert_dir: Path | None, auth: Path | None) -> list[str]:
+    """skopeo copy from the OCI layout to a registry; TLS verified against cert_dir when given."""
+    argv = ["skopeo", "copy", "--quiet", "--preserve-digests"]
+    if cert_dir is not None:
+        argv += ["--dest-cert-dir", str(cert_dir), "--dest-tls-verify=true"]
+    if auth is not None:
+        argv += ["--dest-authfile", str(auth)]
+    return [*argv, f"oci:{layout}:{tag}", f"docker://{dest_ref}"]
+
+
+def push(runner: Runner, layout: Path, tag: str, dest_ref: str, *, cert_dir: Path | None = None,
+         creds: Credentials | None = None) -> None:
+    registry = dest_ref.split("/", 1)[0]
+    with auth_file(registry, creds) as auth:
+        runner.run(push_argv(layout, tag, dest_ref, cert_dir=cert_dir, auth=auth),
+                   secret=(creds.password,) if creds else (), capture=True)

@@ -1,0 +1,190 @@
+"""Every pinned external input in one table: versions, URLs and sha256 digests.
+
+Bumping a version is a one-line change here plus its new digest; cache keys include these
+entries, so a bump rebuilds exactly what depends on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_RELEASE = "trixie"
+
+
+@dataclass(frozen=True)
+class DebPin:
+    """A Debian package file fetched outside apt (verified by sha256 before use)."""
+
+    name: str
+    version: str
+    filename: str  # path under the mirror root
+    sha256: str
+
+
+# mkosi is not on PyPI; Debian trixie's package is pure Python and runs from an unpacked tree.
+MKOSI = DebPin(
+    name="mkosi",
+    version="25.3-7",
+    filename="pool/main/m/mkosi/mkosi_25.3-7_all.deb",
+    sha256="ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252",
+)
+
+
+# --- tink-agent (agent.py, e2e harness) --------------------------------------------------
+@dataclass(frozen=True)
+class GoModulePin:
+    """A Go module at a version, verified against the go.sum hash (h1:) the proxy serves."""
+
+    path: str
+    version: str
+    h1: str
+
+    @property
+    def query(self) -> str:
+        return f"{self.path}@{self.version}"
+
+
+# The agent is `./cmd/agent` of the root module; its go.mod replaces the api module with a
+# directory that is not in the root module's zip, so both are downloaded and joined.
+TINK_AGENT = GoModulePin("github.com/tinkerbell/tinkerbell", "v0.25.0",
+                         "h1:U7blKIMZCjzoDesaA2615Xivoby6MFdDMoL7Sk+27so=")
+TINK_AGENT_API = GoModulePin("github.com/tinkerbell/tinkerbell/api", "v0.25.0",
+                             "h1:pm3aHDcGHI8QYxw1CnJZ7bRx5QesqBhfMVeMJR/wjnY=")
+TINK_AGENT_PACKAGE = "./cmd/agent"
+
+
+# --- TOOLS: the container stack actions run with (tools.py) --------------------------------
+# Release digests are the sha256 of the upstream release files as listed by Kubespray
+# (kubernetes-sigs/kubespray, roles/kubespray_defaults/vars/main/checksums.yml at
+# 005bdce7f1867958838a2d0bb4f7e67893d98f64: containerd_archive_checksums, nerdctl_archive_checksums,
+# cni_binary_checksums). No public statement of runc 1.4.0's digests was found: None, so
+# `--tools-source release` refuses runc and `auto` builds it from its Go module.
+# Module hashes (h1:) are the go.sum hashes of the module zips, as sum.golang.org serves them.
+TOOLS_RELEASE_HOST = "https://github.com"  # replaced by --tools-mirror / TOOLS_MIRROR
+
+
+@dataclass(frozen=True)
+class GoBuild:
+    """One binary of a component built from its Go module: `go build <flags> -o <binary> <package>`."""
+
+    binary: str
+    package: str
+    tags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()  # after "-s -w"; {version} and {revision} are filled in
+    flags: tuple[str, ...] = ()  # extra `go build` flags
+    cgo: bool = False  # links libseccomp statically (runc); everything else is CGO_ENABLED=0
+
+
+@dataclass(frozen=True)
+class ToolPin:
+    """A component of the container stack: where its release comes from and how to build it."""
+
+    name: str
+    version: str  # without the leading v
+    release: str  # path of the release file under the release host; {version} and {arch} are filled in
+    archive: bool  # the release file is a tar archive (else it is the binary itself)
+    sha256: Mapping[str, str | None]  # release file digest per arch; None: no public digest known
+    module_path: str
+    module_h1: str  # go.sum hash of the module zip at v<version>
+    dest: str  # directory of the binaries in the image tree
+    builds: tuple[GoBuild, ...]
+    drop_requires: tuple[str, ...] = ()  # test-only nested modules that are not in the module zip
+    version_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # default: --version
+
+    @property
+    def module(self) -> GoModulePin:
+        return GoModulePin(self.module_path, f"v{self.version}", self.module_h1)
+
+    @property
+    def binaries(self) -> tuple[str, ...]:
+        return tuple(b.binary for b in self.builds)
+
+    def release_path(self, arch: str) -> str:
+        return self.release.format(version=self.version, arch=arch)
+
+
+_CONTAINERD_X = "-X github.com/containerd/containerd/v2/version"
+_CNI_X = "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=v{version}"
+_CNI_PLUGINS = {"bridge": "main", "host-local": "ipam", "loopback": "main",
+                "portmap": "meta", "firewall": "meta", "tuning": "meta"}
+
+TOOLS: tuple[ToolPin, ...] = (
+    ToolPin(
+        name="containerd",
+        version="2.2.1",
+        release="containerd/containerd/releases/download/v{version}/containerd-{version}-linux-{arch}.tar.gz",
+        archive=True,
+        sha256={"amd64": "f5d8e90ecb6c1c7e33ecddf8cc268a93b9e5b54e0e850320d765511d76624f41",
+                "arm64": "dac15a0d412a24be8bfe6a40cec8f51829062725169f1e72ac7d120a891ef5b6"},
+        module_path="github.com/containerd/containerd/v2",
+        module_h1="h1:TpyxcY4AL5A+07dxETevunVS5zxqzuq7ZqJXknM11yk=",
+        dest="usr/bin",
+        # Tags and -X flags of the module's Makefile (GO_BUILDTAGS, SHIM_GO_BUILDTAGS, GO_LDFLAGS).
+        builds=tuple(
+            GoBuild(binary, f"./cmd/{binary}", tags=tags,
+                    ldflags=(f"{_CONTAINERD_X}.Version=v{{version}}", f"{_CONTAINERD_X}.Revision={{revision}}",
+                             f"{_CONTAINERD_X}.Package=github.com/containerd/containerd/v2"))
+            for binary, tags in (("containerd", ("urfave_cli_no_docs",)), ("ctr", ("urfave_cli_no_docs",)),
+                                 ("containerd-shim-runc-v2", ("urfave_cli_no_docs", "no_grpc")))),
+        version_args={"containerd-shim-runc-v2": ("-v",)},
+    ),
+    ToolPin(
+        name="runc",
+        version="1.4.0",
+        release="opencontainers/runc/releases/download/v{version}/runc.{arch}",
+        archive=False,
+        sha256={"amd64": None, "arm64": None},
+        module_path="github.com/opencontainers/runc",
+        module_h1="h1:FG1Hw0GBYPsNki+mBz1QOrSzbwbAcerhrAD2r097QCc=",
+        dest="usr/bin",
+        # `make static` of the module's Makefile: static PIE with libseccomp; the version comes
+        # from the module's VERSION file (go:embed).
+        builds=(GoBuild("runc", ".", tags=("seccomp", "urfave_cli_no_docs", "netgo", "osusergo"),
+                        ldflags=("-X main.gitCommit={revision}", "-linkmode external", "-extldflags -static-pie"),
+                        flags=("-buildmode=pie",), cgo=True),),
+    ),
+    ToolPin(
+        name="nerdctl",
+        version="2.2.1",
+        release="containerd/nerdctl/releases/download/v{version}/nerdctl-{version}-linux-{arch}.tar.gz",
+        archive=True,
+        sha256={"amd64": "34144de7f12756aa4b9dc42a907fd95b0c5eb82a63566a650ca10c8abe7a26a0",
+                "arm64": "abc83c9ac3d843c3442eedfb61c6456b8b59b1e4cd69f69598ca1582acc7c094"},
+        module_path="github.com/containerd/nerdctl/v2",
+        module_h1="h1:eXBu4HddMEXtLmZsJncfvOiJ6a8DemOzWhOxypNIEG0=",
+        dest="usr/bin",
+        builds=(GoBuild("nerdctl", "./cmd/nerdctl",
+                        ldflags=("-X github.com/containerd/nerdctl/v2/pkg/version.Version=v{version}",
+                                 "-X github.com/containerd/nerdctl/v2/pkg/version.Revision={revision}")),),
+        # go.mod replaces this test-only module with ./mod/tigron, a nested module the zip leaves out.
+        drop_requires=("github.com/containerd/nerdctl/mod/tigron",),
+    ),
+    ToolPin(
+        name="cni-plugins",
+        version="1.6.0",
+        release="containernetworking/plugins/releases/download/v{version}/cni-plugins-linux-{arch}-v{version}.tgz",
+        archive=True,
+        sha256={"amd64": "682b49ff8933a997a52107161f1745f8312364b4c7f605ccdf7a77499130d89d",
+                "arm64": "db09ab057ecf60b05ba05cbec38d55b95cc139c7f1078e2e4857cc13af158cee"},
+        module_path="github.com/containernetworking/plugins",
+        module_h1="h1:lrsUrLF7QODLx6gncHOqk/pnCiC7c6bvDAskV4KUifQ=",
+        dest="opt/cni/bin",
+        builds=tuple(GoBuild(plugin, f"./plugins/{kind}/{plugin}", ldflags=(_CNI_X,))
+                     for plugin, kind in _CNI_PLUGINS.items()),
+        # A plugin prints "CNI <name> plugin v<version>" when run without CNI_COMMAND.
+        version_args={plugin: () for plugin in _CNI_PLUGINS},
+    ),
+)
+
+# runc links libseccomp statically; Debian 12's static library suits both a bookworm host and
+# newer ones (an older glibc ABI links against a newer libc, not the other way round).
+LIBSECCOMP: Mapping[str, DebPin] = {
+    "amd64": DebPin("libseccomp-dev", "2.5.4-1+deb12u1",
+                    "pool/main/libs/libseccomp/libseccomp-dev_2.5.4-1+deb12u1_amd64.deb",
+                    "5fb305f3aeb293e2b78a4cfcb58c0f42179703c371a408d002c8454661e6b7b2"),
+    "arm64": DebPin("libseccomp-dev", "2.5.4-1+deb12u1",
+                    "pool/main/libs/libseccomp/libseccomp-dev_2.5.4-1+deb12u1_arm64.deb",
+                    "4e740b9dd4fb3528aef2a493fd96589cb2b89ca74151f8844584d214b9c8b731"),
+}

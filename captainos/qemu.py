@@ -1,0 +1,236 @@
+"""QEMU: a pure argv builder per architecture, an accelerator probe, and a Guest runner.
+
+`argv()` is the only place a QEMU command line is assembled; tests assert on it directly.
+`Guest` starts QEMU with the serial console in a log file and lets a caller wait for
+lines on it, talk to the human monitor, and collect the exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from captainos import log
+from captainos.config import Accel, Arch, Config
+from captainos.errors import CaptainError
+from captainos.run import base_env
+
+ALWAYS_APPEND = "audit=0"
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Everything that decides a QEMU command line."""
+
+    arch: Arch
+    kernel: Path | None = None  # None: boot from firmware (cdrom/disk)
+    initrd: Path | None = None
+    append: str = ""  # extra kernel command line, after the console and audit settings
+    mem: str = "2G"
+    smp: int = 2
+    accel: Accel = Accel.TCG  # resolve AUTO with probe_accel() first
+    serial_log: Path | None = None  # None: serial console on stdio (interactive)
+    mac: str = DEFAULT_MAC
+    netdev: str = "user,id=net0"  # -netdev value; must define id=net0
+    disks: tuple[Path, ...] = ()  # raw disk images as virtio-blk
+    cdrom: Path | None = None
+    firmware: Path | None = None  # UEFI code image (OVMF/AAVMF) for firmware boots
+    monitor: Path | None = None  # unix socket for the human monitor
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+def kernel_cmdline(machine: Machine) -> str:
+    """console=<serial> and audit=0 always; the caller's append last so it can override."""
+    parts = [f"console={machine.arch.serial_console()}", ALWAYS_APPEND, machine.append.strip()]
+    return " ".join(p for p in parts if p)
+
+
+def argv(machine: Machine) -> list[str]:
+    """The full QEMU command line for a machine (pure: no probing, no filesystem access)."""
+    arch = machine.arch
+    if machine.accel is Accel.AUTO:
+        raise ValueError("resolve Accel.AUTO with probe_accel() before building the argv")
+    cmd = [arch.qemu_binary(), "-machine", arch.qemu_machine(), "-accel", machine.accel.value,
+           "-m", machine.mem, "-smp", str(machine.smp), "-nographic", "-no-reboot"]
+    if arch is Arch.ARM64:
+        cmd += ["-cpu", "host" if machine.accel is Accel.KVM else "max"]
+    elif machine.accel is Accel.KVM:
+        cmd += ["-cpu", "host"]
+    if machine.firmware is not None:
+        cmd += ["-drive", f"if=pflash,format=raw,readonly=on,file={machine.firmware}"]
+    if machine.kernel is not None:
+        cmd += ["-kernel", str(machine.kernel), "-append", kernel_cmdline(machine)]
+        if machine.initrd is not None:
+            cmd += ["-initrd", str(machine.initrd)]
+    cmd += ["-netdev", machine.netdev, "-device", f"virtio-net-pci,netdev=net0,mac={machine.mac}"]
+    for index, disk in enumerate(machine.disks):
+        cmd += ["-drive", f"file={disk},format=raw,if=none,id=disk{index}",
+                "-device", f"virtio-blk-pci,drive=disk{index},serial=captainos{index}"]
+    if machine.cdrom is not None:
+        cmd += ["-drive", f"file={machine.cdrom},media=cdrom,readonly=on,if=none,id=cd0",
+                "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-cd,drive=cd0,bootindex=0"]
+    cmd += ["-device", "virtio-rng-pci"]
+    if machine.serial_log is not None:
+        cmd += ["-serial", f"file:{machine.serial_log}"]
+        monitor = f"unix:{machine.monitor},server=on,wait=off" if machine.monitor else "none"
+        cmd += ["-monitor", monitor]
+    elif machine.monitor is not None:
+        raise ValueError("a monitor socket needs a serial log file (stdio is the serial console)")
+    return cmd + list(machine.extra)
+
+
+def probe_accel(arch: Arch, kernel: Path | None = None, timeout: float = 20.0) -> Accel:
+    """KVM when /dev/kvm is usable *and* a guest really runs under it, else TCG.
+
+    Some hosts expose /dev/kvm and start firmware under it, yet hang Linux guests. So the
+    probe boots the kernel under test (no initramfs: it must reach its "unable to mount
+    root" panic, which QEMU turns into an exit through -no-reboot) within a hard timeout.
+    """
+    if not arch.is_host() or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Accel.TCG
+    if kernel is None:
+        log.info("    no kernel to probe KVM with: using TCG")
+        return Accel.TCG
+    with tempfile.TemporaryDirectory(prefix="captainos-kvm-probe-") as tmp:
+        serial = Path(tmp) / "serial.log"
+        machine = Machine(arch, kernel=kernel, append="panic=-1", accel=Accel.KVM, mem="256M", smp=1,
+                          serial_log=serial)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(argv(machine), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                           env=base_env(), check=False)
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+    if "Kernel panic" in text or "VFS:" in text:
+        return Accel.KVM
+    log.info(f"    KVM did not boot a kernel within {timeout:.0f}s here: using TCG (software emulation)")
+    return Accel.TCG
+
+
+def resolve_accel(arch: Arch, accel: Accel, kernel: Path | None = None) -> Accel:
+    return probe_accel(arch, kernel) if accel is Accel.AUTO else accel
+
+
+class Guest:
+    """A running QEMU guest whose serial console goes to a log file.
+
+        with Guest(machine) as guest:
+            guest.wait_for(r"CAPTAINOS-SELFTEST: (PASS|FAIL.*)", timeout=300)
+            guest.monitor("system_powerdown")
+            guest.wait_exit(60)
+    """
+
+    def __init__(self, machine: Machine, workdir: Path | None = None) -> None:
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="captainos-qemu-")
+        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        serial = machine.serial_log or self.workdir / "serial.log"
+        monitor = machine.monitor or self.workdir / "monitor.sock"
+        self.machine = Machine(**{**machine.__dict__, "serial_log": serial, "monitor": monitor})
+        self.serial_log = serial
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self._offset = 0
+
+    def __enter__(self) -> Guest:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.kill()
+        if self._tmp is not None and exc is None:
+            self._tmp.cleanup()
+
+    def start(self) -> None:
+        cmd = argv(self.machine)
+        log.debug(shlex.join(cmd))
+        self.serial_log.write_bytes(b"")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=(self.workdir / "qemu.stderr").open("wb"), env=base_env())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def serial(self) -> str:
+        return self.serial_log.read_bytes().decode(errors="replace") if self.serial_log.exists() else ""
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.serial().splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, timeout: float, *, from_start: bool = False) -> re.Match[str]:
+        """Wait until a regex matches the serial output (after the previous match)."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        if from_start:
+            self._offset = 0
+        while True:
+            text = self.serial()
+            match = regex.search(text, self._offset)
+            if match:
+                self._offset = match.end()
+                return match
+            if self.proc is not None and self.proc.poll() is not None:
+                raise CaptainError(f"QEMU exited ({self.proc.returncode}) before /{pattern}/ appeared; "
+                                   f"serial tail:\n{self.tail()}\n{self._stderr()}")
+            if time.monotonic() > deadline:
+                raise CaptainError(f"timed out after {timeout:.0f}s waiting for /{pattern}/; "
+                                   f"serial tail:\n{self.tail()}")
+            time.sleep(0.25)
+
+    def monitor(self, command: str) -> str:
+        """Send one human-monitor command and return what the monitor answered."""
+        assert self.machine.monitor is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.machine.monitor))
+            sock.sendall(command.encode() + b"\n")
+            time.sleep(0.5)
+            chunks = []
+            with contextlib.suppress(TimeoutError, OSError):
+                sock.settimeout(0.5)
+                while data := sock.recv(65536):
+                    chunks.append(data)
+        return b"".join(chunks).decode(errors="replace")
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CaptainError(f"QEMU still running {timeout:.0f}s later; serial tail:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def _stderr(self) -> str:
+        path = self.workdir / "qemu.stderr"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+
+def interactive(cfg: Config) -> None:
+    """`qemu-test`: boot out/ artifacts with the serial console on this terminal."""
+    from captainos import artifacts
+
+    kernel = cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
+    initrd = cfg.out_dir / artifacts.initramfs_name(cfg.arch)
+    for path in (kernel, initrd):
+        if not path.is_file():
+            raise CaptainError(f"{path} does not exist", "build it first: ./build.py")
+    machine = Machine(cfg.arch, kernel=kernel, initrd=initrd, append=cfg.qemu_append, mem=cfg.qemu_mem,
+                      smp=cfg.qemu_smp, accel=resolve_accel(cfg.arch, cfg.qemu_accel, kernel))
+    cmd = argv(machine)
+    log.info(f"booting {initrd.name} ({machine.accel.value}); quit with Ctrl-A X")
+    log.debug(shlex.join(cmd))
+    os.execvpe(cmd[0], cmd, base_env())

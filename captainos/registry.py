@@ -1,0 +1,246 @@
+"""A real container registry for tests: Debian's docker-registry (distribution 2.8) with TLS.
+
+The certificate authority is made once per cache dir (`<cache>/e2e-ca/`) and reused, so an
+image built with `--extra-ca-certs <cache>/e2e-ca/ca.pem` trusts every registry the harness
+starts. Each registry gets a fresh server certificate for 10.0.2.2 (the host as QEMU user
+networking shows it) and 127.0.0.1, a temp storage dir (or a given one, to restart it with
+the same content), a log file, and optionally htpasswd (bcrypt) authentication.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from captainos import cache, log
+from captainos.errors import CaptainError
+from captainos.oci import Credentials
+from captainos.run import Runner, base_env, quote
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+# Addresses the server certificate is valid for: the QEMU user-net host alias and loopback.
+CERT_IPS = ("10.0.2.2", "127.0.0.1")
+CA_SUBJECT = "/CN=CaptainOS end-to-end test CA"
+REALM = "captainos-e2e"
+
+
+@dataclass(frozen=True)
+class CA:
+    """The harness CA: `ca.pem` is what the image trusts; `ca.key` never leaves the cache."""
+
+    root: Path
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "ca.key"
+
+
+def ca_argv(key: Path, cert: Path) -> list[str]:
+    return ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+            "-keyout", str(key), "-out", str(cert), "-subj", CA_SUBJECT,
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+
+
+def ensure_ca(cache_dir: Path, runner: Runner) -> CA:
+    """The stable harness CA, generated on first use (atomically: a half-made CA is never used)."""
+    ca = CA(cache_dir / "e2e-ca")
+    if ca.cert.is_file() and ca.key.is_file():
+        return ca
+    ca.root.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".e2e-ca.", dir=ca.root.parent))
+    try:
+        runner.run(ca_argv(work / "ca.key", work / "ca.pem"), capture=True)
+        (work / "ca.key").chmod(0o600)
+        cache.remove(ca.root)
+        work.rename(ca.root)
+    finally:
+        if work.exists():
+            cache.remove(work)
+    log.info(f"    created the end-to-end test CA {ca.cert}")
+    return ca
+
+
+def server_ext(ips: tuple[str, ...]) -> str:
+    """openssl x509 -extfile content of a TLS server certificate for these IP addresses."""
+    san = ",".join([f"IP:{ip}" for ip in ips] + ["DNS:localhost"])
+    return (f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+
+
+def issue_server_cert(ca: CA, runner: Runner, dest: Path, ips: tuple[str, ...] = CERT_IPS) -> tuple[Path, Path]:
+    """Write dest/server.pem (leaf + CA) and dest/server.key signed by the CA; return both paths."""
+    dest.mkdir(parents=True, exist_ok=True)
+    key, csr, leaf, ext = dest / "server.key", dest / "server.csr", dest / "leaf.pem", dest / "server.ext"
+    ext.write_text(server_ext(ips))
+    runner.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                "-subj", "/CN=captainos-e2e-registry"], capture=True)
+    key.chmod(0o600)
+    runner.run(["openssl", "x509", "-req", "-sha256", "-days", "30", "-in", str(csr), "-CA", str(ca.cert),
+                "-CAkey", str(ca.key), "-set_serial", str(time.time_ns()), "-extfile", str(ext),
+                "-out", str(leaf)], capture=True)
+    chain = dest / "server.pem"
+    chain.write_text(leaf.read_text() + ca.cert.read_text())
+    return chain, key
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the caller binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def config_yaml(*, port: int, storage: Path, cert: Path, key: Path, htpasswd: Path | None,
+                bind: str = "0.0.0.0") -> str:
+    """The registry's configuration (YAML is a superset of JSON: written with json for exact quoting)."""
+    import json
+
+    doc: dict[str, object] = {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+        "http": {"addr": f"{bind}:{port}", "tls": {"certificate": str(cert), "key": str(key)},
+                 "headers": {"X-Content-Type-Options": ["nosniff"]}},
+    }
+    if htpasswd is not None:
+        doc["auth"] = {"htpasswd": {"realm": REALM, "path": str(htpasswd)}}
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def serve_argv(config: Path) -> list[str]:
+    return [REGISTRY_BINARY, "serve", str(config)]
+
+
+def htpasswd_line(runner: Runner, creds: Credentials) -> str:
+    """A bcrypt htpasswd line (the password is masked in every logged command line)."""
+    result = runner.run(["htpasswd", "-n", "-B", "-b", creds.username, creds.password], capture=True,
+                        secret=(creds.password,))
+    line = result.stdout.strip()
+    if not line.startswith(f"{creds.username}:$2"):
+        raise CaptainError("htpasswd did not produce a bcrypt entry", "install apache2-utils")
+    return line + "\n"
+
+
+@dataclass
+class Registry:
+    """One running registry. `with Registry(...) as reg:` starts it and stops it cleanly.
+
+    The port and storage are chosen at construction, so `stop()` then `start()` brings the
+    same registry back with the same content (used to start it after the VM).
+    """
+
+    ca: CA
+    workdir: Path
+    name: str = "registry"
+    creds: Credentials | None = None
+    runner: Runner = field(default_factory=Runner)
+    port: int = 0
+    bind: str = "0.0.0.0"
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self.root = self.workdir / self.name
+        self.storage = self.root / "storage"
+        self.log_file = self.root / "registry.log"
+        self.config_file = self.root / "config.yml"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(exist_ok=True)
+        self.cert, self.key = issue_server_cert(self.ca, self.runner, self.root / "tls")
+        htpasswd = None
+        if self.creds is not None:
+            htpasswd = self.root / "htpasswd"
+            htpasswd.touch(mode=0o600)
+            htpasswd.write_text(htpasswd_line(self.runner, self.creds))
+        cache.atomic_write(self.config_file, config_yaml(port=self.port, storage=self.storage, cert=self.cert,
+                                                         key=self.key, htpasswd=htpasswd, bind=self.bind))
+
+    # Addresses: the host pushes to 127.0.0.1, the guest pulls from 10.0.2.2.
+    @property
+    def host_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def guest_address(self) -> str:
+        return f"10.0.2.2:{self.port}"
+
+    @property
+    def cert_dir(self) -> Path:
+        """A directory holding only the CA as `ca.crt`: what skopeo's --*-cert-dir expects."""
+        path = self.root / "certs.d"
+        if not (path / "ca.crt").is_file():
+            cache.atomic_copy(self.ca.cert, path / "ca.crt")
+        return path
+
+    def start(self, timeout: float = 30.0) -> Registry:
+        if self.proc is not None:
+            return self
+        argv = serve_argv(self.config_file)
+        log.debug(quote(argv) + f"  (log: {self.log_file})")
+        with self.log_file.open("ab") as sink:
+            # A daemon, not a command that completes: it outlives this call, so run() does not fit.
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                         env=base_env(), start_new_session=True)
+        self.wait_ready(timeout)
+        log.info(f"    {self.name} listening on {self.host_address}" + (" (auth)" if self.creds else ""))
+        return self
+
+    def ping(self) -> int | None:
+        """HTTP status of GET /v2/ (200 open, 401 with auth), or None when not answering."""
+        ctx = ssl.create_default_context(cafile=str(self.ca.cert))
+        try:
+            with urllib.request.urlopen(f"https://{self.host_address}/v2/", context=ctx, timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise CaptainError(f"{self.name} exited with code {self.proc.returncode} at start",
+                                   f"see {self.log_file}:\n{self.log_tail()}")
+            if self.ping() in (200, 401):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise CaptainError(f"{self.name} did not answer on {self.host_address} within {timeout:.0f}s",
+                           f"see {self.log_file}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file.is_file():
+            return "(no registry log)"
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> Registry:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,149 @@
+"""Every external command goes through run(): argv lists, explicit env, stdin closed.
+
+A Runner decides *where* a command runs (the host, or the builder container); the stages
+never care which.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from captainos import log
+from captainos.errors import CaptainError
+
+# Host variables a child may need; everything else must be passed explicitly.
+PASSTHROUGH_ENV = (
+    "PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "GOPROXY", "GOFLAGS", "GOPATH", "GOMODCACHE", "GOCACHE", "GONOSUMDB", "GOSUMDB",
+)
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update(extra or {})
+    return env
+
+
+def quote(argv: Sequence[str | os.PathLike[str]]) -> str:
+    return shlex.join(str(a) for a in argv)
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    capture: bool = False,
+    check: bool = True,
+    log_file: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+    secret: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run argv; on failure raise one line naming the command and its exit code.
+
+    capture: return stdout (stderr is passed through unless log_file is set).
+    log_file: write stdout+stderr there, calling on_line for each line (progress).
+    secret: strings never printed in the debug line or the error message.
+    """
+    args = [str(a) for a in argv]
+    shown = quote(args)
+    for word in secret:
+        if word:
+            shown = shown.replace(word, "***")
+    full_env = base_env(env)
+    extra = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(extra.items()))
+    log.debug(f"{prefix + ' ' if prefix else ''}{shown}" + (f"  (in {cwd})" if cwd else ""))
+    if shutil.which(args[0], path=full_env.get("PATH")) is None and "/" not in args[0]:
+        raise CaptainError(f"command not found: {args[0]}", "run './build.py setup' to install prerequisites")
+    try:
+        if log_file is not None:
+            result = _run_logged(args, full_env, cwd, log_file, on_line, timeout)
+        else:
+            result = subprocess.run(
+                args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, text=True,
+                stdout=subprocess.PIPE if capture else None, timeout=timeout, check=False,
+            )
+    except subprocess.TimeoutExpired as exc:
+        raise CaptainError(f"command timed out after {timeout}s: {shown}") from exc
+    except FileNotFoundError as exc:
+        raise CaptainError(f"command not found: {args[0]}") from exc
+    if check and result.returncode != 0:
+        where = f"; full log: {log_file}" if log_file else ""
+        raise CaptainError(f"command failed with exit code {result.returncode}: {shown}{where}")
+    return result
+
+
+def _run_logged(
+    args: list[str], env: dict[str, str], cwd: Path | None, log_file: Path,
+    on_line: Callable[[str], None] | None, timeout: float | None,
+) -> subprocess.CompletedProcess[str]:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as sink, subprocess.Popen(
+        args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sink.write(line)
+            if on_line:
+                on_line(line.rstrip("\n"))
+        rc = proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(args, rc)
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Runs commands natively; DockerRunner wraps the same argv in the builder container."""
+
+    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+        return [str(a) for a in argv], dict(env)
+
+    def run(self, argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
+            **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+        wrapped, wrapped_env = self.wrap(argv, env or {})
+        return run(wrapped, env=wrapped_env, **kwargs)
+
+
+@dataclass(frozen=True)
+class DockerRunner(Runner):
+    """Runs each command in the builder image, with the repo and cache mounted at the same paths."""
+
+    image: str = ""
+    mounts: tuple[Path, ...] = field(default_factory=tuple)
+
+    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+        return docker_run_argv(self.image, argv, env=env, mounts=self.mounts, workdir=Path.cwd()), {}
+
+
+def docker_run_argv(
+    image: str,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str],
+    mounts: Sequence[Path],
+    workdir: Path,
+    interactive: bool = False,
+) -> list[str]:
+    """The `docker run` argv that runs argv in the builder container.
+
+    Privileged because mkosi needs loop devices and mounts; paths are mounted at the same
+    location so that every path the stages compute stays valid inside the container.
+    """
+    cmd = ["docker", "run", "--rm", "--privileged", "--network=host"]
+    cmd += ["-it"] if interactive else ["-i"]
+    for mount in sorted({Path(m).resolve() for m in mounts}):
+        cmd += ["-v", f"{mount}:{mount}"]
+    for key, value in sorted(env.items()):
+        cmd += ["-e", f"{key}={value}"]
+    cmd += ["-w", str(workdir), image]
+    return cmd + [str(a) for a in argv]

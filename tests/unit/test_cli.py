@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from captainos import cli
+from captainos.config import Arch
+
+
+def test_verbs_cover_the_interface():
+    assert set(cli.VERBS) == {"build", "kernel", "tools", "initramfs", "iso", "checksums", "qemu-test",
+                              "shell", "clean", "summary", "setup"}
+    assert set(cli.HANDLERS) == set(cli.VERBS)
+
+
+def test_default_verb_is_build():
+    verb, _, _ = cli.parse([], env={})
+    assert verb == "build"
+
+
+@pytest.mark.parametrize("argv", [["--arch", "arm64", "kernel"], ["kernel", "--arch", "arm64"]])
+def test_flags_work_before_and_after_the_verb(argv):
+    verb, cfg, _ = cli.parse(argv, env={})
+    assert verb == "kernel" and cfg.arch is Arch.ARM64
+
+
+def test_bool_flag_sets_true_over_env():
+    _, cfg, _ = cli.parse(["--force-kernel"], env={"FORCE_KERNEL": "0"})
+    assert cfg.force_kernel is True
+
+
+def test_help_lists_every_verb_and_env_var(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for verb in cli.VERBS:
+        assert verb in out
+    for env in ("ARCH", "KERNEL_SRC", "KERNEL_VERSION", "FORCE_KERNEL", "FORCE_TOOLS", "NO_CACHE",
+                "QEMU_APPEND", "QEMU_MEM", "QEMU_SMP"):
+        assert f"env {env};" in out
+
+
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_each_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    assert cli.VERBS[verb].split()[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--arch", "sparc"], {}, "invalid choice: 'sparc'"),
+        (["frobnicate"], {}, "invalid choice: 'frobnicate'"),
+        (["summary"], {"ARCH": "ppc"}, "invalid ARCH 'ppc'"),
+        (["--qemu-smp", "x", "summary"], {}, "invalid --qemu-smp 'x'"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv, env, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 2  # error + hint
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_summary_json_is_machine_readable(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ARCH", "arm64")
+    monkeypatch.setattr("captainos.summary._mkosi_summary", lambda cfg: "mkosi says hi\n")
+    assert cli.main(["summary", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["arch"] == "arm64"
+    assert report["config"]["cache_dir"] == str(tmp_path / "cache")
+    assert report["stages"]["kernel"] is None
+    assert report["mkosi"] == "mkosi says hi\n"
+
+
+def test_missing_prerequisite_is_named_with_its_package(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["tools", "--tools-source", "go", "--out-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "missing go: needed for building containerd/runc/nerdctl/CNI from Go modules" in err
+    assert "apt-get install" in err
+    assert not (tmp_path / "out").exists()

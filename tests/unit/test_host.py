@@ -1,0 +1,70 @@
+import subprocess
+
+import pytest
+
+from captainos import cache, config, host, pins
+from captainos.errors import CaptainError
+
+
+def _names(found):
+    return {n.command for n in found}
+
+
+def test_needs_follow_stage_modes_and_sources():
+    cfg = config.load(env={"KERNEL_SOURCE": "debian-image", "TOOLS_SOURCE": "go"})
+    found = _names(host.needs(cfg, "build"))
+    assert {"dpkg-deb", "gpgv", "go", "xorriso", "zstd"} <= found and "flex" not in found
+    compiled = _names(host.needs(config.load(env={"KERNEL_SOURCE": "debian-source"}), "kernel"))
+    assert {"make", "flex", "bison", "bc"} <= compiled
+    skipped = _names(host.needs(config.load(env={"ISO_MODE": "skip", "KERNEL_MODE": "docker"}), "build"))
+    assert "xorriso" not in skipped and "docker" in skipped
+    assert _names(host.needs(config.load(env={"ARCH": "arm64"}), "qemu-test")) == {"qemu-system-aarch64"}
+
+
+def test_cross_compiler_needed_for_foreign_arch():
+    cfg = config.load(env={"ARCH": "arm64", "KERNEL_SOURCE": "debian-source"})
+    assert "aarch64-linux-gnu-gcc" in _names(host.needs(cfg, "kernel"))
+
+
+def test_non_root_native_initramfs_is_refused_up_front(monkeypatch):
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    with pytest.raises(CaptainError, match="must run as root"):
+        host.check(config.load(env={}), "initramfs")
+
+
+def _fake_deb(tmp_path):
+    tree = tmp_path / "pkg"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: mkosi\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n")
+    (tree / "usr/lib/python3/dist-packages/mkosi").mkdir(parents=True)
+    (tree / "usr/lib/python3/dist-packages/mkosi/__init__.py").write_text("")
+    deb = tmp_path / "mkosi_1_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", tree, deb], check=True, capture_output=True)
+    return deb
+
+
+def test_install_mkosi_verifies_then_unpacks(tmp_path, http_root):
+    root, url = http_root
+    deb = _fake_deb(tmp_path)
+    (root / deb.name).write_bytes(deb.read_bytes())
+    pin = pins.DebPin("mkosi", "1", deb.name, cache.sha256_file(deb))
+    target = tmp_path / "tools" / "mkosi-1"
+    host.install_mkosi(pin, target, mirror=url)
+    assert (target / "usr/lib/python3/dist-packages/mkosi/__init__.py").is_file()
+
+
+def test_install_mkosi_refuses_a_tampered_package(tmp_path, http_root):
+    root, url = http_root
+    deb = _fake_deb(tmp_path)
+    (root / deb.name).write_bytes(deb.read_bytes() + b"tampered")
+    pin = pins.DebPin("mkosi", "1", deb.name, cache.sha256_file(deb))
+    target = tmp_path / "tools" / "mkosi-1"
+    with pytest.raises(CaptainError, match="checksum mismatch"):
+        host.install_mkosi(pin, target, mirror=url)
+    assert not target.exists()
+    assert list((tmp_path / "tools").iterdir()) == []
+
+
+def test_mkosi_pin_is_well_formed():
+    assert len(pins.MKOSI.sha256) == 64 and pins.MKOSI.filename.endswith(f"mkosi_{pins.MKOSI.version}_all.deb")
