@@ -75,6 +75,9 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--verify", action="store_true", help="check out/ against the sums file")
         if verb == "clean":
             sub.add_argument("--all", action="store_true", help="also remove caches and the local mkosi")
+        if verb == "iso":
+            sub.add_argument("--cmdline", dest="iso_cmdline", default=argparse.SUPPRESS, metavar="PARAMS",
+                             help="same as --iso-cmdline: kernel parameters baked into the ISO")
         if verb == "qemu-test":
             sub.add_argument("--workflow", metavar="FILE",
                              help="run a workflow YAML end to end: registry, agent, server and VM")

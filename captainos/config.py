@@ -148,6 +148,9 @@ class Config:
     profiles: tuple[str, ...] = _opt((), "comma-separated mkosi profiles (e.g. test)", metavar="LIST")
     extra_ca_certs: tuple[Path, ...] = _opt((), "comma-separated PEM files added to the image's trust store",
                                            metavar="FILES")
+    iso_cmdline: str = _opt("", "kernel parameters baked into the ISO's boot entry (e.g. a static ipam=)")
+    secure_boot: bool = _opt(False, "ISO boots through Debian's signed shim and GRUB (needs --kernel-source "
+                             "debian-image for a signed kernel)")
     qemu_append: str = _opt("", "extra kernel command line for qemu-test", key=False)
     qemu_mem: str = _opt("2G", "guest memory for qemu-test (e.g. 512M, 2G)", key=False)
     qemu_smp: int = _opt(2, "guest CPUs for qemu-test", key=False)

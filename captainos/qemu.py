@@ -44,7 +44,9 @@ class Machine:
     netdev: str = "user,id=net0"  # -netdev value; must define id=net0
     disks: tuple[Path, ...] = ()  # raw disk images as virtio-blk
     cdrom: Path | None = None
-    firmware: Path | None = None  # UEFI code image (OVMF/AAVMF) for firmware boots
+    firmware: Path | None = None  # UEFI firmware: -bios image, or the pflash code with firmware_vars
+    firmware_vars: Path | None = None  # a writable copy of the UEFI variable store (pflash unit 1)
+    secure_boot: bool = False  # SMM + secure pflash, as OVMF's Secure Boot build requires (amd64)
     monitor: Path | None = None  # unix socket for the human monitor
     extra: tuple[str, ...] = field(default_factory=tuple)
 
@@ -60,14 +62,20 @@ def argv(machine: Machine) -> list[str]:
     arch = machine.arch
     if machine.accel is Accel.AUTO:
         raise ValueError("resolve Accel.AUTO with probe_accel() before building the argv")
-    cmd = [arch.qemu_binary(), "-machine", arch.qemu_machine(), "-accel", machine.accel.value,
+    machine_type = arch.qemu_machine() + (",smm=on" if machine.secure_boot else "")
+    cmd = [arch.qemu_binary(), "-machine", machine_type, "-accel", machine.accel.value,
            "-m", machine.mem, "-smp", str(machine.smp), "-nographic", "-no-reboot"]
     if arch is Arch.ARM64:
         cmd += ["-cpu", "host" if machine.accel is Accel.KVM else "max"]
     elif machine.accel is Accel.KVM:
         cmd += ["-cpu", "host"]
-    if machine.firmware is not None:
-        cmd += ["-drive", f"if=pflash,format=raw,readonly=on,file={machine.firmware}"]
+    if machine.secure_boot:
+        cmd += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    if machine.firmware is not None and machine.firmware_vars is not None:
+        cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={machine.firmware}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={machine.firmware_vars}"]
+    elif machine.firmware is not None:
+        cmd += ["-bios", str(machine.firmware)]
     if machine.kernel is not None:
         cmd += ["-kernel", str(machine.kernel), "-append", kernel_cmdline(machine)]
         if machine.initrd is not None:

@@ -44,7 +44,7 @@ def test_auto_accel_must_be_resolved_first():
 def test_firmware_boot_has_no_kernel_and_a_cdrom():
     argv = qemu.argv(qemu.Machine(Arch.AMD64, firmware=Path("/ovmf.fd"), cdrom=Path("/c.iso")))
     assert "-kernel" not in argv
-    assert "if=pflash,format=raw,readonly=on,file=/ovmf.fd" in argv
+    assert ("-bios", "/ovmf.fd") in _pairs(argv)
     assert any("file=/c.iso,media=cdrom" in a for a in argv)
 
 
@@ -65,3 +65,13 @@ def test_monitor_without_serial_log_is_refused():
 def test_probe_falls_back_to_tcg_for_foreign_arch():
     foreign = Arch.ARM64 if Arch.AMD64.is_host() else Arch.AMD64
     assert qemu.probe_accel(foreign) is Accel.TCG
+
+
+def test_secure_boot_firmware_uses_smm_and_pflash():
+    argv = qemu.argv(qemu.Machine(Arch.AMD64, firmware=Path("/code.fd"), firmware_vars=Path("/vars.fd"),
+                                  secure_boot=True))
+    pairs = _pairs(argv)
+    assert ("-machine", "q35,smm=on") in pairs
+    assert ("-global", "driver=cfi.pflash01,property=secure,value=on") in pairs
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/code.fd" in argv
+    assert "if=pflash,format=raw,unit=1,file=/vars.fd" in argv and "-bios" not in argv
