@@ -26,6 +26,7 @@ VERBS: dict[str, str] = {
     "clean": "remove out/ and build/ (with --all also the caches and the local mkosi)",
     "summary": "print the resolved configuration and mkosi's summary (--json: machine-readable)",
     "setup": "install the host prerequisites (Debian/Ubuntu, as root) and the pinned mkosi",
+    "bench": "measure image size, boot time to the agent, RAM floor, build times, reproducibility",
 }
 
 
@@ -78,6 +79,13 @@ def make_parser() -> argparse.ArgumentParser:
         if verb == "iso":
             sub.add_argument("--cmdline", dest="iso_cmdline", default=argparse.SUPPRESS, metavar="PARAMS",
                              help="same as --iso-cmdline: kernel parameters baked into the ISO")
+        if verb == "bench":
+            sub.add_argument("--only", default=",".join(("size", "boot", "ram", "build", "repro")),
+                             help="comma-separated sections: size, boot, ram, build, repro (default: all)")
+            sub.add_argument("--runs", type=int, default=3, help="boot runs to take the median of (default 3)")
+            sub.add_argument("--output", metavar="FILE", help="also write the Markdown report to FILE")
+            sub.add_argument("--workflow", metavar="FILE", default="examples/workflow.yaml",
+                             help="workflow for the boot and RAM figures (default examples/workflow.yaml)")
         if verb == "qemu-test":
             sub.add_argument("--workflow", metavar="FILE",
                              help="run a workflow YAML end to end: registry, agent, server and VM")
@@ -198,6 +206,17 @@ def _clean(cfg: Config, args: argparse.Namespace) -> None:
     host.clean(cfg, everything=args.all)
 
 
+def _bench(cfg: Config, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from captainos import bench
+
+    if args.runs < 1:
+        raise CaptainError(f"invalid --runs {args.runs}", "use 1 or more")
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    bench.run(cfg, only, args.runs, Path(args.output) if args.output else None, Path(args.workflow))
+
+
 def _setup(cfg: Config, args: argparse.Namespace) -> None:
     from captainos import host
 
@@ -216,4 +235,5 @@ HANDLERS: dict[str, Callable[[Config, Any], None]] = {
     "clean": _clean,
     "summary": _summary,
     "setup": _setup,
+    "bench": _bench,
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, iso, pins, qemu
+from captainos import bench, cache, iso, pins, qemu
 from captainos.config import Accel, Arch, Config
 from captainos.run import Runner
 
@@ -20,20 +20,8 @@ OVMF = Path("/usr/share/ovmf/OVMF.fd")
 @pytest.fixture(scope="module")
 def busybox_initramfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny initramfs that prints its command line and powers off (tests the ISO, not the OS)."""
-    root = tmp_path_factory.mktemp("bbroot")
-    (root / "bin").mkdir()
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    init = root / "init"
-    init.write_text("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc 2>/dev/null || "
-                    "{ /bin/busybox mkdir /proc; /bin/busybox mount -t proc proc /proc; }\n"
-                    'echo "ISO-CMDLINE: $(/bin/busybox cat /proc/cmdline)"\n/bin/busybox poweroff -f\n')
-    init.chmod(0o755)
     out = tmp_path_factory.mktemp("bb") / "initramfs.cpio.zst"
-    files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
-    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(),
-                          capture_output=True, check=True).stdout
-    out.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=cpio, capture_output=True, check=True).stdout)
-    return out
+    return bench.busybox_initramfs(out, 'echo "ISO-CMDLINE: $(/bin/busybox cat /proc/cmdline)"')
 
 
 def _boot_cmdline(iso_path: Path, workdir: Path) -> str:

@@ -1,0 +1,315 @@
+"""`./build.py bench`: image size, boot time to the agent, RAM floor, build times, reproducibility.
+
+Every figure is printed with the command that produced it, as a Markdown table ready for
+docs/benchmarks.md. Benchmarks print numbers; they assert nothing and are not part of the
+default test run (a smoke test runs `bench --only size` on a tiny image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from captainos import artifacts, cache, cpio, log, qemu
+from captainos.config import REPO, Accel, Config
+from captainos.errors import CaptainError
+
+SECTIONS = ("size", "boot", "ram", "build", "repro")
+
+
+@dataclass
+class Figure:
+    name: str
+    value: str
+    command: str
+
+
+@dataclass
+class Report:
+    figures: list[Figure] = dataclasses.field(default_factory=list)
+    tables: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, name: str, value: str, command: str) -> None:
+        self.figures.append(Figure(name, value, command))
+        log.info(f"    {name}: {value}")
+
+    def markdown(self, cfg: Config) -> str:
+        head = (f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()} "
+                f"({_cpus()} CPUs, {_mem_gib():.0f} GiB, {platform.machine()}), arch {cfg.arch.value}.\n\n")
+        rows = ["| figure | value | command |", "| --- | --- | --- |"]
+        rows += [f"| {f.name} | {f.value} | `{f.command}` |" for f in self.figures]
+        return head + "\n".join(rows) + "\n\n" + "\n\n".join(self.tables) + ("\n" if self.tables else "")
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _mem_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024 / 1024
+    return 0.0
+
+
+def _mib(size: float) -> str:
+    return f"{size / 1_000_000:.1f} MB ({int(size):,} bytes)"
+
+
+# --- size --------------------------------------------------------------------------------------
+
+def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -> None:
+    """Compressed and uncompressed size, and the largest files and packages."""
+    command = f"./build.py bench --only size  # {initramfs.name}"
+    report.add("initramfs (zstd)", _mib(initramfs.stat().st_size), f"stat -c %s {initramfs}")
+    if vmlinuz is not None and vmlinuz.is_file():
+        report.add("vmlinuz", _mib(vmlinuz.stat().st_size), f"stat -c %s {vmlinuz}")
+    blob = cpio.decompress(initramfs)
+    report.add("rootfs uncompressed", _mib(len(blob)), f"zstd -dc {initramfs} | wc -c")
+    files = [m for m in cpio.members(blob) if m.is_file]
+    total = sum(m.size for m in files) or 1
+    compressed_total = initramfs.stat().st_size
+    largest = sorted(files, key=lambda m: m.size, reverse=True)[:top]
+    rows = [f"Largest {top} files ({command}); 'zstd' is the file compressed alone at level 19, an estimate "
+            "of its share of the image:", "", "| file | bytes | share | zstd bytes | share of image |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for member in largest:
+        packed = len(_zstd(member.data))
+        rows.append(f"| `/{member.name}` | {member.size:,} | {100 * member.size / total:.1f}% | {packed:,} | "
+                    f"{100 * packed / compressed_total:.1f}% |")
+    report.tables.append("\n".join(rows))
+    packages = _package_sizes(blob)
+    if packages:
+        rows = [f"Largest {top} Debian packages by installed bytes still in the image:", "",
+                "| package | bytes | share |", "| --- | ---: | ---: |"]
+        for name, amount in sorted(packages.items(), key=lambda kv: kv[1], reverse=True)[:top]:
+            rows.append(f"| {name} | {amount:,} | {100 * amount / total:.1f}% |")
+        report.tables.append("\n".join(rows))
+
+
+def _zstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-19", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+def _package_sizes(blob: bytes) -> dict[str, int]:
+    """Bytes per Debian package, from dpkg's file lists if the image still carries them."""
+    sizes = {m.name: m.size for m in cpio.members(blob) if m.is_file}
+    owner: dict[str, str] = {}
+    for member in cpio.members(blob):
+        if member.name.startswith("var/lib/dpkg/info/") and member.name.endswith(".list"):
+            package = member.name.rsplit("/", 1)[1].removesuffix(".list").split(":")[0]
+            for line in member.data.decode(errors="replace").splitlines():
+                owner.setdefault(line.lstrip("/"), package)
+    totals: dict[str, int] = defaultdict(int)
+    for name, amount in sizes.items():
+        if name in owner:
+            totals[owner[name]] += amount
+    return dict(totals)
+
+
+# --- boot and RAM --------------------------------------------------------------------------------
+
+def kernel_floor(cfg: Config, vmlinuz: Path, workdir: Path) -> float:
+    """Seconds from QEMU start to poweroff for the same kernel with a busybox initramfs."""
+    initrd = busybox_initramfs(workdir / "busybox.cpio.zst", "echo CAPTAINOS-FLOOR")
+    machine = qemu.Machine(cfg.arch, kernel=vmlinuz, initrd=initrd, mem="512M", smp=cfg.qemu_smp,
+                           accel=_accel(cfg, vmlinuz))
+    with qemu.Guest(machine, workdir=workdir / "floor") as guest:
+        guest.wait_for("CAPTAINOS-FLOOR", timeout=300)
+        guest.wait_exit(60)
+        return guest.elapsed()
+
+
+def _accel(cfg: Config, vmlinuz: Path) -> Accel:
+    return qemu.resolve_accel(cfg.arch, cfg.qemu_accel, vmlinuz)
+
+
+def busybox_initramfs(output: Path, script: str) -> Path:
+    """A minimal initramfs: Debian's static busybox, /proc, the given shell lines, poweroff."""
+    with tempfile.TemporaryDirectory(prefix="captainos-bb-") as tmp:
+        root = Path(tmp)
+        (root / "bin").mkdir()
+        (root / "proc").mkdir()
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        shutil.copy(busybox, root / "bin" / "busybox")
+        init = root / "init"
+        init.write_text(f"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n{script}\n"
+                        "/bin/busybox poweroff -f\n")
+        init.chmod(0o755)
+        names = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
+        archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(),
+                                 capture_output=True, check=True).stdout
+    cache.atomic_write(output, _zstd(archive))
+    return output
+
+
+def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int, workdir: Path,
+         workflow_file: Path) -> None:
+    """Median of N end-to-end runs: milestones from serial/server timestamps, and the kernel floor."""
+    from captainos import e2e
+
+    marks: dict[str, list[float]] = defaultdict(list)
+    for number in range(runs):
+        plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs)
+        with e2e.Lab(cfg, plan, workdir=workdir / f"boot-{number}") as lab:
+            result = lab.run()
+        if result.state != "SUCCESS":
+            raise CaptainError(f"benchmark workflow ended {result.state}")
+        for label, mark in result.timeline:
+            if mark is not None:
+                marks[label].append(mark)
+    floors = [kernel_floor(cfg, vmlinuz, workdir / f"floor-{n}") for n in range(runs)]
+    floor = statistics.median(floors)
+    command = f"./build.py bench --only boot --runs {runs}"
+    report.add("kernel-only floor (busybox, median)", f"{floor:.1f} s", command)
+    for label, values in marks.items():
+        if label == "QEMU started":
+            continue
+        median = statistics.median(values)
+        report.add(f"boot: {label} (median of {len(values)})", f"{median:.1f} s ({median / floor:.1f}x floor)",
+                   command)
+
+
+def ram_floor(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, workdir: Path,
+              workflow_file: Path, low: int = 256, high: int = 2048, step: int = 64) -> None:
+    """The smallest -m (64 MiB steps) at which the image boots and completes the workflow."""
+    from captainos import e2e
+
+    def works(mib: int) -> bool:
+        trial = dataclasses.replace(cfg, qemu_mem=f"{mib}M")
+        plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs, timeout=900)
+        try:
+            with e2e.Lab(trial, plan, workdir=workdir / f"ram-{mib}") as lab:
+                ok = lab.run().state == "SUCCESS"
+        except CaptainError:
+            ok = False
+        log.info(f"    -m {mib}M: {'completes the workflow' if ok else 'fails'}")
+        return ok
+
+    if not works(high):
+        report.add("RAM floor", f"fails even at {high} MiB", "./build.py bench --only ram")
+        return
+    lo, hi = low // step, high // step  # search in units of `step` MiB
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if works(mid * step):
+            hi = mid
+        else:
+            lo = mid + 1
+    report.add("RAM floor (boot + workflow)", f"{hi * step} MiB", "./build.py bench --only ram")
+
+
+# --- build times and reproducibility ------------------------------------------------------------
+
+def _timed(action: Callable[[], object]) -> float:
+    start = time.monotonic()
+    action()
+    return time.monotonic() - start
+
+
+def build_times(report: Report, cfg: Config, workdir: Path) -> None:
+    """Cold (empty cache dir) and cached time per stage; rebuild after one overlay change."""
+    from captainos import pipeline
+
+    cold = dataclasses.replace(cfg, cache_dir=workdir / "cold-cache", out_dir=workdir / "cold-out")
+    kernel_entry: list[Path] = []
+    tools_entry: list[Path] = []
+    steps: list[tuple[str, Callable[[Config], object]]] = [
+        ("kernel", lambda c: kernel_entry.append(pipeline.build_kernel(c))),
+        ("tools", lambda c: tools_entry.append(pipeline.build_tools(c))),
+        ("initramfs", lambda c: pipeline.build_initramfs(c, kernel_entry[-1], tools_entry[-1])),
+    ]
+    for name, step in steps:
+        seconds = _timed(lambda step=step: step(cold))  # type: ignore[misc]
+        report.add(f"build {name}, cold", f"{seconds:.0f} s", f"CAPTAINOS_CACHE=$(mktemp -d) ./build.py {name}")
+        seconds = _timed(lambda step=step: step(cold))  # type: ignore[misc]
+        report.add(f"build {name}, cached", f"{seconds:.1f} s", f"./build.py {name}  # again")
+    marker = REPO / "image" / "mkosi.extra" / "usr" / "share" / "captainos" / "bench-overlay-change"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{time.time()}\n")
+    try:
+        seconds = _timed(lambda: pipeline.build_initramfs(cold, kernel_entry[-1], tools_entry[-1]))
+    finally:
+        marker.unlink()
+    report.add("rebuild after one overlay file changed", f"{seconds:.0f} s",
+               "echo x > image/mkosi.extra/usr/share/captainos/f && ./build.py initramfs")
+
+
+def reproducibility(report: Report, cfg: Config, workdir: Path) -> None:
+    """Two initramfs builds from the same inputs: the same sha256, or the files that differ."""
+    from captainos import pipeline
+
+    kernel_entry = cache.last(cfg.cache_dir, "kernel", cfg.arch.value).root
+    tools_entry = cache.last(cfg.cache_dir, "tools", cfg.arch.value).root
+    copies = []
+    for number in range(2):
+        rebuilt = dataclasses.replace(cfg, no_cache=True, out_dir=workdir / f"repro-out-{number}")
+        entry = pipeline.build_initramfs(rebuilt, kernel_entry, tools_entry)
+        copy = workdir / f"repro-{number}.cpio.zst"
+        shutil.copyfile(entry / "initramfs.cpio.zst", copy)
+        copies.append(copy)
+    digests = [cache.sha256_file(c) for c in copies]
+    command = "NO_CACHE=1 ./build.py initramfs  # twice, compare sha256"
+    if digests[0] == digests[1]:
+        report.add("reproducible initramfs", f"yes, sha256 {digests[0][:16]}...", command)
+        return
+    differing = diff_archives(copies[0], copies[1])
+    report.add("reproducible initramfs", f"no: {len(differing)} files differ", command)
+    report.tables.append("Files that differ between two builds:\n\n" + "\n".join(f"- `/{n}`" for n in differing[:50]))
+
+
+def diff_archives(first: Path, second: Path) -> list[str]:
+    """Names whose content or mode differs (or that exist in only one archive)."""
+    def index(path: Path) -> dict[str, tuple[int, str]]:
+        import hashlib
+
+        return {m.name: (m.mode, hashlib.sha256(m.data).hexdigest()) for m in cpio.members(cpio.decompress(path))}
+
+    one, two = index(first), index(second)
+    return sorted(n for n in one.keys() | two.keys() if one.get(n) != two.get(n))
+
+
+# --- the verb -----------------------------------------------------------------------------------
+
+def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, workflow_file: Path) -> Report:
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        raise CaptainError(f"unknown benchmark section(s): {', '.join(sorted(unknown))}",
+                           f"choose from: {', '.join(SECTIONS)}")
+    initramfs = cfg.out_dir / artifacts.initramfs_name(cfg.arch)
+    vmlinuz = cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
+    needs_image = {"size", "boot", "ram"} & set(only)
+    if needs_image and not initramfs.is_file():
+        raise CaptainError(f"{initramfs} does not exist", "build first: ./build.py")
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="captainos-bench-") as tmp:
+        workdir = Path(tmp)
+        for section in only:
+            with log.stage(f"bench {section}"):
+                if section == "size":
+                    size(report, initramfs, vmlinuz)
+                elif section == "boot":
+                    boot(report, cfg, vmlinuz, initramfs, runs, workdir, workflow_file)
+                elif section == "ram":
+                    ram_floor(report, cfg, vmlinuz, initramfs, workdir, workflow_file)
+                elif section == "build":
+                    build_times(report, cfg, workdir)
+                elif section == "repro":
+                    reproducibility(report, cfg, workdir)
+    text = report.markdown(cfg)
+    if output is not None:
+        cache.atomic_write(output, text)
+    print(text)
+    return report

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark command on a tiny image, and the cpio reader it relies on."""
+
+import subprocess
+
+import pytest
+
+from captainos import bench, cli, cpio
+from captainos.errors import CaptainError
+
+
+def _tiny_image(tmp_path, name="initramfs-amd64.cpio.zst", payload=b"x" * 5000):
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/big").write_bytes(payload)
+    (root / "etc").mkdir()
+    (root / "etc/small").write_text("hello\n")
+    (root / "var/lib/dpkg/info").mkdir(parents=True)
+    (root / "var/lib/dpkg/info/demo:amd64.list").write_text("/usr\n/usr/bin\n/usr/bin/big\n")
+    names = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
+    blob = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(),
+                          capture_output=True, check=True).stdout
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / name).write_bytes(subprocess.run(["zstd", "-q", "-c"], input=blob, capture_output=True,
+                                            check=True).stdout)
+    return out / name
+
+
+def test_cpio_reader_sees_names_sizes_and_data(tmp_path):
+    members = {m.name: m for m in cpio.members(cpio.decompress(_tiny_image(tmp_path)))}
+    assert members["usr/bin/big"].size == 5000 and members["usr/bin/big"].is_file
+    assert members["etc/small"].data == b"hello\n"
+    assert not members["usr/bin"].is_file
+
+
+def test_cpio_reader_rejects_garbage(tmp_path):
+    with pytest.raises(CaptainError, match="not a newc cpio archive"):
+        list(cpio.members(b"garbage" * 40))
+
+
+def test_bench_size_prints_figures_and_tables(tmp_path, capsys, monkeypatch):
+    _tiny_image(tmp_path)
+    monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
+    output = tmp_path / "bench.md"
+    assert cli.main(["bench", "--only", "size", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "| initramfs (zstd) |" in printed and "| rootfs uncompressed |" in printed
+    assert "`/usr/bin/big` | 5,000 |" in printed
+    assert "| demo | 5,000 |" in printed  # bytes per package from dpkg's lists
+    assert output.read_text() == printed.rstrip("\n") + "\n" or output.read_text().strip() == printed.strip()
+
+
+def test_bench_refuses_unknown_sections_and_missing_image(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OUT_DIR", str(tmp_path / "nothing"))
+    assert cli.main(["bench", "--only", "speed"]) == 1
+    assert "unknown benchmark section(s): speed" in capsys.readouterr().err
+    assert cli.main(["bench", "--only", "size"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_diff_archives_names_the_changed_file(tmp_path):
+    first = _tiny_image(tmp_path / "a", payload=b"a" * 100)
+    second = _tiny_image(tmp_path / "b", payload=b"b" * 100)
+    assert bench.diff_archives(first, second) == ["usr/bin/big"]
