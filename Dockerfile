@@ -6,7 +6,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       mkosi python3 apt dpkg gpgv debian-archive-keyring systemd-container bubblewrap zstd cpio \
-      make gcc flex bison bc perl kmod xz-utils dwarves libelf-dev libssl-dev \
+      make gcc flex bison bc perl kmod xz-utils libelf-dev libssl-dev \
       gcc-aarch64-linux-gnu libc6-dev-arm64-cross pkg-config libseccomp-dev golang-go \
       xorriso mtools grub-common grub-efi-amd64-bin grub-efi-arm64-bin \
       ca-certificates curl file git \

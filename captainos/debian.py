@@ -13,9 +13,7 @@ package (2023.3+deb12u2) already carries the trixie signing keys.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import lzma
-import os
 import re
 import urllib.error
 import urllib.request
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from captainos import cache, log, pins
+from captainos import cache, fetch, pins
 from captainos.errors import CaptainError
 from captainos.run import Runner, run
 
@@ -33,45 +31,25 @@ TIMEOUT = 60.0
 
 # --- downloads ---------------------------------------------------------------------------
 
-def download(url: str, dest: Path, *, sha256: str | None = None, size: int | None = None,
-             timeout: float = TIMEOUT) -> Path:
-    """Fetch url to dest through a temp file; with sha256 given, a mismatch keeps nothing."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    digest = hashlib.sha256()
+def get(url: str, dest: Path, *, timeout: float = TIMEOUT) -> Path:
+    """A small file whose digest is not known beforehand (InRelease, sha256sums.asc): its
+    content is verified by the caller before anything in it is used."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, tmp.open("wb") as sink:
-            total = size or int(response.headers.get("Content-Length") or 0) or None
-            progress = log.Progress(dest.name, total)
-            done = 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                sink.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                progress.update(done)
-            if total and total > (1 << 22):
-                progress.close()
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise CaptainError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}",
-                               "the download is corrupt or was tampered with; nothing was kept")
-        if size is not None and done != size:
-            raise CaptainError(f"size mismatch for {url}: expected {size} bytes, got {done}")
-        os.replace(tmp, dest)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except urllib.error.HTTPError as exc:
+        raise CaptainError(f"cannot download {url}: HTTP {exc.code} {exc.reason}",
+                           "check the URL or the mirror") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise CaptainError(f"download failed: {url}: {getattr(exc, 'reason', exc)}",
+        raise CaptainError(f"cannot download {url}: {getattr(exc, 'reason', exc)}",
                            "check the network or the mirror") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    cache.atomic_write(dest, data)
     return dest
 
 
-def fetch_verified(url: str, sha256: str, cache_dir: Path, *, size: int | None = None) -> Path:
+def fetch_verified(url: str, sha256: str, cache_dir: Path) -> Path:
     """The file at url with this sha256, from the cache (downloads/<sha256>/<name>) or the network."""
-    dest = cache_dir / "downloads" / sha256 / url.rsplit("/", 1)[-1]
-    if dest.is_file() and cache.sha256_file(dest) == sha256:
-        log.debug(f"cached download {dest}")
-        return dest
-    return download(url, dest, sha256=sha256, size=size)
+    return fetch.download(url, cache_dir / "downloads" / sha256 / url.rsplit("/", 1)[-1], sha256)
 
 
 # --- Debian versions ---------------------------------------------------------------------
@@ -169,35 +147,33 @@ class Archive:
     mirror: str = pins.DEBIAN_MIRROR
     keyring: Path = KEYRING
     component: str = "main"
-    _release: dict[str, str] | None = None
-    _indexes: dict[str, list[Package]] = field(default_factory=dict)
+    _release: dict[str, str] | None = field(default=None, init=False, repr=False)
+    _indexes: dict[str, list[Package]] = field(default_factory=dict, init=False, repr=False)
 
     def release(self) -> dict[str, str]:
         """The signed fields of InRelease (fetched fresh each run: it is what moves)."""
         if self._release is None:
             work = self.cache_dir / "debian" / self.suite
-            raw = download(f"{self.mirror}/dists/{self.suite}/InRelease", work / "InRelease")
+            raw = get(f"{self.mirror}/dists/{self.suite}/InRelease", work / "InRelease")
             self._release = verify_inrelease(raw, self.keyring, self.suite)
         return self._release
 
-    def _index_digest(self, path: str) -> tuple[str, int]:
+    def _index_digest(self, path: str) -> str:
         for line in self.release().get("SHA256", "").splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[2] == path:
-                return parts[0], int(parts[1])
+                return parts[0]
         raise CaptainError(f"{path} is not listed in the InRelease of {self.suite} at {self.mirror}")
 
     def packages(self, arch: str) -> list[Package]:
         if arch not in self._indexes:
             path = f"{self.component}/binary-{arch}/Packages.xz"
-            sha256, size = self._index_digest(path)
+            sha256 = self._index_digest(path)
             if self.release().get("Acquire-By-Hash") == "yes":
                 url = f"{self.mirror}/dists/{self.suite}/{path.rsplit('/', 1)[0]}/by-hash/SHA256/{sha256}"
             else:
                 url = f"{self.mirror}/dists/{self.suite}/{path}"
-            dest = self.cache_dir / "downloads" / sha256 / "Packages.xz"
-            if not (dest.is_file() and cache.sha256_file(dest) == sha256):
-                download(url, dest, sha256=sha256, size=size)
+            dest = fetch.download(url, self.cache_dir / "downloads" / sha256 / "Packages.xz", sha256)
             self._indexes[arch] = parse_packages(lzma.decompress(dest.read_bytes()).decode())
         return self._indexes[arch]
 
@@ -214,7 +190,7 @@ class Archive:
         return newest
 
     def fetch(self, pkg: Package) -> Path:
-        return fetch_verified(f"{self.mirror}/{pkg.filename}", pkg.sha256, self.cache_dir, size=pkg.size)
+        return fetch_verified(f"{self.mirror}/{pkg.filename}", pkg.sha256, self.cache_dir)
 
 
 def parse_packages(text: str) -> list[Package]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import lzma
 import os
 import posixpath
 import shutil
@@ -156,6 +157,7 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None =
                     shutil.copyfileobj(source, sink, CHUNK)
                 target.chmod(member.mode & 0o777)
                 written.append(name)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise CaptainError(f"cannot extract {archive}: {exc}", "the archive is corrupt or truncated") from None
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        raise CaptainError(f"cannot extract {archive}: {exc}",
+                           "the archive is corrupt or truncated, or the disk is full") from None
     return written

@@ -31,7 +31,8 @@ KERNEL_COMPILE = (
     Need("flex", "kernel compile", "flex"), Need("bison", "kernel compile", "bison"),
     Need("bc", "kernel compile", "bc"), Need("perl", "kernel compile", "perl"),
     Need("depmod", "kernel module index", "kmod"), Need("xz", "kernel source unpacking", "xz-utils"),
-    Need("pahole", "kernel BTF (if enabled)", "dwarves"),
+    Need("dpkg-deb", "unpacking Debian's linux-source", "dpkg"),
+    Need("gpgv", "Debian archive signature check", "gpgv"),
 )
 KERNEL_PACKAGES = (Need("dpkg-deb", "unpacking Debian packages", "dpkg"),
                    Need("gpgv", "Debian archive signature check", "gpgv"),
@@ -49,12 +50,14 @@ DOCKER = Need("docker", "the docker stage mode", "docker.io")
 
 # What `setup` installs: every package above plus the libraries the builds link against.
 APT_PACKAGES = (
-    "make", "gcc", "flex", "bison", "bc", "perl", "kmod", "xz-utils", "dwarves", "libelf-dev", "libssl-dev",
+    "make", "gcc", "flex", "bison", "bc", "perl", "kmod", "xz-utils", "libelf-dev", "libssl-dev",
     "dpkg", "gpgv", "debian-archive-keyring", "pkg-config", "libseccomp-dev", "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross", "python3", "zstd", "cpio", "apt", "systemd-container", "bubblewrap",
     "xorriso", "mtools", "grub-common", "grub-efi-amd64-bin", "grub-efi-arm64-bin", "ovmf", "qemu-efi-aarch64",
     "qemu-system-x86", "qemu-system-arm", "qemu-utils", "openssl", "skopeo", "docker-registry",
     "apache2-utils", "busybox-static", "shellcheck", "file", "curl", "ca-certificates",
+    # Runs the other architecture's binaries for the tools stage's --version checks.
+    "qemu-user-static",
 )
 
 
@@ -122,6 +125,11 @@ def setup(cfg: Config) -> None:
         raise CaptainError("setup installs packages and must run as root", "run: sudo ./build.py setup")
     with log.stage("setup", "apt packages"):
         env = {"DEBIAN_FRONTEND": "noninteractive"}
+        # The other architecture's packages (GRUB's EFI modules for its ISO) are fetched with
+        # `apt-get download`, which needs that architecture in dpkg's list.
+        for arch in Arch:
+            if not arch.is_host():
+                run(["dpkg", "--add-architecture", arch.value])
         run(["apt-get", "update", "-qq"], env=env)
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], env=env)
     with log.stage("setup", f"mkosi {pins.MKOSI.version}"):

@@ -143,9 +143,11 @@ TOOLS: tuple[ToolPin, ...] = (
         module_h1="h1:FG1Hw0GBYPsNki+mBz1QOrSzbwbAcerhrAD2r097QCc=",
         dest="usr/bin",
         # `make static` of the module's Makefile: static PIE with libseccomp; the version comes
-        # from the module's VERSION file (go:embed).
+        # from the module's VERSION file (go:embed). An empty build ID keeps the binary
+        # identical wherever libseccomp was unpacked (its path is part of the cgo action ID).
         builds=(GoBuild("runc", ".", tags=("seccomp", "urfave_cli_no_docs", "netgo", "osusergo"),
-                        ldflags=("-X main.gitCommit={revision}", "-linkmode external", "-extldflags -static-pie"),
+                        ldflags=("-X main.gitCommit={revision}", "-linkmode external", "-extldflags -static-pie",
+                                 "-buildid="),
                         flags=("-buildmode=pie",), cgo=True),),
     ),
     ToolPin(
