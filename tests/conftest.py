@@ -1,9 +1,12 @@
-"""Shared fixtures: a local HTTP server for download tests (the only network tests use)."""
+"""Shared fixtures: a local HTTP server for download tests (the only network unit tests use),
+and, for the integration and end-to-end tests, one configuration under which each stage is
+built once per session (cache hits after the first run)."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,3 +33,32 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def lab_cfg(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The Debian-kernel mode, the test profile, and the end-to-end harness's CA in the trust
+    store: the integration tests and every end-to-end scenario share this one image."""
+    from captainos import config, registry
+    from captainos.run import Runner
+
+    cache = {k: v for k, v in os.environ.items() if k == "CAPTAINOS_CACHE"}
+    ca = registry.ensure_ca(config.load(env=cache).cache_dir, Runner())
+    env = {
+        **cache,
+        "ARCH": "amd64",
+        "KERNEL_SOURCE": os.environ.get("KERNEL_SOURCE", "debian-image"),
+        "PROFILES": "test",
+        "EXTRA_CA_CERTS": str(ca.cert),
+        "OUT_DIR": str(tmp_path_factory.mktemp("out")),
+        "QEMU_ACCEL": os.environ.get("QEMU_ACCEL", "tcg"),  # KVM guests hang on the CI host
+        "QEMU_MEM": os.environ.get("QEMU_MEM", "2G"),
+    }
+    return config.load(env=env)
+
+
+@pytest.fixture(scope="session")
+def kernel_entry(lab_cfg) -> Path:  # type: ignore[no-untyped-def]
+    from captainos import pipeline
+
+    return pipeline.build_kernel(lab_cfg)

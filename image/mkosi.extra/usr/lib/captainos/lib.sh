@@ -1,0 +1,214 @@
+# shellcheck shell=bash
+# Shared by every CaptainOS program: one-line JSON logging and kernel command line parsing.
+#
+# Source it after `set -euo pipefail`. Inputs are overridable so that the programs run on a
+# build host against a temporary root:
+#   CMDLINE_FILE  where the kernel command line is read (default /proc/cmdline)
+#   ROOT          prefix for every file a program reads or writes (default: the real root)
+#   CAP_PROGRAM   the "prog" field of log lines (default: the script's file name)
+
+CMDLINE_FILE=${CMDLINE_FILE:-/proc/cmdline}
+ROOT=${ROOT:-}
+CAP_PROGRAM=${CAP_PROGRAM:-${0##*/}}
+
+# Parameters of the kernel command line, name -> value ("" for a bare word like "quiet").
+declare -gA CAP_PARAMS=()
+
+# Print $1 as the inside of a JSON string: escape backslash and quote, encode the usual
+# control characters, and replace any other control character by "?".
+cap_json_escape() {
+    local s=$1
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\r'/\\r}
+    s=${s//$'\t'/\\t}
+    s=${s//[[:cntrl:]]/?}
+    printf '%s' "$s"
+}
+
+# cap_log LEVEL MESSAGE [KEY=VALUE...]: one JSON object on one line, on stderr (the journal
+# under systemd). Never pass a credential here: callers log parameter names, not values.
+cap_log() {
+    local level=$1 msg=$2 pair line
+    shift 2
+    line="{\"level\":\"$level\",\"prog\":\"$(cap_json_escape "$CAP_PROGRAM")\",\"msg\":\"$(cap_json_escape "$msg")\""
+    for pair in "$@"; do
+        # Split each extra field on its first "=" like the command line itself.
+        line+=",\"$(cap_json_escape "${pair%%=*}")\":\"$(cap_json_escape "${pair#*=}")\""
+    done
+    printf '%s}\n' "$line" >&2
+}
+cap_info() { cap_log info "$@"; }
+cap_warn() { cap_log warning "$@"; }
+cap_error() { cap_log error "$@"; }
+
+# Read the command line into CAP_PARAMS. Words are split on blanks outside double quotes,
+# quotes are dropped (as the kernel does), each word is split on its FIRST "=" so values may
+# contain "=", a trailing newline is ignored, and the last occurrence of a name wins.
+cap_cmdline_load() {
+    local text word="" in_quote=0 i c
+    CAP_PARAMS=()
+    if [[ ! -r $CMDLINE_FILE ]]; then
+        cap_error "cannot read the kernel command line" file="$CMDLINE_FILE"
+        return 1
+    fi
+    text=$(<"$CMDLINE_FILE")  # command substitution also drops trailing newlines
+    for ((i = 0; i < ${#text}; i++)); do
+        c=${text:i:1}
+        if [[ $c == '"' ]]; then
+            in_quote=$((1 - in_quote))
+        elif [[ $in_quote -eq 0 && ( $c == ' ' || $c == $'\t' || $c == $'\n' ) ]]; then
+            _cap_cmdline_store "$word"
+            word=""
+        else
+            word+=$c
+        fi
+    done
+    _cap_cmdline_store "$word"
+}
+
+_cap_cmdline_store() {
+    local word=$1
+    [[ -n $word ]] || return 0
+    if [[ $word == *=* ]]; then
+        CAP_PARAMS["${word%%=*}"]=${word#*=}
+    else
+        CAP_PARAMS["$word"]=""
+    fi
+}
+
+# cap_param NAME: print the value of NAME; fail (status 1, no output) when it is absent.
+cap_param() {
+    [[ -v CAP_PARAMS["$1"] ]] || return 1
+    printf '%s' "${CAP_PARAMS["$1"]}"
+}
+
+# cap_param_or NAME DEFAULT: the value of NAME, or DEFAULT when absent or empty.
+cap_param_or() {
+    local value
+    value=$(cap_param "$1") || value=""
+    printf '%s' "${value:-$2}"
+}
+
+# --- Validators: each succeeds or fails silently; callers log what was wrong. ---
+
+# A MAC address with ":" or "-" separators.
+cap_is_mac() {
+    [[ $1 =~ ^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$ ]]
+}
+
+# cap_mac_normalize MAC: lower case, colon separated.
+cap_mac_normalize() {
+    local mac=${1//-/:}
+    printf '%s' "${mac,,}"
+}
+
+# A dotted-quad IPv4 address, each octet 0-255 without leading zeros.
+cap_is_ipv4() {
+    local IFS=. octet
+    [[ $1 =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || return 1
+    for octet in $1; do
+        [[ $octet == 0 || $octet != 0* ]] || return 1
+        ((octet <= 255)) || return 1
+    done
+}
+
+# cap_netmask_prefix MASK: print the prefix length of a dotted netmask or of "0".."32".
+cap_netmask_prefix() {
+    local mask=$1 IFS=. octet bits=0 seen_zero=0 b
+    if [[ $mask =~ ^/?[0-9]{1,2}$ ]]; then
+        mask=${mask#/}
+        ((10#$mask <= 32)) || return 1
+        printf '%d' "$((10#$mask))"
+        return 0
+    fi
+    cap_is_ipv4 "$mask" || return 1
+    for octet in $mask; do
+        for ((b = 7; b >= 0; b--)); do
+            if (((octet >> b) & 1)); then
+                ((seen_zero == 0)) || return 1  # a one after a zero: not a netmask
+                bits=$((bits + 1))
+            else
+                seen_zero=1
+            fi
+        done
+    done
+    printf '%d' "$bits"
+}
+
+# An 802.1Q VLAN id: 1-4094.
+cap_is_vlan() {
+    [[ $1 =~ ^[0-9]{1,4}$ ]] && ((10#$1 >= 1 && 10#$1 <= 4094))
+}
+
+# An RFC 1123 host name (labels of letters, digits and inner hyphens).
+cap_is_hostname() {
+    local label IFS=.
+    [[ -n $1 && ${#1} -le 253 && $1 != .* && $1 != *. && $1 != *..* ]] || return 1
+    for label in $1; do
+        [[ $label =~ ^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$ ]] || return 1
+    done
+}
+
+# A TCP/UDP port number.
+cap_is_port() {
+    [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535))
+}
+
+# host, host:port, IPv4:port or [IPv6]:port.
+cap_is_hostport() {
+    local host=$1 port=""
+    if [[ $host =~ ^\[([0-9A-Fa-f:.]+)\](:([0-9]+))?$ ]]; then
+        port=${BASH_REMATCH[3]}
+    else
+        if [[ $host == *:* ]]; then
+            port=${host##*:}
+            host=${host%:*}
+            [[ -n $port ]] || return 1
+        fi
+        cap_is_ipv4 "$host" || cap_is_hostname "$host" || return 1
+    fi
+    [[ -z $port ]] || cap_is_port "$port"
+}
+
+# cap_bool VALUE: print "true" or "false" for the usual spellings; fail otherwise.
+cap_bool() {
+    case ${1,,} in
+        1 | true | yes | on) printf 'true' ;;
+        0 | false | no | off) printf 'false' ;;
+        *) return 1 ;;
+    esac
+}
+
+# A container image reference: [registry[:port]/]path[:tag][@digest], printable, no blanks.
+cap_is_image_ref() {
+    [[ ${#1} -le 512 && $1 =~ ^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$ && $1 != *//* ]]
+}
+
+# cap_image_registry REF: print the registry host of an image reference, as containerd
+# resolves it (the first path component when it has a "." or ":" or is "localhost").
+cap_image_registry() {
+    local first=${1%%/*}
+    if [[ $1 == */* && ( $first == *.* || $first == *:* || $first == localhost ) ]]; then
+        printf '%s' "$first"
+    else
+        printf 'docker.io'
+    fi
+}
+
+# A proxy URL: scheme://[user:pass@]host[:port][/], no blanks.
+cap_is_proxy() {
+    [[ $1 =~ ^(https?|socks5)://[^[:space:]/]+/?$ ]]
+}
+
+# cap_write_file PATH MODE: write stdin to PATH atomically (temp file + rename) with MODE,
+# creating the directory. The temp file gets MODE before any byte is written.
+cap_write_file() {
+    local path=$1 mode=$2 tmp
+    mkdir -p "$(dirname "$path")"
+    tmp=$(mktemp "$path.XXXXXX")
+    chmod "$mode" "$tmp"
+    cat >"$tmp"
+    mv -f "$tmp" "$path"
+}

@@ -1,0 +1,102 @@
+"""lib.sh: command line parsing, JSON logging and the validators every program shares."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.image.conftest import Sandbox
+
+
+
+def params(sandbox: Sandbox, cmdline: str) -> dict[str, str]:
+    sandbox.cmdline(cmdline)
+    result = sandbox.bash('cap_cmdline_load\n'
+                          'for k in "${!CAP_PARAMS[@]}"; do printf "%s\\t%s\\n" "$k" "${CAP_PARAMS[$k]}"; done')
+    assert result.returncode == 0, result.stderr
+    return dict(line.split("\t", 1) for line in result.stdout.splitlines())
+
+
+def test_values_split_on_the_first_equals_sign(sandbox):
+    got = params(sandbox, "console=ttyS0,115200 grpc_authority=10.0.0.1:42113 token=a=b==\n")
+    assert got["token"] == "a=b=="
+    assert got["console"] == "ttyS0,115200"
+
+
+def test_trailing_newline_is_not_part_of_the_last_value(sandbox):
+    assert params(sandbox, "worker_id=de:ad:be:ef:00:01\n")["worker_id"] == "de:ad:be:ef:00:01"
+
+
+def test_quotes_group_blanks_and_are_dropped(sandbox):
+    got = params(sandbox, 'a="x y" "b=1 2" quiet')
+    assert got == {"a": "x y", "b": "1 2", "quiet": ""}
+
+
+def test_last_occurrence_wins_and_empty_values_are_kept(sandbox):
+    got = params(sandbox, "console=tty0 console=ttyS1 syslog_host=")
+    assert got == {"console": "ttyS1", "syslog_host": ""}
+
+
+def test_cap_param_distinguishes_absent_from_empty(sandbox):
+    sandbox.cmdline("empty=")
+    result = sandbox.bash('cap_cmdline_load\ncap_param empty && echo "empty:yes"\n'
+                          'cap_param missing || echo "missing:no"')
+    assert result.stdout.split() == ["empty:yes", "missing:no"]
+
+
+def test_log_lines_are_one_json_object_each_even_with_hostile_text(sandbox):
+    result = sandbox.bash("""cap_error 'bad "value"\\ here'"$(printf '\\n\\t\\x01')" param=x 'value=a"b\\c'""")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["level"] == "error"
+    assert entry["msg"].startswith('bad "value"\\ here\n\t')
+    assert entry["value"] == 'a"b\\c'
+
+
+@pytest.mark.parametrize(("mask", "prefix"), [("255.255.255.0", "24"), ("255.255.252.0", "22"), ("24", "24"),
+                                              ("/16", "16"), ("0.0.0.0", "0"), ("255.255.255.255", "32")])
+def test_netmask_prefix_accepts_dotted_and_prefix_length(sandbox, mask, prefix):
+    result = sandbox.bash(f"cap_netmask_prefix '{mask}'")
+    assert (result.returncode, result.stdout) == (0, prefix)
+
+
+@pytest.mark.parametrize("mask", ["255.0.255.0", "33", "255.255.255", "abc", "", "255.255.255.256"])
+def test_netmask_prefix_rejects_nonsense(sandbox, mask):
+    assert sandbox.bash(f"cap_netmask_prefix '{mask}'").returncode != 0
+
+
+@pytest.mark.parametrize(("check", "value", "ok"), [
+    ("cap_is_vlan", "1", True), ("cap_is_vlan", "4094", True), ("cap_is_vlan", "0", False),
+    ("cap_is_vlan", "4095", False), ("cap_is_vlan", "5000", False), ("cap_is_vlan", "1a", False),
+    ("cap_is_mac", "de-ad-be-ef-fe-ed", True), ("cap_is_mac", "DE:AD:BE:EF:FE:ED", True),
+    ("cap_is_mac", "de:ad:be:ef:fe", False), ("cap_is_ipv4", "10.0.0.1", True),
+    ("cap_is_ipv4", "10.0.0.256", False), ("cap_is_ipv4", "010.0.0.1", False), ("cap_is_ipv4", "1.2.3", False),
+    ("cap_is_hostport", "registry.local:5000", True), ("cap_is_hostport", "10.1.1.1", True),
+    ("cap_is_hostport", "[fd00::1]:5000", True), ("cap_is_hostport", "reg:99999", False),
+    ("cap_is_hostport", "a b", False), ("cap_is_hostport", "reg:", False),
+    ("cap_is_image_ref", "10.0.2.2:5000/tink-agent:v1", True),
+    ("cap_is_image_ref", "ghcr.io/tinkerbell/tink-agent@sha256:abc", True),
+    ("cap_is_image_ref", "reg/tink agent:latest", False), ("cap_is_image_ref", "-rm", False),
+    ("cap_is_image_ref", "reg//x", False), ("cap_is_hostname", "my-server.example", True),
+    ("cap_is_hostname", "-bad", False), ("cap_is_hostname", "a..b", False),
+])
+def test_validators(sandbox, check, value, ok):
+    assert (sandbox.bash(f"{check} '{value}'").returncode == 0) is ok
+
+
+@pytest.mark.parametrize(("ref", "registry"), [("10.0.2.2:5000/tink-agent:v1", "10.0.2.2:5000"),
+                                               ("ghcr.io/tinkerbell/tink-agent:v0.25.0", "ghcr.io"),
+                                               ("localhost/agent", "localhost"), ("tinkerbell/agent", "docker.io"),
+                                               ("agent", "docker.io")])
+def test_image_registry_follows_containerd_rules(sandbox, ref, registry):
+    assert sandbox.bash(f"cap_image_registry '{ref}'").stdout == registry
+
+
+def test_write_file_creates_the_mode_before_the_content(sandbox):
+    result = sandbox.bash('printf secret | cap_write_file "$ROOT/run/x/secret" 0600; stat -c %a "$ROOT/run/x/secret"')
+    assert result.stdout.strip() == "600"
+    assert (sandbox.root / "run/x/secret").read_text() == "secret"

@@ -1,0 +1,143 @@
+"""network-setup: kernel command line -> systemd-networkd files in /run/systemd/network."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.image.conftest import Sandbox
+
+
+IPAM = "ipam=de-ad-be-ef-fe-ed::192.168.2.193:255.255.255.0:192.168.2.1:myserver:1.1.1.1,8.8.8.8::132.163.97.1"
+
+
+def setup(sandbox: Sandbox, cmdline: str) -> tuple[dict[str, str], Sandbox]:
+    (sandbox.root / "proc/sys/kernel").mkdir(parents=True)
+    (sandbox.root / "proc/sys/kernel/hostname").write_text("localhost\n")
+    sandbox.cmdline(cmdline)
+    result = sandbox.run("network-setup")
+    assert result.returncode == 0, result.stderr
+    sandbox.result = result  # type: ignore[attr-defined]
+    netdir = sandbox.root / "run/systemd/network"
+    return {p.name: p.read_text() for p in sorted(netdir.iterdir())}, sandbox
+
+
+def hostname(sandbox: Sandbox) -> str:
+    return (sandbox.root / "proc/sys/kernel/hostname").read_text().strip()
+
+
+def test_no_parameters_leaves_the_shipped_dhcp_default(sandbox):
+    files, _ = setup(sandbox, "console=ttyS0\n")
+    assert files == {}
+
+
+def test_ipam_gives_a_static_address_on_the_nic_with_that_mac(sandbox):
+    files, sb = setup(sandbox, f"console=ttyS0 {IPAM}\n")
+    unit = files["10-captainos-static.network"]
+    assert "MACAddress=de:ad:be:ef:fe:ed" in unit
+    assert "Type=ether" in unit and "Kind=!*" in unit
+    assert "DHCP=no" in unit
+    assert "Address=192.168.2.193/24" in unit
+    assert "Gateway=192.168.2.1" in unit
+    assert "DNS=1.1.1.1 8.8.8.8" in unit
+    assert "NTP=132.163.97.1" in unit
+    assert "Domains=" not in unit
+    assert hostname(sb) == "myserver"
+    assert sb.result.messages("info") == ["static network from ipam"]
+
+
+def test_ipam_accepts_a_prefix_length_and_search_domains(sandbox):
+    files, _ = setup(sandbox, "ipam=de-ad-be-ef-fe-ed::10.0.0.5:22:::1.1.1.1:a.example,b.example:")
+    unit = files["10-captainos-static.network"]
+    assert "Address=10.0.0.5/22" in unit
+    assert "Domains=a.example b.example" in unit
+    assert "Gateway=" not in unit
+
+
+def test_ipam_with_a_vlan_puts_the_address_on_the_vlan(sandbox):
+    files, _ = setup(sandbox, "ipam=de-ad-be-ef-fe-ed:100:192.168.2.193:24:192.168.2.1::1.1.1.1::")
+    assert set(files) == {"10-captainos-static.network", "10-captainos-vlan100.netdev",
+                          "10-captainos-vlan100-parent.network"}
+    assert "Name=vlan100" in files["10-captainos-static.network"]
+    assert "Kind=vlan" in files["10-captainos-vlan100.netdev"] and "Id=100" in files["10-captainos-vlan100.netdev"]
+    parent = files["10-captainos-vlan100-parent.network"]
+    assert "MACAddress=de:ad:be:ef:fe:ed" in parent and "VLAN=vlan100" in parent
+
+
+def test_ipam_without_dns_warns_but_applies(sandbox):
+    files, sb = setup(sandbox, "ipam=de-ad-be-ef-fe-ed::192.168.2.193:255.255.255.0:192.168.2.1:h:::")
+    assert "Address=192.168.2.193/24" in files["10-captainos-static.network"]
+    assert "DNS=" not in files["10-captainos-static.network"]
+    warnings = sb.result.messages("warning")
+    assert len(warnings) == 1 and "no DNS server" in warnings[0]
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("garbage", "expected 9 colon-separated fields"),
+    ("de-ad-be-ef-fe-ed::192.168.2.193:255.255.255.0:192.168.2.1:h:1.1.1.1::x:extra", "expected 9"),
+    ("zz-ad-be-ef-fe-ed::192.168.2.193:24::::: ", "invalid MAC"),
+    ("de-ad-be-ef-fe-ed:5000:192.168.2.193:24:::::", "VLAN id must be 1-4094"),
+    ("de-ad-be-ef-fe-ed::192.168.2.300:24:::::", "invalid IPv4 address"),
+    ("de-ad-be-ef-fe-ed::192.168.2.3:255.0.255.0:::::", "invalid netmask"),
+    ("de-ad-be-ef-fe-ed::192.168.2.3:24:gw::::", "invalid gateway"),
+    ("de-ad-be-ef-fe-ed::192.168.2.3:24::bad_host:::", "invalid hostname"),
+    ("de-ad-be-ef-fe-ed::192.168.2.3:24:::1.1.1::", "invalid DNS"),
+])
+def test_bad_ipam_is_one_error_line_and_dhcp_stays(sandbox, value, why):
+    files, sb = setup(sandbox, f"console=ttyS0 ipam={value}\n")
+    assert files == {}
+    errors = sb.result.messages("error")
+    assert len(errors) == 1 and why in errors[0]
+    assert hostname(sb) == "localhost"
+
+
+def test_vlan_id_with_hw_addr_runs_dhcp_on_the_vlan(sandbox):
+    files, _ = setup(sandbox, "vlan_id=42 hw_addr=52:54:00:12:34:56\n")
+    assert "DHCP=yes" in files["10-captainos-vlan42.network"]
+    assert "Name=vlan42" in files["10-captainos-vlan42.network"]
+    assert "MACAddress=52:54:00:12:34:56" in files["10-captainos-vlan42-parent.network"]
+    assert "Id=42" in files["10-captainos-vlan42.netdev"]
+
+
+@pytest.mark.parametrize(("cmdline", "why"), [("vlan_id=5000 hw_addr=52:54:00:12:34:56", "must be 1-4094"),
+                                              ("vlan_id=0 hw_addr=52:54:00:12:34:56", "must be 1-4094"),
+                                              ("vlan_id=12", "needs hw_addr"),
+                                              ("vlan_id=12 hw_addr=nonsense", "needs hw_addr")])
+def test_bad_vlan_is_rejected_with_one_error(sandbox, cmdline, why):
+    files, sb = setup(sandbox, cmdline)
+    assert files == {}
+    errors = sb.result.messages("error")
+    assert len(errors) == 1 and why in errors[0]
+
+
+def test_a_valid_ipam_wins_over_vlan_id(sandbox):
+    files, _ = setup(sandbox, f"{IPAM} vlan_id=42 hw_addr=de:ad:be:ef:fe:ed")
+    assert not any("vlan42" in name for name in files)
+
+
+def test_interface_restricts_dhcp_to_one_nic(sandbox):
+    files, _ = setup(sandbox, "interface=eno2")
+    unit = files["90-captainos-dhcp.network"]
+    assert "Name=eno2" in unit and "DHCP=yes" in unit and "Type=ether" not in unit
+
+
+def test_bad_interface_name_keeps_dhcp_everywhere(sandbox):
+    files, sb = setup(sandbox, 'interface="eth0 eth1"')
+    assert files == {}
+    assert "not a valid interface name" in sb.result.messages("error")[0]
+
+
+def test_unknown_parameters_and_values_with_equals_are_ignored(sandbox):
+    files, sb = setup(sandbox, f"foo=bar=baz unknown {IPAM}=\n")
+    # the trailing "=" belongs to the NTP field, which then is not a valid server name
+    assert files == {}
+    assert "invalid NTP" in sb.result.messages("error")[0]
+
+
+def test_rerun_replaces_earlier_files(sandbox):
+    setup(sandbox, "vlan_id=42 hw_addr=52:54:00:12:34:56")
+    sandbox.cmdline("console=ttyS0")
+    assert sandbox.run("network-setup").returncode == 0
+    assert list((sandbox.root / "run/systemd/network").iterdir()) == []

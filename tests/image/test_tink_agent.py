@@ -1,0 +1,237 @@
+"""tink-agent-setup (registry config, pull with retry, extraction) and tink-agent-start (argv)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.image.conftest import Sandbox
+
+
+PASSWORD = "s3cr3t-pa55"  # a test value that must never appear in logs
+
+
+def fake_runtime(sandbox: Sandbox, *, fail_pulls: int = 0, agent_path: str = "tink-agent") -> None:
+    """ctr and nerdctl fakes: nerdctl pull fails `fail_pulls` times first; the image holds
+    the agent at agent_path; both record their environment."""
+    sandbox.fake("nerdctl", f"""
+case "$*" in
+  *" pull "*)
+    env | grep -E '^(DOCKER_CONFIG|HTTPS?_PROXY|NO_PROXY|https?_proxy)=' | sed 's/^/env /' >>"{sandbox.calls}"
+    count=$(cat "{sandbox.tmp}/pulls" 2>/dev/null || echo 0)
+    echo $((count + 1)) >"{sandbox.tmp}/pulls"
+    if [[ $count -lt {fail_pulls} ]]; then echo "dial tcp: connection refused" >&2; exit 1; fi ;;
+  *" version"*) exit 0 ;;  # containerd answers
+  *" inspect "*) exit 1 ;;
+  *" cp tink-agent-extract:/{agent_path} "*) printf '#!/bin/sh\\necho agent\\n' >"${{@: -1}}" ;;
+  *" cp "*) echo "no such file" >&2; exit 1 ;;
+esac
+""")
+    sandbox.fake("sleep")  # records the back-off delays without waiting
+
+
+def calls(sandbox: Sandbox, prefix: str) -> list[str]:
+    return [line for line in sandbox.call_lines() if line.startswith(prefix)]
+
+
+def pulls(sandbox: Sandbox) -> list[str]:
+    return [line for line in calls(sandbox, "nerdctl") if " pull " in line]
+
+
+def test_pull_and_extract_from_tink_worker_image(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("tink_worker_image=10.0.2.2:5000/tink-agent:v1 docker_registry=ignored.example\n")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    pull = [c for c in calls(sandbox, "nerdctl") if " pull " in c]
+    assert len(pull) == 1
+    assert "--namespace tinkerbell" in pull[0] and "--hosts-dir" in pull[0]
+    assert pull[0].endswith("pull --quiet 10.0.2.2:5000/tink-agent:v1")
+    agent = sandbox.root / "run/captainos/tink-agent"
+    assert stat.S_IMODE(agent.stat().st_mode) == 0o755
+    assert "agent" in agent.read_text()
+    assert "agent binary extracted" in result.messages("info")
+    nerd = calls(sandbox, "nerdctl")
+    assert any(" create --net none --name tink-agent-extract 10.0.2.2:5000/tink-agent:v1" in c for c in nerd)
+    assert nerd[-1].endswith("rm --force tink-agent-extract")  # the helper container is gone
+
+
+def test_docker_registry_alone_names_the_default_image(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("docker_registry=registry.local:5000")
+    assert sandbox.run("tink-agent-setup").returncode == 0
+    assert pulls(sandbox)[0].endswith("pull --quiet registry.local:5000/tink-agent:latest")
+
+
+@pytest.mark.parametrize("path", ["usr/bin/tink-agent", "usr/local/bin/tink-agent"])
+def test_agent_found_in_other_usual_places(sandbox, path):
+    fake_runtime(sandbox, agent_path=path)
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    assert (sandbox.root / "run/captainos/tink-agent").is_file()
+
+
+def test_image_without_agent_fails_clearly(sandbox):
+    fake_runtime(sandbox, agent_path="opt/other")
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode != 0
+    assert result.messages("error") == ["the agent image has no tink-agent binary"]
+    assert not (sandbox.root / "run/captainos/tink-agent").exists()
+
+
+def test_pull_retries_with_back_off_until_the_registry_answers(sandbox):
+    fake_runtime(sandbox, fail_pulls=3)
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    assert len(pulls(sandbox)) == 4
+    retries = [e for e in result.logs() if e["msg"] == "pull failed, retrying"]
+    assert [e["attempt"] for e in retries] == ["1", "2", "3"]
+    assert "connection refused" in retries[0]["error"]
+    assert calls(sandbox, "sleep") == ["sleep 2", "sleep 4", "sleep 8"]
+
+
+def test_back_off_is_capped_and_never_gives_up(sandbox):
+    fake_runtime(sandbox, fail_pulls=9)
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    assert sandbox.run("tink-agent-setup").returncode == 0
+    assert calls(sandbox, "sleep") == [f"sleep {s}" for s in (2, 4, 8, 16, 32, 60, 60, 60, 60)]
+
+
+@pytest.mark.parametrize("cmdline", ['tink_worker_image="reg.local/tink agent:1"', "tink_worker_image=",
+                                     "docker_registry=bad/host", "docker_registry=reg:99999"])
+def test_bad_image_reference_is_one_error_and_no_pull(sandbox, cmdline):
+    fake_runtime(sandbox)
+    sandbox.cmdline(cmdline)
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode != 0
+    assert len(result.messages("error")) == 1
+    assert pulls(sandbox) == []
+
+
+def test_insecure_registries_get_hosts_toml(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("tink_worker_image=10.0.2.2:5000/agent:1 insecure_registries=10.0.2.2:5000,bad/entry,other.local")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    hosts = (sandbox.root / "etc/containerd/certs.d/10.0.2.2:5000/hosts.toml").read_text()
+    assert 'server = "https://10.0.2.2:5000"' in hosts
+    assert '[host."https://10.0.2.2:5000"]' in hosts and "skip_verify = true" in hosts
+    assert '[host."http://10.0.2.2:5000"]' in hosts
+    assert (sandbox.root / "etc/containerd/certs.d/other.local/hosts.toml").is_file()
+    assert not (sandbox.root / "etc/containerd/certs.d/bad").exists()
+    assert len(result.messages("error")) == 1
+    assert "--insecure-registry" in pulls(sandbox)[0]
+
+
+def test_credentials_go_to_a_private_file_for_their_registry_only(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline(f"docker_registry=reg.local:5000 registry_username=admin registry_password={PASSWORD}\n")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    auth_dir = sandbox.root / "run/captainos/registry-auth"
+    config = auth_dir / "config.json"
+    assert stat.S_IMODE(auth_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    auth = json.loads(config.read_text())["auths"]["reg.local:5000"]["auth"]
+    assert base64.b64decode(auth).decode() == f"admin:{PASSWORD}"
+    assert f"env DOCKER_CONFIG={auth_dir}" in sandbox.call_lines()
+    everything_visible = result.stderr + result.stdout + "\n".join(sandbox.call_lines())
+    assert PASSWORD not in everything_visible
+    assert "admin" not in result.stderr
+
+
+def test_credentials_are_not_sent_to_another_registry(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline(f"tink_worker_image=ghcr.io/tinkerbell/tink-agent:v1 docker_registry=reg.local "
+                    f"registry_username=admin registry_password={PASSWORD}")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    assert not (sandbox.root / "run/captainos/registry-auth").exists()
+    assert not any(line.startswith("env DOCKER_CONFIG") for line in sandbox.call_lines())
+    assert any("belong to another registry" in m for m in result.messages("warning"))
+    assert PASSWORD not in result.stderr
+
+
+def test_credentials_follow_the_image_host_without_docker_registry(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline(f"tink_worker_image=reg.local/agent:1 registry_username=u registry_password={PASSWORD}")
+    assert sandbox.run("tink-agent-setup").returncode == 0
+    assert (sandbox.root / "run/captainos/registry-auth/config.json").is_file()
+
+
+def test_proxies_reach_the_pull(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1 HTTPS_PROXY=http://proxy.local:3128 "
+                    "NO_PROXY=10.0.0.0/8,.local HTTP_PROXY=not-a-url")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    lines = sandbox.call_lines()
+    assert "env HTTPS_PROXY=http://proxy.local:3128" in lines and "env https_proxy=http://proxy.local:3128" in lines
+    assert "env NO_PROXY=10.0.0.0/8,.local" in lines
+    assert not any(line.startswith("env HTTP_PROXY") for line in lines)
+    assert result.messages("error") == ["ignoring an invalid proxy URL"]
+
+
+# --- tink-agent-start ---------------------------------------------------------------------
+
+def fake_agent(sandbox: Sandbox) -> None:
+    agent = sandbox.root / "run/captainos/tink-agent"
+    agent.parent.mkdir(parents=True)
+    agent.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" >"{sandbox.tmp}/argv"\nenv >"{sandbox.tmp}/env"\n')
+    agent.chmod(0o755)
+
+
+def agent_argv(sandbox: Sandbox) -> list[str]:
+    return (sandbox.tmp / "argv").read_text().splitlines()
+
+
+def test_agent_argv_from_the_command_line(sandbox):
+    fake_agent(sandbox)
+    sandbox.cmdline(f"grpc_authority=tink.local:42113 worker_id=52:54:00:12:34:56 tinkerbell_tls=true "
+                    f"tinkerbell_insecure_tls=1 registry_password={PASSWORD} HTTP_PROXY=http://p.local:3128\n")
+    result = sandbox.run("tink-agent-start")
+    assert result.returncode == 0, result.stderr
+    assert agent_argv(sandbox) == ["--runtime", "containerd", "--id", "52:54:00:12:34:56", "--grpc-server",
+                                   "tink.local:42113", "--grpc-tls=true", "--grpc-insecure-tls=true",
+                                   "--containerd-namespace", "tinkerbell"]
+    env = (sandbox.tmp / "env").read_text()
+    assert "HTTP_PROXY=http://p.local:3128" in env
+    assert PASSWORD not in env and PASSWORD not in result.stderr
+
+
+def test_agent_id_falls_back_to_hw_addr_and_tls_defaults_off(sandbox):
+    fake_agent(sandbox)
+    sandbox.cmdline("grpc_authority=10.0.2.2:42113 hw_addr=52:54:00:aa:bb:cc tinkerbell_tls=maybe")
+    result = sandbox.run("tink-agent-start")
+    assert result.returncode == 0, result.stderr
+    argv = agent_argv(sandbox)
+    assert argv[argv.index("--id") + 1] == "52:54:00:aa:bb:cc"
+    assert "--grpc-tls=false" in argv and "--grpc-insecure-tls=false" in argv
+    assert result.messages("warning") == ["invalid boolean, using false"]
+
+
+@pytest.mark.parametrize(("cmdline", "why"), [("worker_id=x", "grpc_authority must be host:port"),
+                                              ("grpc_authority=tink.local worker_id=x", "grpc_authority"),
+                                              ("grpc_authority=tink.local:42113", "no usable worker_id")])
+def test_agent_refuses_to_start_without_server_or_id(sandbox, cmdline, why):
+    fake_agent(sandbox)
+    sandbox.cmdline(cmdline)
+    result = sandbox.run("tink-agent-start")
+    assert result.returncode == 2
+    assert len(result.messages("error")) == 1 and why in result.messages("error")[0]
+    assert not (sandbox.tmp / "argv").exists()
+
+
+def test_agent_start_without_binary_says_setup_did_not_run(sandbox):
+    sandbox.cmdline("grpc_authority=t:1 worker_id=x")
+    result = sandbox.run("tink-agent-start")
+    assert result.returncode == 1
+    assert result.messages("error") == ["no agent binary; tink-agent-setup has not run"]
