@@ -136,7 +136,8 @@ class Guest:
             guest.wait_exit(60)
     """
 
-    def __init__(self, machine: Machine, workdir: Path | None = None) -> None:
+    def __init__(self, machine: Machine, workdir: Path | None = None, secrets: tuple[str, ...] = ()) -> None:
+        self.secrets = tuple(s for s in secrets if s)  # masked in the logged command line
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="captainos-qemu-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,10 @@ class Guest:
 
     def start(self) -> None:
         cmd = argv(self.machine)
-        log.debug(shlex.join(cmd))
+        shown = shlex.join(cmd)
+        for secret in self.secrets:
+            shown = shown.replace(secret, "***")
+        log.debug(shown)
         self.serial_log.write_bytes(b"")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -62,8 +62,10 @@ def ensure_ca(cache_dir: Path, runner: Runner) -> CA:
     ca.root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".e2e-ca.", dir=ca.root.parent))
     try:
-        runner.run(ca_argv(work / "ca.key", work / "ca.pem"), capture=True)
+        runner.run(ca_argv(work / "ca.key", work / "ca.pem"), log_file=work / "openssl.log")
+        (work / "openssl.log").unlink()
         (work / "ca.key").chmod(0o600)
+        work.chmod(0o755)  # ca.pem is public (the image build reads it); ca.key stays 0600
         cache.remove(ca.root)
         work.rename(ca.root)
     finally:
@@ -85,12 +87,13 @@ def issue_server_cert(ca: CA, runner: Runner, dest: Path, ips: tuple[str, ...] =
     dest.mkdir(parents=True, exist_ok=True)
     key, csr, leaf, ext = dest / "server.key", dest / "server.csr", dest / "leaf.pem", dest / "server.ext"
     ext.write_text(server_ext(ips))
+    openssl_log = dest / "openssl.log"
     runner.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-                "-subj", "/CN=captainos-e2e-registry"], capture=True)
+                "-subj", "/CN=captainos-e2e-registry"], log_file=openssl_log)
     key.chmod(0o600)
     runner.run(["openssl", "x509", "-req", "-sha256", "-days", "30", "-in", str(csr), "-CA", str(ca.cert),
                 "-CAkey", str(ca.key), "-set_serial", str(time.time_ns()), "-extfile", str(ext),
-                "-out", str(leaf)], capture=True)
+                "-out", str(leaf)], log_file=openssl_log)
     chain = dest / "server.pem"
     chain.write_text(leaf.read_text() + ca.cert.read_text())
     return chain, key
@@ -104,7 +107,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def config_yaml(*, port: int, storage: Path, cert: Path, key: Path, htpasswd: Path | None,
-                bind: str = "0.0.0.0") -> str:
+                bind: str = "127.0.0.1") -> str:
     """The registry's configuration (YAML is a superset of JSON: written with json for exact quoting)."""
     import json
 
@@ -125,9 +128,9 @@ def serve_argv(config: Path) -> list[str]:
 
 
 def htpasswd_line(runner: Runner, creds: Credentials) -> str:
-    """A bcrypt htpasswd line (the password is masked in every logged command line)."""
-    result = runner.run(["htpasswd", "-n", "-B", "-b", creds.username, creds.password], capture=True,
-                        secret=(creds.password,))
+    """A bcrypt htpasswd line; the password goes over stdin (-i), never on an argv."""
+    result = runner.run(["htpasswd", "-n", "-B", "-i", creds.username], capture=True,
+                        input_text=creds.password + "\n")
     line = result.stdout.strip()
     if not line.startswith(f"{creds.username}:$2"):
         raise CaptainError("htpasswd did not produce a bcrypt entry", "install apache2-utils")
@@ -148,7 +151,7 @@ class Registry:
     creds: Credentials | None = None
     runner: Runner = field(default_factory=Runner)
     port: int = 0
-    bind: str = "0.0.0.0"
+    bind: str = "127.0.0.1"  # QEMU user networking turns the guest's 10.0.2.2 into host loopback
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -233,10 +236,12 @@ class Registry:
             proc.kill()
             proc.wait(timeout=10)
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30, skip: str = "") -> str:
+        """The last lines of the registry log, leaving out those containing `skip` (if given)."""
         if not self.log_file.is_file():
             return "(no registry log)"
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        kept = [line for line in self.log_file.read_text(errors="replace").splitlines() if not skip or skip not in line]
+        return "\n".join(kept[-lines:])
 
     def __enter__(self) -> Registry:
         return self.start()

@@ -47,12 +47,14 @@ def run(
     on_line: Callable[[str], None] | None = None,
     timeout: float | None = None,
     secret: Sequence[str] = (),
+    input_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv; on failure raise one line naming the command and its exit code.
 
     capture: return stdout (stderr is passed through unless log_file is set).
     log_file: write stdout+stderr there, calling on_line for each line (progress).
     secret: strings never printed in the debug line or the error message.
+    input_text: fed on stdin (for secrets that must not appear on an argv); else stdin is closed.
     """
     args = [str(a) for a in argv]
     shown = quote(args)
@@ -70,8 +72,9 @@ def run(
             result = _run_logged(args, full_env, cwd, log_file, on_line, timeout)
         else:
             result = subprocess.run(
-                args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, text=True,
-                stdout=subprocess.PIPE if capture else None, timeout=timeout, check=False,
+                args, env=full_env, cwd=cwd, text=True, timeout=timeout, check=False,
+                stdout=subprocess.PIPE if capture else None,
+                **({"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}),
             )
     except subprocess.TimeoutExpired as exc:
         raise CaptainError(f"command timed out after {timeout}s: {shown}") from exc

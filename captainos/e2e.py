@@ -1,0 +1,499 @@
+"""End-to-end provisioning in a VM: real registry, real tink-agent, our workflow server, real image.
+
+    with Lab(cfg, Plan(workflow=Path("examples/workflow.yaml"), kernel=..., initrd=...)) as lab:
+        result = lab.run()
+        print(result.report())
+
+A Lab starts a TLS registry (and an htpasswd one when the plan asks for credentials), pushes
+the agent image (the real agent, built by agent.py, packaged by oci.py) and a busybox action
+image, starts the workflow server and a syslog receiver, then boots the CaptainOS kernel and
+initramfs in QEMU with the Tinkerbell command line, waits until the workflow succeeds, fails
+or times out, powers the VM off and collects what happened: the server's records, the syslog
+stream, the serial console with host-side timestamps, and a timeline.
+
+The registries use the harness CA (`<cache>/e2e-ca/ca.pem`), which the image must trust:
+build it with `--profiles test --extra-ca-certs <cache>/e2e-ca/ca.pem`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from captainos import agent, artifacts, cache, log, oci, pins, qemu, registry, syslogd, workflow
+from captainos.config import Config
+from captainos.errors import CaptainError
+from captainos.run import Runner
+
+GUEST_HOST = "10.0.2.2"  # the host, as QEMU user networking shows it to the guest
+AGENT_REPO = "tink-agent"
+AGENT_TAG = pins.TINK_AGENT.version
+ACTION_REPO = "actions/busybox"
+ACTION_TAG = "e2e"
+# The test profile's self-test powers the VM off when it is done: not during a workflow.
+TEST_PROFILE_ARGS = ("captainos.selftest=off",)
+AGENT_MESSAGES = ("starting Agent", "received action", "reported action status", "executed action",
+                  "error executing action")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One end-to-end run."""
+
+    workflow: Path
+    kernel: Path
+    initrd: Path
+    agent_auth: bool = False  # agent image only in the htpasswd registry, found via docker_registry=
+    username: str = "captain"
+    password: str = field(default="", repr=False)  # generated when empty
+    registry_delay: float = 0.0  # start the registry this long after QEMU
+    long_poll: float = 60.0
+    timeout: float = 1200.0  # boot + pull + whole workflow
+    settle: float = 8.0  # keep the VM up this long after the end, for the last logs to arrive
+    poweroff_timeout: float = 60.0  # wait this long for an ACPI power-off before quitting QEMU
+    disk_size: str = "64M"
+    # Give up early when the console or the syslog stream shows one of these (nothing will come).
+    fail_patterns: tuple[str, ...] = (r"Dependency failed for tink-agent\.service", r"Kernel panic - not syncing")
+    insecure: bool = False  # add insecure_registries=<registry> (for images that do not trust the CA)
+    mac: str = qemu.DEFAULT_MAC
+    append: str = ""
+
+
+@dataclass(frozen=True)
+class Cmdline:
+    """The Tinkerbell parameters the harness sends (console= and audit= come from qemu.py)."""
+
+    grpc_authority: str
+    worker_id: str
+    syslog_port: int
+    agent_image: str = ""  # tink_worker_image=; empty with docker_registry
+    docker_registry: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    extra: str = ""
+
+    def render(self) -> str:
+        parts = []
+        if self.agent_image:
+            parts.append(f"tink_worker_image={self.agent_image}")
+        if self.docker_registry:
+            parts.append(f"docker_registry={self.docker_registry}")
+        if self.username:
+            parts += [f"registry_username={self.username}", f"registry_password={self.password}"]
+        parts += [f"grpc_authority={self.grpc_authority}", f"worker_id={self.worker_id}", "tinkerbell_tls=false",
+                  f"syslog_host={GUEST_HOST}", f"syslog_port={self.syslog_port}", "facility=onprem",
+                  f"hw_addr={self.worker_id}", *TEST_PROFILE_ARGS]
+        return " ".join(parts + ([self.extra] if self.extra else []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def images(cfg: Config, runner: Runner) -> Path:
+    """Cache entry with OCI layouts `agent/` (tag AGENT_TAG) and `busybox/` (tag ACTION_TAG)."""
+    agent_entry = agent.build(cfg, runner)
+    binary = agent_entry / agent.BINARY
+    parts = {"agent": cache.sha256_file(binary), "busybox": cache.sha256_file(oci.BUSYBOX),
+             "oci": cache.sha256_file(Path(oci.__file__)), "agent_tag": AGENT_TAG, "action_tag": ACTION_TAG}
+
+    def produce(work: Path) -> None:
+        oci.write_layout(oci.agent_image(binary, cfg.arch, AGENT_TAG), work / "agent", AGENT_TAG)
+        oci.write_layout(oci.busybox_image(cfg.arch), work / "busybox", ACTION_TAG)
+
+    return cache.cached(cfg.cache_dir, "e2e-images", cfg.arch.value, parts, force=False, produce=produce)
+
+
+# ---------------------------------------------------------------------------------------------
+# The serial console, with the host time each line appeared
+
+
+class Console:
+    """Follows the serial log file in a thread and timestamps each complete line (wall clock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="console", daemon=True)
+
+    def start(self) -> Console:
+        self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        offset, partial = 0, b""
+        while not self._stop.is_set():
+            if self.path.exists():
+                with self.path.open("rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read()
+                offset += len(data)
+                *complete, partial = (partial + data).split(b"\n")
+                now = time.time()
+                self.lines.extend((now, line.decode(errors="replace").rstrip("\r")) for line in complete)
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+
+def first_line(lines: list[tuple[float, str]], pattern: str) -> tuple[float, str] | None:
+    """The first (time, line) matching pattern."""
+    regex = re.compile(pattern)
+    return next(((t, line) for t, line in lines if regex.search(line)), None)
+
+
+def guest_hostname(serial: str) -> str | None:
+    """The hostname the guest shows on its console: the last login prompt (getty prints the
+    current name), else systemd's early "Hostname set to <...>"."""
+    prompts = re.findall(r"^(\S+) login: ", serial, re.MULTILINE)
+    if prompts:
+        return str(prompts[-1])
+    match = re.search(r"Hostname set to <([^>]+)>", serial)
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The outcome
+
+
+@dataclass
+class Result:
+    workflow_id: str
+    state: str
+    records: list[dict[str, Any]]
+    syslog: list[syslogd.Message]
+    console: list[tuple[float, str]]
+    started: float  # wall clock when QEMU started
+    disk: Path
+    timeline: list[tuple[str, float | None]] = field(default_factory=list)
+
+    @property
+    def serial(self) -> str:
+        return "\n".join(line for _, line in self.console)
+
+    def reports(self) -> list[tuple[str, str]]:
+        """(action name, state) of every status report, in order."""
+        return [(r["action"], r["state"]) for r in self.records if r["kind"] == "report"]
+
+    def served(self) -> list[str]:
+        return [r["action"] for r in self.records if r["kind"] == "served"]
+
+    def agent_lines(self) -> list[tuple[float, dict[str, Any]]]:
+        """The agent's JSON log lines that reached syslog (else the console), as (time, object)."""
+        found = [(m.received, obj) for m in self.syslog if (obj := _agent_json(m.msg)) is not None]
+        if not found:
+            found = [(t, obj) for t, line in self.console if (obj := _agent_json(line)) is not None]
+        return found
+
+    def report(self) -> str:
+        lines = [f"workflow {self.workflow_id}: {self.state}", "agent log:"]
+        for when, obj in self.agent_lines():
+            if obj.get("msg") in AGENT_MESSAGES:
+                action = obj.get("action") or {}
+                detail = " ".join(f"{k}={v}" for k, v in (("action", action.get("name")), ("state", obj.get("state")),
+                                                           ("error", obj.get("error"))) if v)
+                lines.append(f"  {when - self.started:7.1f}s  {obj['msg']}  {detail}".rstrip().replace("\n", " | "))
+        lines.append("timeline (seconds after QEMU started):")
+        for label, mark in self.timeline:
+            lines.append(f"  {label:<22} " + (f"{mark:7.1f}s" if mark is not None else "    -"))
+        return "\n".join(lines)
+
+
+def _agent_json(text: str) -> dict[str, Any] | None:
+    start = text.find('{"time"')
+    if start < 0 or '"msg"' not in text:
+        return None
+    try:
+        obj = json.loads(text[start:])
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("msg") in AGENT_MESSAGES else None
+
+
+def _wall(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def timeline(result: Result) -> list[tuple[str, float | None]]:
+    """When each milestone happened, in seconds after QEMU started (None: not seen)."""
+    con = {label: first_line(result.console, pattern) for label, pattern in (
+        ("kernel", r"Linux version"),
+        ("systemd", r"systemd\[1\]|systemd \d+ running|Welcome to"),
+        ("network", r"Reached target .*Network is Online|network-online"),
+        ("agent", r"starting Agent"),
+    )}
+
+    def at(hit: tuple[float, Any] | None) -> float | None:
+        return None if hit is None else round(hit[0] - result.started, 1)
+
+    first_syslog = min((m.received for m in result.syslog), default=None)
+    agent_log = next((t for t, obj in result.agent_lines() if obj.get("msg") == "starting Agent"), None)
+    served = [r for r in result.records if r["kind"] == "served"]
+    finals = [r for r in result.records if r["kind"] == "report" and r["workflow_state"] in workflow.FINAL]
+    network = at(con["network"]) if con["network"] else (
+        round(first_syslog - result.started, 1) if first_syslog else None)
+    return [
+        ("QEMU started", 0.0),
+        ("kernel booting", at(con["kernel"])),
+        ("systemd up", at(con["systemd"])),
+        ("network up", network),
+        ("agent started", round(agent_log - result.started, 1) if agent_log else at(con["agent"])),
+        ("first action received", round(_wall(served[0]["time"]) - result.started, 1) if served else None),
+        ("workflow done", round(_wall(finals[0]["time"]) - result.started, 1) if finals else None),
+    ]
+
+
+def secret_leaks(result: Result, records_json: str, secret: str) -> list[str]:
+    """Every place a secret shows up: serial lines, syslog messages, server records."""
+    if not secret:
+        return []
+    places = [f"serial: {line.replace(secret, '***')}" for _, line in result.console if secret in line]
+    places += [f"syslog from {m.hostname}/{m.app}: {m.msg.replace(secret, '***')}" for m in result.syslog
+               if secret in m.raw]
+    if secret in records_json:
+        places.append("workflow server records")
+    return places
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab
+
+
+class Lab:
+    """Everything a VM needs to be provisioned; `run()` boots it once."""
+
+    def __init__(self, cfg: Config, plan: Plan, *, workdir: Path | None = None, runner: Runner | None = None,
+                 keep: bool = False) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.runner = runner or Runner()
+        self._tmp = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="captainos-e2e-"))
+        self.keep = keep
+        self.password = plan.password or secrets.token_urlsafe(18)
+        self.registries: list[registry.Registry] = []
+        self.server: workflow.Server | None = None
+        self.syslog: syslogd.Receiver | None = None
+        self.guest: qemu.Guest | None = None
+        self.console: Console | None = None
+        self.open_registry: registry.Registry | None = None
+        self.auth_registry: registry.Registry | None = None
+        self.wf: workflow.Workflow | None = None
+
+    # --- setup --------------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        try:
+            self._setup()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def _setup(self) -> None:
+        for path in (self.plan.kernel, self.plan.initrd):
+            if not path.is_file():
+                raise CaptainError(f"{path} does not exist", "build the image first: ./build.py --profiles test "
+                                   f"--extra-ca-certs {self.cfg.cache_dir / 'e2e-ca' / 'ca.pem'}")
+        ca = registry.ensure_ca(self.cfg.cache_dir, self.runner)
+        layouts = images(self.cfg, self.runner)
+        self.open_registry = registry.Registry(ca, self.workdir, "registry", runner=self.runner).start()
+        self.registries.append(self.open_registry)
+        reg = self.open_registry
+        oci.push(self.runner, layouts / "busybox", ACTION_TAG, f"{reg.host_address}/{ACTION_REPO}:{ACTION_TAG}",
+                 cert_dir=reg.cert_dir)
+        if self.plan.agent_auth:
+            creds = oci.Credentials(self.plan.username, self.password)
+            self.auth_registry = registry.Registry(ca, self.workdir, "registry-auth", creds=creds,
+                                                   runner=self.runner).start()
+            self.registries.append(self.auth_registry)
+            auth = self.auth_registry
+            oci.push(self.runner, layouts / "agent", AGENT_TAG, f"{auth.host_address}/{AGENT_REPO}:latest",
+                     cert_dir=auth.cert_dir, creds=creds)
+        else:
+            oci.push(self.runner, layouts / "agent", AGENT_TAG, f"{reg.host_address}/{AGENT_REPO}:{AGENT_TAG}",
+                     cert_dir=reg.cert_dir)
+        if self.plan.registry_delay > 0:
+            for each in self.registries:
+                each.stop()  # same port and storage when it comes back
+        variables = {"worker_id": self.plan.mac, "device_1": self.plan.mac, "registry": reg.guest_address,
+                     "action_image": f"{reg.guest_address}/{ACTION_REPO}:{ACTION_TAG}"}
+        self.wf = workflow.load(self.plan.workflow, variables)
+        self.server = workflow.Server((self.wf,), self.cfg.cache_dir, long_poll=self.plan.long_poll,
+                                      bind="127.0.0.1").start()
+        self.syslog = syslogd.Receiver(bind="127.0.0.1").start()
+        self.disk = self.workdir / "disk.img"
+        self.runner.run(["qemu-img", "create", "-q", "-f", "raw", str(self.disk), self.plan.disk_size])
+
+    def cmdline(self) -> Cmdline:
+        assert self.server is not None and self.syslog is not None and self.open_registry is not None
+        grpc, port = f"{GUEST_HOST}:{self.server.port}", self.syslog.port
+        extra = self.plan.append
+        if self.plan.insecure:
+            extra = f"{extra} insecure_registries={','.join(r.guest_address for r in self.registries)}".strip()
+        if self.auth_registry is not None:
+            # The kernel echoes its whole command line at notice level; Debian's prebuilt kernel
+            # shows notices on the console, so an operator passing credentials adds loglevel=4
+            # (README, "Security notes"). Our compiled kernels hide notices by default.
+            extra = f"loglevel=4 {extra}".strip()
+            return Cmdline(grpc, self.plan.mac, port, docker_registry=self.auth_registry.guest_address,
+                           username=self.plan.username, password=self.password, extra=extra)
+        return Cmdline(grpc, self.plan.mac, port, agent_image=f"{self.open_registry.guest_address}/{AGENT_REPO}:"
+                       f"{AGENT_TAG}", extra=extra)
+
+    def machine(self) -> qemu.Machine:
+        accel = qemu.resolve_accel(self.cfg.arch, self.cfg.qemu_accel, self.plan.kernel)
+        return qemu.Machine(self.cfg.arch, kernel=self.plan.kernel, initrd=self.plan.initrd,
+                            append=self.cmdline().render(), mem=self.cfg.qemu_mem, smp=self.cfg.qemu_smp,
+                            accel=accel, serial_log=self.workdir / "serial.log", mac=self.plan.mac,
+                            disks=(self.disk,), monitor=self.workdir / "monitor.sock")
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> Result:
+        assert self.server is not None and self.wf is not None and self.syslog is not None
+        machine = self.machine()
+        log.info(f"==> booting {self.plan.initrd.name} ({machine.accel.value}), workflow {self.wf.id}")
+        self.guest = qemu.Guest(machine, workdir=self.workdir / "qemu", secrets=(self.password,))
+        self.guest.start()
+        started = time.time()
+        self.console = Console(machine.serial_log or self.workdir / "serial.log").start()
+        delayed = self.plan.registry_delay > 0
+        deadline = time.monotonic() + self.plan.timeout
+        state = self.server.state(self.wf.id)
+        seen = 0
+        while state not in workflow.FINAL:
+            if delayed and time.time() - started >= self.plan.registry_delay:
+                log.info(f"    starting the registries {time.time() - started:.0f}s after QEMU")
+                for reg in self.registries:
+                    reg.start()
+                delayed = False
+            if self.guest.proc is not None and self.guest.proc.poll() is not None:
+                raise CaptainError(f"QEMU exited with code {self.guest.proc.returncode} before the workflow ended",
+                                   "see the diagnostics above")
+            if time.monotonic() > deadline:
+                raise CaptainError(f"workflow {self.wf.id} still {state} after {self.plan.timeout:.0f}s")
+            fatal = self._fatal()
+            if fatal:
+                raise CaptainError(f"workflow {self.wf.id} cannot run: the guest said {fatal!r}")
+            state = self.server.wait_done(self.wf.id, 2.0)
+            seen = self._progress(seen, started)
+        log.info(f"    workflow {self.wf.id}: {state} after {time.time() - started:.0f}s")
+        time.sleep(self.plan.settle)
+        self.power_off()
+        self.console.stop()
+        result = Result(self.wf.id, state, self.server.snapshot(), self.syslog.snapshot(), list(self.console.lines),
+                        started, self.disk)
+        result.timeline = timeline(result)
+        return result
+
+    def _fatal(self) -> str | None:
+        """The first console line or syslog message matching a fail pattern."""
+        assert self.console is not None and self.syslog is not None
+        texts = [line for _, line in list(self.console.lines)] + [m.msg for m in self.syslog.snapshot()]
+        for pattern in self.plan.fail_patterns:
+            regex = re.compile(pattern)
+            hit = next((text for text in texts if regex.search(text)), None)
+            if hit is not None:
+                return hit.strip()
+        return None
+
+    def _progress(self, seen: int, started: float) -> int:
+        """Log the server records that arrived since the last call; return how many there are now."""
+        assert self.server is not None
+        records = self.server.snapshot()
+        for rec in records[seen:]:
+            when = _wall(rec["time"]) - started
+            what = "sent" if rec["kind"] == "served" else rec["state"]
+            log.info(f"    {when:6.1f}s  action {rec['action']}: {what}")
+        return len(records)
+
+    def power_off(self) -> None:
+        """ACPI power button first (a clean shutdown), QEMU's quit if the guest ignores it."""
+        guest = self.guest
+        if guest is None or guest.proc is None or guest.proc.poll() is not None:
+            return
+        try:
+            guest.monitor("system_powerdown")
+            guest.wait_exit(self.plan.poweroff_timeout)
+        except (CaptainError, OSError):
+            log.warn(f"the guest did not power off within {self.plan.poweroff_timeout:.0f}s; quitting QEMU")
+            try:
+                guest.monitor("quit")
+                guest.wait_exit(15)
+            except (CaptainError, OSError):
+                guest.kill()
+
+    # --- diagnostics and teardown -----------------------------------------------------------------
+    def diagnostics(self, lines: int = 60) -> str:
+        parts = []
+        if self.guest is not None:
+            parts.append(f"--- serial console (last {lines} lines; {self.guest.serial_log}) ---\n"
+                         + self.guest.tail(lines))
+        if self.server is not None:
+            parts.append("--- workflow server records ---\n" + json.dumps(self.server.snapshot(), indent=1))
+        if self.syslog is not None:
+            tail = self.syslog.snapshot()[-20:]
+            parts.append("--- syslog (last 20) ---\n" + "\n".join(f"{m.hostname} {m.app}: {m.msg}" for m in tail))
+        for reg in self.registries:
+            parts.append(f"--- {reg.name} log without the harness's own pushes ({reg.log_file}) ---\n"
+                         + reg.log_tail(20, skip="skopeo/"))
+        text = "\n".join(parts)
+        return text.replace(self.password, "***") if self.password else text
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            log.error(f"end-to-end run failed: {exc}\n{self.diagnostics()}")
+        self._teardown()
+        if exc is not None:
+            log.info(f"    kept the run's files in {self.workdir}")
+        elif self._tmp and not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _teardown(self) -> None:
+        if self.console is not None:
+            self.console.stop()
+        if self.guest is not None:
+            self.guest.kill()
+        if self.server is not None:
+            self.server.dump(self.workdir / "records.json")
+            self.server.stop()
+        if self.syslog is not None:
+            self.syslog.stop()
+        for reg in self.registries:
+            reg.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# `./build.py qemu-test --workflow FILE`
+
+
+def run_workflow_file(cfg: Config, path: Path | str, *, kernel: Path | None = None,
+                      initrd: Path | None = None) -> Result:
+    """Provision a VM booted from out/ with the workflow in path; raise unless it succeeds."""
+    kernel = kernel or cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
+    initrd = initrd or cfg.out_dir / artifacts.initramfs_name(cfg.arch)
+    plan = Plan(workflow=Path(path), kernel=kernel, initrd=initrd)
+    with Lab(cfg, plan) as lab:
+        result = lab.run()
+        log.info(result.report())
+        if result.state != "SUCCESS":
+            log.error(lab.diagnostics())
+    if result.state != "SUCCESS":
+        raise CaptainError(f"workflow {result.workflow_id} ended {result.state}",
+                           "the agent log above shows the failing action")
+    return result
