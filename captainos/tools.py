@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from captainos import agent, cache, debian, fetch, log, pins
+from captainos import cache, debian, fetch, golang, log, pins
 from captainos.config import Arch, Config, ToolsSource
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -196,7 +196,7 @@ def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any
 def go_env(cfg: Config) -> dict[str, str]:
     """agent.go_env (caches under cfg.cache_dir/go, no toolchain downloads, CGO off) + -mod=mod:
     dependencies come from the proxy, checked against the module's own go.sum."""
-    return {**agent.go_env(cfg.cache_dir, cfg.arch), "GOFLAGS": "-mod=mod"}
+    return {**golang.go_env(cfg.cache_dir, cfg.arch), "GOFLAGS": "-mod=mod"}
 
 
 def cgo_env(cfg: Config, seccomp: Path) -> dict[str, str]:
@@ -247,16 +247,16 @@ def _copy_writable(src: Path, dest: Path) -> None:
 
 def from_go(cfg: Config, runner: Runner, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any]:
     """Download the pinned module, check its hash, build each binary as upstream does."""
-    go = agent.go_binary()
+    go = golang.go_binary()
     env = go_env(cfg)
     work = bin_dir.parent
     result = runner.run([go, "mod", "download", "-json", pin.module.query], env=env, cwd=work, capture=True,
                         check=False)
-    module = agent.parse_download(result.stdout)  # raises the proxy's error for the module, if any
+    module = golang.parse_download(result.stdout)  # raises the proxy's error for the module, if any
     if result.returncode != 0:
         raise CaptainError(f"go mod download {pin.module.query} failed with exit code {result.returncode}",
                            "check that the Go module proxy is reachable (GOPROXY)")
-    agent.verify(module, (pin.module,))
+    golang.verify(module, (pin.module,))
     info = module[pin.module_path]
     revision = str((info.get("Origin") or {}).get("Hash", ""))
     src = work / "src"
@@ -264,7 +264,7 @@ def from_go(cfg: Config, runner: Runner, pin: pins.ToolPin, bin_dir: Path) -> di
     builds: dict[str, list[str]] = {}
     record = {"module": pin.module.query, "module_h1": pin.module_h1, "revision": revision,
               "go_mod_sha256": cache.sha256_file(src / "go.mod"), "go_sum_sha256": cache.sha256_file(src / "go.sum"),
-              "go": agent.go_version(runner, cfg.cache_dir, cfg.arch), "builds": builds,
+              "go": golang.go_version(runner, cfg.cache_dir, cfg.arch), "builds": builds,
               "excluded": list(pin.exclude_files), "dropped": list(pin.drop_requires)}
     for rel in pin.exclude_files:
         if not (src / rel).is_file():
@@ -387,7 +387,7 @@ def build(cfg: Config, runner: Runner, *inputs: Path) -> Path:
     sources = choose_sources(cfg)
     go_version = ""
     if ToolsSource.GO in sources.values():
-        go_version = agent.go_version(runner, cfg.cache_dir, cfg.arch)
+        go_version = golang.go_version(runner, cfg.cache_dir, cfg.arch)
     components = {pin.name: build_component(cfg, runner, pin, sources[pin.name], go_version) for pin in pins.TOOLS}
     parts = {"recipe": RECIPE, "components": {name: entry.name for name, entry in components.items()}}
     entry = cache.cached(cfg.cache_dir, STAGE, cfg.arch.value, parts, force=_force(cfg),

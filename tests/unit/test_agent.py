@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import agent, config, pins
+from captainos import agent, config, golang, pins
 from captainos.config import Arch
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -24,7 +24,7 @@ def download_json(root_dir, api_dir, root_sum=pins.TINK_AGENT.h1):
 
 
 def test_parse_download_reads_concatenated_objects(tmp_path):
-    found = agent.parse_download(download_json(tmp_path / "a", tmp_path / "b"))
+    found = golang.parse_download(download_json(tmp_path / "a", tmp_path / "b"))
     assert set(found) == {pins.TINK_AGENT.path, pins.TINK_AGENT_API.path}
     assert found[pins.TINK_AGENT_API.path]["Dir"] == str(tmp_path / "b")
 
@@ -32,21 +32,21 @@ def test_parse_download_reads_concatenated_objects(tmp_path):
 def test_parse_download_reports_the_proxy_error():
     text = json.dumps({"Path": pins.TINK_AGENT.path, "Version": "v9", "Error": "410 Gone"})
     with pytest.raises(CaptainError, match="410 Gone"):
-        agent.parse_download(text)
+        golang.parse_download(text)
 
 
 def test_verify_refuses_a_different_hash(tmp_path):
-    modules = agent.parse_download(download_json(tmp_path, tmp_path, root_sum="h1:evil="))
+    modules = golang.parse_download(download_json(tmp_path, tmp_path, root_sum="h1:evil="))
     with pytest.raises(CaptainError, match="pinned"):
-        agent.verify(modules, (pins.TINK_AGENT, pins.TINK_AGENT_API))
+        golang.verify(modules, (pins.TINK_AGENT, pins.TINK_AGENT_API))
     with pytest.raises(CaptainError, match="did not return"):
-        agent.verify({}, (pins.TINK_AGENT,))
+        golang.verify({}, (pins.TINK_AGENT,))
 
 
 def test_build_argv_and_env(tmp_path):
     argv = agent.build_argv("go", tmp_path / "tink-agent")
     assert argv == ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp_path / "tink-agent"), "./cmd/agent"]
-    env = agent.go_env(tmp_path, Arch.ARM64)
+    env = golang.go_env(tmp_path, Arch.ARM64)
     assert env["CGO_ENABLED"] == "0" and env["GOARCH"] == "arm64" and env["GOOS"] == "linux"
     assert env["GOMODCACHE"] == str(tmp_path / "go" / "mod") and env["GOCACHE"] == str(tmp_path / "go" / "build")
     assert env["GOTOOLCHAIN"] == "local"
@@ -83,7 +83,7 @@ class FakeGo(Runner):
 
 
 def test_build_joins_the_modules_and_caches_the_binary(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent, "go_binary", lambda: "go")
+    monkeypatch.setattr(golang, "go_binary", lambda: "go")
     cfg = config.Config(cache_dir=tmp_path / "cache")
     fake = FakeGo(tmp_path)
     entry = agent.build(cfg, fake)
@@ -102,8 +102,8 @@ def test_build_joins_the_modules_and_caches_the_binary(tmp_path, monkeypatch):
 
 
 def test_a_different_go_version_is_a_new_entry(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent, "go_binary", lambda: "go")
+    monkeypatch.setattr(golang, "go_binary", lambda: "go")
     cfg = config.Config(cache_dir=tmp_path / "cache")
     first = agent.build(cfg, FakeGo(tmp_path / "a"))
-    monkeypatch.setattr(agent, "go_version", lambda *a: "go1.27.0")
+    monkeypatch.setattr(golang, "go_version", lambda *a: "go1.27.0")
     assert agent.build(cfg, FakeGo(tmp_path / "b")) != first
