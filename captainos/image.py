@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cache, log, pins
+from captainos import __version__, cache, host, log, pins
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -34,14 +34,9 @@ KERNEL_CHECKER = REPO / "kernel" / "check-kernel-config.sh"
 PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
-def mkosi_pythonpath() -> Path:
-    """Where `./build.py setup` unpacks Debian's mkosi package."""
-    return REPO / ".tools" / f"mkosi-{pins.MKOSI.version}" / "usr" / "lib" / "python3" / "dist-packages"
-
-
 def mkosi_command() -> list[str]:
     """The argv prefix that runs the pinned mkosi (self-contained: works through any Runner)."""
-    return ["env", f"PYTHONPATH={mkosi_pythonpath()}", "python3", "-m", "mkosi"]
+    return ["env", f"PYTHONPATH={host.mkosi_pythonpath()}", "python3", "-m", "mkosi"]
 
 
 def mkosi_dirs(cfg: Config) -> tuple[Path, Path]:

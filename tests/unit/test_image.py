@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import __version__, image, pins
+from captainos import __version__, host, image, pins
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -24,7 +24,7 @@ def argv(arch: Arch = Arch.AMD64, **kwargs) -> list[str]:
 
 def test_mkosi_argv_amd64():
     cmd = argv()
-    assert cmd[:5] == ["env", f"PYTHONPATH={image.mkosi_pythonpath()}", "python3", "-m", "mkosi"]
+    assert cmd[:5] == ["env", f"PYTHONPATH={host.mkosi_pythonpath()}", "python3", "-m", "mkosi"]
     assert cmd[5:7] == ["-C", str(image.IMAGE_DIR)]
     assert "--architecture=x86-64" in cmd
     assert "--output-dir=/o" in cmd
@@ -45,7 +45,7 @@ def test_mkosi_argv_arm64_profiles_and_cache_rebuild():
 
 def test_mkosi_pythonpath_is_the_pinned_unpacked_package():
     expected = REPO / ".tools" / f"mkosi-{pins.MKOSI.version}" / "usr/lib/python3/dist-packages"
-    assert image.mkosi_pythonpath() == expected
+    assert host.mkosi_pythonpath() == expected
 
 
 def test_summary_argv():
