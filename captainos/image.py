@@ -138,6 +138,7 @@ def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> dict[str, Any]
         "profiles": list(cfg.profiles),
         "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs],
         "mkosi": pins.MKOSI.version,
+        "code": cache.sha256_file(Path(__file__)),  # how the extra trees are staged
         "kernel_checker": [cache.sha256_file(p) for p in (KERNEL_REQUIRED, KERNEL_CHECKER) if p.is_file()],
     }
 
