@@ -9,6 +9,7 @@ an edited config file produces a new key and so a rebuild, with no FORCE_* neede
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -149,3 +150,19 @@ def cached(cache_dir: Path, stage: str, arch: str, parts: dict[str, Any], *, for
             produce(work)
     record_last(cache_dir, stage, arch, item)
     return item.root
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on lock_file; another holder makes this wait, with a message."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"    waiting for another build holding {lock_file}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

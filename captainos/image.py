@@ -172,15 +172,18 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
         argv = mkosi_argv(cfg.arch, output_dir=output_dir, cache_dir=mkosi_cache, extra_trees=trees,
                           profiles=cfg.profiles, version=__version__, rebuild_caches=cfg.no_cache)
         mkosi_log = cfg.build_dir / "mkosi.log"  # outside the entry: kept when the build fails
-        progress = log.Progress("mkosi")
-        try:
-            runner.run(argv, log_file=mkosi_log, on_line=lambda line: progress.update(0, line[:80]))
-        finally:
-            progress.close()
-        built = output_dir / f"{MKOSI_OUTPUT}.cpio.zst"
-        if not built.is_file() or built.is_symlink():
-            raise CaptainError(f"mkosi finished but {built} is missing", f"see {mkosi_log}")
-        shutil.move(built, work / OUTPUT)
+        # One mkosi at a time per output dir: a second build of the same arch waits here
+        # instead of overwriting the first one's output.
+        with cache.exclusive(output_dir / ".captainos.lock"):
+            progress = log.Progress("mkosi")
+            try:
+                runner.run(argv, log_file=mkosi_log, on_line=lambda line: progress.update(0, line[:80]))
+            finally:
+                progress.close()
+            built = output_dir / f"{MKOSI_OUTPUT}.cpio.zst"
+            if not built.is_file() or built.is_symlink():
+                raise CaptainError(f"mkosi finished but {built} is missing", f"see {mkosi_log}")
+            shutil.move(built, work / OUTPUT)
         shutil.rmtree(staging)
         size = (work / OUTPUT).stat().st_size
         cache.atomic_write(work / "image.json", json.dumps({"size": size, **manifest(cfg, kernel_entry, tools_entry)},

@@ -96,3 +96,23 @@ def test_atomic_copy_keeps_mode(tmp_path):
     src.chmod(0o755)
     cache.atomic_copy(src, tmp_path / "out" / "bin")
     assert os.access(tmp_path / "out" / "bin", os.X_OK)
+
+
+def test_exclusive_serializes_holders(tmp_path):
+    import threading
+    import time
+
+    order = []
+    lock = tmp_path / "dir" / ".lock"
+
+    def second():
+        with cache.exclusive(lock):
+            order.append("second")
+
+    with cache.exclusive(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second"]
