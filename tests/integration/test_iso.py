@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -91,3 +92,44 @@ def test_secure_boot_iso_boots_with_secure_boot_enforced(lab_cfg: Config, kernel
         guest.wait_for(r"secureboot: Secure boot enabled", timeout=300)
         guest.wait_for(r"ISO-CMDLINE: ", timeout=120)
         assert guest.wait_exit(60) == 0
+
+
+@pytest.fixture(scope="module")
+def image_iso(lab_cfg: Config, kernel_entry: Path) -> Path:
+    """The ISO of the real test image (self-test profile), as `./build.py iso` makes it."""
+    from captainos import pipeline
+
+    tools_entry = pipeline.build_tools(lab_cfg)
+    initramfs_entry = pipeline.build_initramfs(lab_cfg, kernel_entry, tools_entry)
+    return iso.build(lab_cfg, Runner(), kernel_entry / "vmlinuz",
+                     initramfs_entry / "initramfs.cpio.zst") / "captainos.iso"
+
+
+def _selftest_from_cd(image: Path, workdir: Path) -> tuple[str, str]:
+    machine = qemu.Machine(Arch.AMD64, firmware=OVMF, cdrom=image, mem="2G", accel=Accel.TCG)
+    with qemu.Guest(machine, workdir=workdir) as guest:
+        verdict = guest.wait_for(r"CAPTAINOS-SELFTEST: (PASS|FAIL.*)", timeout=900).group(1)
+        text = guest.serial()
+        assert guest.wait_exit(120) == 0
+    return verdict, text
+
+
+def test_real_image_iso_reaches_selftest_pass(image_iso: Path, tmp_path: Path) -> None:
+    verdict, _ = _selftest_from_cd(image_iso, tmp_path / "plain")
+    assert verdict == "PASS"
+
+
+def test_smee_patched_iso_applies_a_static_ipam(image_iso: Path, tmp_path: Path) -> None:
+    """Patch a copy the way Smee does (same size, placeholder overwritten) with a static
+    address; QEMU's DHCP would have leased 10.0.2.15, so seeing only .60 proves ipam= won."""
+    patched = tmp_path / "patched.iso"
+    params = (f"ipam={qemu.DEFAULT_MAC.replace(':', '-')}::10.0.2.60:24:10.0.2.2:isohost:10.0.2.3:: "
+              f"worker_id={qemu.DEFAULT_MAC} hw_addr={qemu.DEFAULT_MAC}")
+    iso.patch_cmdline(image_iso, params, patched)
+    assert patched.stat().st_size == image_iso.stat().st_size
+    verdict, text = _selftest_from_cd(patched, tmp_path / "patched")
+    assert verdict == "PASS"
+    addresses = re.search(r"CAPTAINOS-SELFTEST: info addresses: (.*?)\r?$", text, re.M)
+    assert addresses and [a.split("=")[1] for a in addresses.group(1).split()] == ["10.0.2.60/24"], text[-3000:]
+    hostname = re.search(r"CAPTAINOS-SELFTEST: info hostname: (.*?)\r?$", text, re.M)
+    assert hostname and hostname.group(1) == "isohost"
