@@ -138,19 +138,12 @@ def _accel(cfg: Config, vmlinuz: Path) -> Accel:
 
 def busybox_initramfs(output: Path, script: str) -> Path:
     """A minimal initramfs: Debian's static busybox, /proc, the given shell lines, poweroff."""
-    with tempfile.TemporaryDirectory(prefix="captainos-bb-") as tmp:
-        root = Path(tmp)
-        (root / "bin").mkdir()
-        (root / "proc").mkdir()
-        busybox = shutil.which("busybox") or "/bin/busybox"
-        shutil.copy(busybox, root / "bin" / "busybox")
-        init = root / "init"
-        init.write_text(f"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n{script}\n"
-                        "/bin/busybox poweroff -f\n")
-        init.chmod(0o755)
-        names = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
-        archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(),
-                                 capture_output=True, check=True).stdout
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    init = f"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n{script}\n/bin/busybox poweroff -f\n"
+    entries: list[cpio.Entry] = [("bin", 0o40755, b""), ("bin/busybox", 0o100755, busybox.read_bytes()),
+                                 ("proc", 0o40755, b""), ("dev", 0o40755, b""),
+                                 ("dev/console", 0o20600, b"", (5 << 8) | 1), ("init", 0o100755, init.encode())]
+    archive = cpio.write(entries)
     cache.atomic_write(output, _zstd(archive))
     return output
 

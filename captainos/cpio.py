@@ -1,13 +1,15 @@
-"""Read newc CPIO archives (what mkosi writes and the kernel unpacks): names, modes, sizes, data.
+"""newc CPIO archives (what mkosi writes and the kernel unpacks): read names, modes, sizes and
+data, and write small archives.
 
-Used by the benchmarks (what takes the space) and the reproducibility check (which files
-differ between two builds). Reading only; the image itself is written by mkosi.
+Reading serves the benchmarks (what takes the space) and the reproducibility check (which
+files differ between two builds). Writing serves the tiny test initramfs images (busybox and
+a script); the image itself is written by mkosi.
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,25 @@ def members(blob: bytes) -> Iterator[Member]:
         if name == TRAILER:
             continue
         yield Member(name.removeprefix("./"), mode, filesize, data)
+
+
+Entry = tuple[str, int, bytes] | tuple[str, int, bytes, int]
+
+
+def write(entries: Sequence[Entry]) -> bytes:
+    """A newc archive of (name, mode, data[, rdev]) entries, with the trailer; owner root,
+    mtime 0, so the same entries give the same bytes."""
+    out = bytearray()
+    trailer: Entry = (TRAILER, 0, b"")
+    for ino, entry in enumerate([*entries, trailer], 1):
+        name, mode, data = entry[0], entry[1], entry[2]
+        rdev = entry[3] if len(entry) == 4 else 0
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(encoded), 0]
+        out += b"070701" + b"".join(f"{v:08x}".encode() for v in fields) + encoded
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
 
 
 def _align4(value: int) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import agent, config, e2e
+from captainos import agent, config, cpio, e2e
 from captainos.run import Runner
 
 pytestmark = pytest.mark.integration
@@ -62,23 +62,6 @@ tasks:
 """
 
 
-def newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A cpio archive in the kernel's `newc` format: (path, mode, data) entries."""
-    out = bytearray()
-
-    def add(name: str, mode: int, data: bytes, ino: int) -> None:
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
-        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0")
-        out.extend(b"\0" * (-len(out) % 4))
-        out.extend(data)
-        out.extend(b"\0" * (-len(out) % 4))
-
-    for ino, (name, mode, data) in enumerate(entries, start=1):
-        add(name, mode, data, ino)
-    add("TRAILER!!!", 0, b"", 0)
-    return bytes(out)
-
-
 def selftest_initramfs(dest: Path, kernel_entry: Path, agent_binary: Path) -> Path:
     version = json.loads((kernel_entry / "kernel.json").read_text())["version"]
     mods = kernel_entry / "modules" / "usr" / "lib" / "modules" / version / "kernel"
@@ -92,7 +75,7 @@ def selftest_initramfs(dest: Path, kernel_entry: Path, agent_binary: Path) -> Pa
         entries.append((f"lib/{name}.ko", stat.S_IFREG | 0o644, lzma.decompress((mods / rel).read_bytes())))
     entries.append(("init", stat.S_IFREG | 0o755, INIT.encode()))
     entries.append(("tink-agent", stat.S_IFREG | 0o755, agent_binary.read_bytes()))
-    dest.write_bytes(newc(entries))
+    dest.write_bytes(cpio.write(entries))
     return dest
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import config, debian, kernel
+from captainos import config, cpio, debian, kernel
 from captainos.config import Accel, Arch, Config
 from captainos.qemu import Guest, Machine
 from captainos.run import Runner
@@ -39,18 +39,6 @@ echo "BOOT-DONE"
 """
 
 
-def _newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
-    """A newc cpio archive of (name, mode, data, rdev) entries, with the trailer."""
-    out = bytearray()
-    for ino, (name, mode, data, rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"", 0)], 1):
-        encoded = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(encoded), 0]
-        out += b"070701" + b"".join(f"{v:08x}".encode() for v in fields) + encoded
-        out += b"\0" * (-len(out) % 4) + data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
-
-
 def busybox_initramfs(entry: Path, dest: Path, busybox: Path = BUSYBOX) -> Path:
     """A zstd CPIO (the compression CaptainOS uses) with busybox, /init, and the entry's
     dummy module plus the module indexes."""
@@ -74,7 +62,7 @@ def busybox_initramfs(entry: Path, dest: Path, busybox: Path = BUSYBOX) -> Path:
         entries.append((rel, 0o100644, path.read_bytes(), 0))
     entries[5:5] = [(d, 0o40755, b"", 0) for d in sorted(dirs)]
     raw = dest.with_suffix("")
-    raw.write_bytes(_newc(entries))
+    raw.write_bytes(cpio.write(entries))
     Runner().run(["zstd", "-q", "-f", "--rm", raw, "-o", dest])
     return dest
 

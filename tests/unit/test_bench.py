@@ -62,3 +62,19 @@ def test_diff_archives_names_the_changed_file(tmp_path):
     first = _tiny_image(tmp_path / "a", payload=b"a" * 100)
     second = _tiny_image(tmp_path / "b", payload=b"b" * 100)
     assert bench.diff_archives(first, second) == ["usr/bin/big"]
+
+
+def test_cpio_writer_round_trips_and_is_deterministic():
+    entries = [("bin", 0o40755, b""), ("bin/x", 0o100755, b"abc"), ("dev/console", 0o20600, b"", (5 << 8) | 1)]
+    blob = cpio.write(entries)
+    assert blob == cpio.write(entries)
+    found = {m.name: m for m in cpio.members(blob)}
+    assert found["bin/x"].data == b"abc" and found["bin/x"].is_file
+    assert set(found) == {"bin", "bin/x", "dev/console"}
+
+
+def test_busybox_initramfs_holds_busybox_and_the_script(tmp_path):
+    out = bench.busybox_initramfs(tmp_path / "bb.cpio.zst", "echo hello-from-test")
+    found = {m.name: m for m in cpio.members(cpio.decompress(out))}
+    assert b"echo hello-from-test" in found["init"].data and found["init"].mode & 0o111
+    assert found["bin/busybox"].size > 100_000
