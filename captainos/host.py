@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -134,6 +135,29 @@ def setup(cfg: Config) -> None:
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], env=env)
     with log.stage("setup", f"mkosi {pins.MKOSI.version}"):
         install_mkosi(pins.MKOSI, mkosi_dir())
+    register_binfmt()
+
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+def register_binfmt() -> None:
+    """Let the other architecture's binaries run through qemu-user (mkosi runs the arm64
+    image's package scripts that way). Idempotent; skipped where binfmt_misc is unavailable."""
+    if not (BINFMT_DIR / "register").exists():
+        result = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            log.warn(f"binfmt_misc cannot be mounted ({result.stderr.strip()}): no foreign-arch image builds")
+            return
+    for arch in Arch:
+        name = f"qemu-{arch.uname()}"
+        rule = Path("/usr/lib/binfmt.d") / f"{name}.conf"
+        if arch.is_host() or (BINFMT_DIR / name).exists() or not rule.is_file():
+            continue
+        line = next(x for x in rule.read_text().splitlines() if x.startswith(":"))
+        (BINFMT_DIR / "register").write_text(line)
+        log.info(f"    registered {name} in binfmt_misc")
 
 
 def install_mkosi(pin: pins.DebPin, target: Path, mirror: str = pins.DEBIAN_MIRROR) -> None:
