@@ -143,20 +143,21 @@ def _build(cfg: Config, args: argparse.Namespace) -> None:
 
 def _stage_verb(name: str) -> Callable[[Config, argparse.Namespace], None]:
     def handler(cfg: Config, args: argparse.Namespace) -> None:
-        from captainos import cache, pipeline
+        from captainos import pipeline
 
         _prepare(cfg, name)
-        arch = cfg.arch.value
+        # A stage's inputs come from the stages before it, resolved for this configuration:
+        # cache hits when they were built (use --kernel-mode skip etc. to take the last build).
         if name == "kernel":
             pipeline.build_kernel(cfg)
         elif name == "tools":
             pipeline.build_tools(cfg)
         elif name == "initramfs":
-            kernel_entry = cache.last(cfg.cache_dir, "kernel", arch).root
-            pipeline.build_initramfs(cfg, kernel_entry, cache.last(cfg.cache_dir, "tools", arch).root)
+            pipeline.build_initramfs(cfg, pipeline.build_kernel(cfg), pipeline.build_tools(cfg))
         elif name == "iso":
-            pipeline.build_iso(cfg, cache.last(cfg.cache_dir, "kernel", arch).root,
-                               cache.last(cfg.cache_dir, "initramfs", arch).root)
+            kernel_entry = pipeline.build_kernel(cfg)
+            pipeline.build_iso(cfg, kernel_entry,
+                               pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg)))
     return handler
 
 

@@ -64,7 +64,8 @@ APT_PACKAGES = (
 
 def needs(cfg: Config, verb: str) -> list[Need]:
     """The commands a verb needs with this configuration."""
-    stages = {"build": ("kernel", "tools", "initramfs", "iso")}.get(verb, (verb,))
+    every = ("kernel", "tools", "initramfs", "iso")
+    stages = {"build": every, "iso": every, "initramfs": every[:3]}.get(verb, (verb,))
     modes = {"kernel": cfg.kernel_mode, "tools": cfg.tools_mode, "initramfs": cfg.initramfs_mode,
              "iso": cfg.iso_mode}
     found: list[Need] = []
@@ -93,7 +94,7 @@ def needs(cfg: Config, verb: str) -> list[Need]:
 
 def needs_root(cfg: Config, verb: str) -> bool:
     """mkosi builds the image tree as root (device nodes, ownership)."""
-    return verb in ("build", "initramfs") and cfg.initramfs_mode is StageMode.NATIVE
+    return verb in ("build", "initramfs", "iso") and cfg.initramfs_mode is StageMode.NATIVE
 
 
 def check(cfg: Config, verb: str) -> None:
@@ -107,7 +108,7 @@ def check(cfg: Config, verb: str) -> None:
         log.error(f"missing {need.command}: needed for {need.purpose}; install: apt-get install {need.package}")
     if missing:
         raise CaptainError(f"{len(missing)} prerequisite(s) missing", "or run './build.py setup' as root")
-    if verb in ("build", "initramfs") and cfg.initramfs_mode is StageMode.NATIVE and not mkosi_dir().is_dir():
+    if verb in ("build", "initramfs", "iso") and cfg.initramfs_mode is StageMode.NATIVE and not mkosi_dir().is_dir():
         raise CaptainError(f"mkosi {pins.MKOSI.version} is not unpacked in {TOOLS_DIR}",
                            "run './build.py setup' (it downloads and verifies Debian's mkosi package)")
 
