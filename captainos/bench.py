@@ -264,14 +264,22 @@ def reproducibility(report: Report, cfg: Config, workdir: Path) -> None:
 
 
 def diff_archives(first: Path, second: Path) -> list[str]:
-    """Names whose content or mode differs (or that exist in only one archive)."""
-    def index(path: Path) -> dict[str, tuple[int, str]]:
-        import hashlib
+    """What differs: names whose content or mode differs (or that exist in only one archive),
+    else names whose mtime differs, else a note that only the entry order differs."""
+    import hashlib
 
-        return {m.name: (m.mode, hashlib.sha256(m.data).hexdigest()) for m in cpio.members(cpio.decompress(path))}
-
-    one, two = index(first), index(second)
-    return sorted(n for n in one.keys() | two.keys() if one.get(n) != two.get(n))
+    one, two = (list(cpio.members(cpio.decompress(p))) for p in (first, second))
+    content = [{m.name: (m.mode, hashlib.sha256(m.data).hexdigest()) for m in side} for side in (one, two)]
+    changed = sorted(n for n in content[0].keys() | content[1].keys() if content[0].get(n) != content[1].get(n))
+    if changed:
+        return changed
+    times = [{m.name: m.mtime for m in side} for side in (one, two)]
+    changed = sorted(f"{n} (mtime only)" for n in times[0] if times[0][n] != times[1].get(n))
+    if changed:
+        return changed
+    if [m.name for m in one] != [m.name for m in two]:
+        return ["(same files and contents, in a different order)"]
+    return []
 
 
 # --- the verb -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class Member:
     mode: int
     size: int
     data: bytes
+    mtime: int = 0
 
     @property
     def is_file(self) -> bool:
@@ -41,7 +42,7 @@ def members(blob: bytes) -> Iterator[Member]:
                 continue
             raise CaptainError(f"not a newc cpio archive at byte {offset}")
         fields = [int(blob[offset + 6 + 8 * i: offset + 14 + 8 * i], 16) for i in range(13)]
-        mode, filesize, namesize = fields[1], fields[6], fields[11]
+        mode, mtime, filesize, namesize = fields[1], fields[5], fields[6], fields[11]
         name_start = offset + 110
         name = blob[name_start:name_start + namesize - 1].decode(errors="surrogateescape")
         data_start = _align4(name_start + namesize)
@@ -49,7 +50,7 @@ def members(blob: bytes) -> Iterator[Member]:
         offset = _align4(data_start + filesize)
         if name == TRAILER:
             continue
-        yield Member(name.removeprefix("./"), mode, filesize, data)
+        yield Member(name.removeprefix("./"), mode, filesize, data, mtime)
 
 
 Entry = tuple[str, int, bytes] | tuple[str, int, bytes, int]

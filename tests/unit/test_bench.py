@@ -78,3 +78,25 @@ def test_busybox_initramfs_holds_busybox_and_the_script(tmp_path):
     found = {m.name: m for m in cpio.members(cpio.decompress(out))}
     assert b"echo hello-from-test" in found["init"].data and found["init"].mode & 0o111
     assert found["bin/busybox"].size > 100_000
+
+
+def test_diff_archives_reports_mtime_only_changes(tmp_path):
+    import os
+
+    first = _tiny_image(tmp_path / "a")
+    os.utime(tmp_path / "a" / "root" / "etc" / "small", (1, 1))
+    root = tmp_path / "a" / "root"
+    (tmp_path / "b").mkdir()
+    import shutil
+    import subprocess
+
+    shutil.copytree(root, tmp_path / "b" / "root", symlinks=True)
+    os.utime(tmp_path / "b" / "root" / "etc" / "small", (2, 2))
+    for side in ("a", "b"):
+        names = subprocess.run(["find", "."], cwd=tmp_path / side / "root", capture_output=True, text=True,
+                               check=True).stdout
+        blob = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tmp_path / side / "root",
+                              input=names.encode(), capture_output=True, check=True).stdout
+        (tmp_path / side / "x.cpio").write_bytes(blob)
+    assert first.exists()
+    assert bench.diff_archives(tmp_path / "a" / "x.cpio", tmp_path / "b" / "x.cpio") == ["etc/small (mtime only)"]
