@@ -40,7 +40,7 @@ def _mkosi_summary(cfg: Config) -> str:
 
     try:
         return run(image.summary_argv(cfg), capture=True).stdout
-    except (CaptainError, AttributeError) as exc:
+    except CaptainError as exc:
         return f"(mkosi summary unavailable: {exc})"
 
 
