@@ -46,8 +46,9 @@ def check_entry(entry, arch: Arch) -> dict:
     assert (entry / "tree/usr/share/captainos/tools-manifest.json").read_text() == (
         entry / "manifest.json").read_text()
     assert manifest["arch"] == arch.value
-    found = sorted(str(p.relative_to(entry / "tree")) for p in (entry / "tree").rglob("*")
-                   if p.is_file() and "captainos" not in p.parts)
+    tree = entry / "tree"
+    found = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
+                   if p.is_file() and "captainos" not in p.relative_to(tree).parts)
     assert found == sorted(PATHS)
     for rel, pin in PATHS.items():
         path = entry / "tree" / rel
