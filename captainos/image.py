@@ -1,8 +1,9 @@
-"""initramfs stage: mkosi turns image/ into one zstd CPIO with the kernel modules and tools.
+"""initramfs stage: mkosi turns image/ into a CPIO with the kernel modules; the container
+tools follow it as a second archive (segments.py), and both are zstd-compressed.
 
 The image tree (image/) holds everything that does not change per build; this module adds
-what does, on mkosi's command line: the architecture, the extra trees (kernel modules, the
-container tools, extra CA certificates, a build manifest), the OS version and the profiles.
+what does, on mkosi's command line: the architecture, the extra trees (kernel modules, extra
+CA certificates, a build manifest), the OS version, the profiles and the source date epoch.
 vmlinuz never goes into the initramfs: it is published next to it by the kernel stage.
 
 mkosi's output directory is persistent (build/<arch>/mkosi) because mkosi keeps its Debian
@@ -18,14 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cache, host, log, pins
+from captainos import __version__, cache, host, log, pins, segments
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
 
 IMAGE_DIR = REPO / "image"
 OUTPUT = "initramfs.cpio.zst"
-MKOSI_OUTPUT = "initramfs"  # Output= in image/mkosi.conf; mkosi appends .cpio.zst
+MKOSI_OUTPUT = "initramfs.cpio"  # Output= in image/mkosi.conf plus the format's suffix (no compression)
 CA_DIR = Path("usr/local/share/ca-certificates")
 MANIFEST = Path("usr/share/captainos/image.json")
 # The kernel stage's option list and checker (kernel/), run by the self-test and by hand.
@@ -63,7 +64,7 @@ def mkosi_argv(
     argv = [*mkosi_command(), "-C", str(image_dir), f"--architecture={arch.mkosi_arch()}",
             f"--output-dir={output_dir}", f"--cache-directory={cache_dir / 'incremental'}",
             f"--package-cache-directory={cache_dir / 'packages'}", "--incremental=yes",
-            f"--image-version={version}"]
+            f"--image-version={version}", f"--source-date-epoch={pins.SOURCE_DATE_EPOCH}"]
     argv += [f"--extra-tree={tree}" for tree in extra_trees]
     argv += [f"--profile={profile}" for profile in profiles]
     argv += ["-ff" if rebuild_caches else "-f", "build"]
@@ -138,12 +139,14 @@ def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> dict[str, Any]
         "profiles": list(cfg.profiles),
         "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs],
         "mkosi": pins.MKOSI.version,
-        "code": cache.sha256_file(Path(__file__)),  # how the extra trees are staged
+        # how the extra trees are staged and the segments compressed
+        "code": [cache.sha256_file(Path(__file__)), cache.sha256_file(Path(segments.__file__))],
+        "source_date_epoch": pins.SOURCE_DATE_EPOCH,
         "kernel_checker": [cache.sha256_file(p) for p in (KERNEL_REQUIRED, KERNEL_CHECKER) if p.is_file()],
     }
 
 
-def _check_entries(kernel_entry: Path, tools_entry: Path) -> tuple[Path, Path]:
+def _check_entries(kernel_entry: Path, tools_entry: Path) -> Path:
     modules, tools_tree = kernel_entry / "modules", tools_entry / "tree"
     if not (modules / "usr" / "lib" / "modules").is_dir():
         raise CaptainError(f"the kernel entry {kernel_entry} has no modules/usr/lib/modules",
@@ -151,22 +154,23 @@ def _check_entries(kernel_entry: Path, tools_entry: Path) -> tuple[Path, Path]:
     if not (tools_tree / "usr" / "bin" / "containerd").is_file():
         raise CaptainError(f"the tools entry {tools_entry} has no tree/usr/bin/containerd",
                            "rebuild the tools stage: ./build.py tools --force-tools")
-    return modules, tools_tree
+    return modules
 
 
 def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) -> Path:
     """Build (or reuse) the initramfs entry for these kernel and tools entries."""
     check_profiles(cfg.profiles)
     check_ca_certs(cfg.extra_ca_certs)
-    modules, tools_tree = _check_entries(kernel_entry, tools_entry)
+    modules = _check_entries(kernel_entry, tools_entry)
     output_dir, mkosi_cache = mkosi_dirs(cfg)
+    tools_segment = segments.tools_segment(cfg, runner, tools_entry)
 
     def produce(work: Path) -> None:
         staging = work / "staging"
         ca_tree, own_tree = staging / "ca", staging / "captainos"
         stage_ca_tree(cfg.extra_ca_certs, ca_tree)
         stage_captainos_tree(cfg, kernel_entry, tools_entry, own_tree)
-        trees = [modules, tools_tree, own_tree, *([ca_tree] if cfg.extra_ca_certs else [])]
+        trees = [modules, own_tree, *([ca_tree] if cfg.extra_ca_certs else [])]
         output_dir.mkdir(parents=True, exist_ok=True)
         mkosi_cache.mkdir(parents=True, exist_ok=True)
         argv = mkosi_argv(cfg.arch, output_dir=output_dir, cache_dir=mkosi_cache, extra_trees=trees,
@@ -180,15 +184,21 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
                 runner.run(argv, log_file=mkosi_log, on_line=lambda line: progress.update(0, line[:80]))
             finally:
                 progress.close()
-            built = output_dir / f"{MKOSI_OUTPUT}.cpio.zst"
+            built = output_dir / MKOSI_OUTPUT
             if not built.is_file() or built.is_symlink():
                 raise CaptainError(f"mkosi finished but {built} is missing", f"see {mkosi_log}")
-            shutil.move(built, work / OUTPUT)
+            shutil.move(built, work / "os.cpio")
         shutil.rmtree(staging)
+        segments.compress(runner, segments.OS_ZSTD, work / "os.cpio", work / "os.cpio.zst")
+        segments.concatenate([work / "os.cpio.zst", tools_segment], work / OUTPUT)
+        sizes = {"os": (work / "os.cpio.zst").stat().st_size, "tools": tools_segment.stat().st_size}
+        (work / "os.cpio.zst").unlink()
         size = (work / OUTPUT).stat().st_size
-        cache.atomic_write(work / "image.json", json.dumps({"size": size, **manifest(cfg, kernel_entry, tools_entry)},
+        cache.atomic_write(work / "image.json", json.dumps({"size": size, "segments": sizes,
+                                                           **manifest(cfg, kernel_entry, tools_entry)},
                                                           indent=1, sort_keys=True) + "\n")
-        log.info(f"    {OUTPUT}: {log.human_bytes(size)}")
+        log.info(f"    {OUTPUT}: {log.human_bytes(size)} (os {log.human_bytes(sizes['os'])}, "
+                 f"tools {log.human_bytes(sizes['tools'])})")
 
     return cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value,
                         inputs(cfg, kernel_entry, tools_entry), force=cfg.no_cache, produce=produce)

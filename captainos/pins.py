@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_RELEASE = "trixie"
+# The newest modification time any file in the initramfs may carry (2026-01-01 00:00 UTC):
+# mkosi clamps newer files to it (--source-date-epoch) and the tools segment uses it, so two
+# builds from the same inputs give the same bytes. Move it forward with a release.
+SOURCE_DATE_EPOCH = 1767225600
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import __version__, host, image, pins
+from captainos import __version__, cpio, host, image, pins
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -91,7 +91,8 @@ def entries(tmp_path):
     (kernel / "config").write_text("CONFIG_TMPFS=y\n")
     tools = tmp_path / "tools" / "t1"
     (tools / "tree/usr/bin").mkdir(parents=True)
-    (tools / "tree/usr/bin/containerd").write_text("")
+    (tools / "tree/usr/bin/containerd").write_text("containerd-binary")
+    (tools / "tree/usr/bin/containerd").chmod(0o755)
     return kernel, tools
 
 
@@ -110,13 +111,15 @@ def test_inputs_change_with_every_input(tmp_path, entries):
 
 
 class FakeMkosi(Runner):
-    """Records the argv and writes what mkosi would write (or fails)."""
+    """Records the argv and writes what mkosi would write (or fails); runs zstd for real."""
 
     def __init__(self, fail: bool = False) -> None:
         object.__setattr__(self, "calls", [])
         object.__setattr__(self, "fail", fail)
 
     def run(self, argv, **kwargs):  # type: ignore[no-untyped-def,override]
+        if argv[0] == "zstd":
+            return subprocess.run(argv, check=True)
         self.calls.append(list(argv))
         out = Path(next(a for a in argv if a.startswith("--output-dir=")).split("=", 1)[1])
         for tree in (a.split("=", 1)[1] for a in argv if a.startswith("--extra-tree=")):
@@ -124,7 +127,8 @@ class FakeMkosi(Runner):
         kwargs["log_file"].write_text("mkosi log\n")
         if self.fail:
             raise CaptainError("command failed with exit code 1: mkosi")
-        (out / "initramfs.cpio.zst").write_bytes(b"\x28\xb5\x2f\xfd cpio")
+        root = [("etc", 0o40755, b""), ("etc/os-release", 0o100644, b"ID=x\n")]
+        (out / "initramfs.cpio").write_bytes(cpio.write(root))
         return subprocess.CompletedProcess(argv, 0)
 
 
@@ -134,11 +138,22 @@ def test_build_produces_an_entry_and_reuses_it(tmp_path, entries, monkeypatch):
     cfg = Config(cache_dir=tmp_path / "cache", profiles=("test",))
     fake = FakeMkosi()
     entry = image.build(cfg, fake, kernel, tools)
-    assert (entry / "initramfs.cpio.zst").read_bytes().startswith(b"\x28\xb5\x2f\xfd")
-    assert json.loads((entry / "image.json").read_text())["kernel"] == "6.12.0"
+    built = entry / "initramfs.cpio.zst"
+    assert built.read_bytes().startswith(b"\x28\xb5\x2f\xfd")
+    # Two archives, the OS then the tools, each its own zstd frame; together one root.
+    members = {m.name: m for m in cpio.members(cpio.decompress(built))}
+    assert members["etc/os-release"].data == b"ID=x\n"
+    assert members["usr/bin/containerd"].data == b"containerd-binary"
+    assert members["usr/bin/containerd"].mode == 0o100755
+    assert members["usr/bin/containerd"].mtime == pins.SOURCE_DATE_EPOCH
+    meta = json.loads((entry / "image.json").read_text())
+    assert meta["kernel"] == "6.12.0" and meta["size"] == built.stat().st_size
+    assert meta["segments"]["os"] + meta["segments"]["tools"] == meta["size"]
     assert sorted(p.name for p in entry.iterdir()) == [".captainos-complete.json", "image.json", "initramfs.cpio.zst"]
     trees = [a for a in fake.calls[0] if a.startswith("--extra-tree=")]
-    assert trees[0].endswith("k1/modules") and trees[1].endswith("t1/tree") and len(trees) == 3
+    assert trees[0].endswith("k1/modules") and len(trees) == 2
+    assert not any(t.endswith("t1/tree") for t in trees)  # the tools come as their own segment
+    assert f"--source-date-epoch={pins.SOURCE_DATE_EPOCH}" in fake.calls[0]
     assert "--profile=test" in fake.calls[0]
     assert image.build(cfg, fake, kernel, tools) == entry
     assert len(fake.calls) == 1  # cache hit: mkosi not run again

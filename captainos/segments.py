@@ -1,0 +1,72 @@
+"""The initramfs as two zstd-compressed newc archives, one after the other.
+
+The kernel unpacks concatenated archives in order into the same root (the mechanism that
+prepends CPU microcode to an initrd), so the image is built as two segments:
+
+1. the OS: mkosi's cpio (Debian trixie, image/, the kernel modules, CA certificates and the
+   build manifest), compressed on every image build;
+2. the container tools: the tools stage's tree (containerd, ctr, runc, nerdctl, the CNI
+   plugins and their manifest), archived here and compressed once per tools entry.
+
+The split keeps a rebuild after a change in image/ to recompressing the OS (~80 MB
+uncompressed) instead of the whole ~220 MB, and lets the tools, which change only with a pin
+bump, use zstd's slowest setting. Both use a 64 MiB long-distance window: the Go binaries
+share most of their libraries, and at zstd's default 8 MiB window those repeats go unseen
+(the measurements are in docs/benchmarks.md). The kernel's decompressor allocates the window
+while it unpacks (ZSTD_WINDOWLOG_MAX is 31 on 64-bit), so 64 MiB also bounds boot memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from captainos import cache, cpio, pins
+from captainos.config import Config
+from captainos.run import Runner
+
+WINDOW = "--long=26"  # 64 MiB
+OS_ZSTD = ("-19", WINDOW)
+TOOLS_ZSTD = ("--ultra", "-22", "--zstd=wlog=26", WINDOW)
+TOOLS_SEGMENT = "tools.cpio.zst"
+# The binaries built from the containerd module and its users first, next to each other.
+TOOLS_FIRST = ("usr/bin/containerd", "usr/bin/ctr", "usr/bin/nerdctl", "usr/bin/containerd-shim-runc-v2",
+               "usr/bin/runc")
+
+
+def zstd_argv(options: Sequence[str], src: Path, dest: Path) -> list[str]:
+    """Compress src into dest with all cores; the output does not depend on the core count."""
+    return ["zstd", "-q", "-T0", *options, "-f", "-o", str(dest), str(src)]
+
+
+def compress(runner: Runner, options: Sequence[str], src: Path, dest: Path) -> None:
+    """Compress src into dest and remove src."""
+    runner.run(zstd_argv(options, src, dest))
+    src.unlink()
+
+
+def tools_segment(cfg: Config, runner: Runner, tools_entry: Path) -> Path:
+    """The compressed archive of the tools entry's tree (cached by that entry)."""
+    parts = {"tools": tools_entry.name, "zstd": list(TOOLS_ZSTD), "first": list(TOOLS_FIRST),
+             "mtime": pins.SOURCE_DATE_EPOCH,
+             "code": [cache.sha256_file(Path(path)) for path in (cpio.__file__, __file__)]}
+
+    def produce(work: Path) -> None:
+        raw = work / "tools.cpio"
+        with raw.open("wb") as out:
+            cpio.write_tree(tools_entry / "tree", out, mtime=pins.SOURCE_DATE_EPOCH, first=TOOLS_FIRST)
+        compress(runner, TOOLS_ZSTD, raw, work / TOOLS_SEGMENT)
+
+    return cache.cached(cfg.cache_dir, "initramfs-tools", cfg.arch.value, parts, force=cfg.no_cache,
+                        produce=produce) / TOOLS_SEGMENT
+
+
+def concatenate(parts: Sequence[Path], dest: Path) -> None:
+    """Write the segments one after the other into dest (atomically)."""
+    tmp = dest.with_name(dest.name + ".part")
+    with tmp.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+    tmp.replace(dest)
