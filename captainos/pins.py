@@ -128,12 +128,14 @@ TOOLS: tuple[ToolPin, ...] = (
         module_path="github.com/containerd/containerd/v2",
         module_h1="h1:TpyxcY4AL5A+07dxETevunVS5zxqzuq7ZqJXknM11yk=",
         dest="usr/bin",
-        # Tags and -X flags of the module's Makefile (GO_BUILDTAGS, SHIM_GO_BUILDTAGS, GO_LDFLAGS).
+        # Tags and -X flags of the module's Makefile (GO_BUILDTAGS, SHIM_GO_BUILDTAGS, GO_LDFLAGS),
+        # plus no_cri for the daemon: the Kubernetes CRI plugins are off in the image's
+        # config.toml, so their code (a third of the binary) never runs in CaptainOS.
         builds=tuple(
             GoBuild(binary, f"./cmd/{binary}", tags=tags,
                     ldflags=(f"{_CONTAINERD_X}.Version=v{{version}}", f"{_CONTAINERD_X}.Revision={{revision}}",
                              f"{_CONTAINERD_X}.Package=github.com/containerd/containerd/v2"))
-            for binary, tags in (("containerd", ("urfave_cli_no_docs",)), ("ctr", ("urfave_cli_no_docs",)),
+            for binary, tags in (("containerd", ("urfave_cli_no_docs", "no_cri")), ("ctr", ("urfave_cli_no_docs",)),
                                  ("containerd-shim-runc-v2", ("urfave_cli_no_docs", "no_grpc")))),
         version_args={"containerd-shim-runc-v2": ("-v",)},
     ),
