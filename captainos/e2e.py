@@ -233,7 +233,9 @@ def timeline(result: Result) -> list[tuple[str, float | None]]:
     """When each milestone happened, in seconds after QEMU started (None: not seen)."""
     con = {label: first_line(result.console, pattern) for label, pattern in (
         ("kernel", r"Linux version"),
+        ("init", r"Run /init as init process"),
         ("systemd", r"systemd\[1\]|systemd \d+ running|Welcome to"),
+        ("multi-user", r"Reached target .*multi-user\.target"),
         ("network", r"Reached target .*Network is Online|network-online"),
         ("agent", r"starting Agent"),
     )}
@@ -250,8 +252,10 @@ def timeline(result: Result) -> list[tuple[str, float | None]]:
     return [
         ("QEMU started", 0.0),
         ("kernel booting", at(con["kernel"])),
+        ("kernel runs /init", at(con["init"])),
         ("systemd up", at(con["systemd"])),
         ("network up", network),
+        ("multi-user reached", at(con["multi-user"])),
         ("agent started", round(agent_log - result.started, 1) if agent_log else at(con["agent"])),
         ("first action received", round(_wall(served[0]["time"]) - result.started, 1) if served else None),
         ("workflow done", round(_wall(finals[0]["time"]) - result.started, 1) if finals else None),

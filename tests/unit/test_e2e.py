@@ -61,8 +61,11 @@ def make_result(start):
             "reported action status", action={"name": "a"}, state="success"), received=start + 40.5),
         syslogd.parse("<14>1 - captainos kernel - - - unrelated", received=start + 5),
     ]
-    console = [(start + 1, "[    0.000000] Linux version 6.12.69"), (start + 6, "[  5.1] systemd[1]: Welcome"),
-               (start + 15, "[  OK  ] Reached target network-online.target - Network is Online.")]
+    console = [(start + 1, "[    0.000000] Linux version 6.12.69"), (start + 4, "[  3.2] Run /init as init process"),
+               (start + 6, "[  5.1] systemd[1]: Welcome"),
+               (start + 15, "[  OK  ] Reached target network-online.target - Network is Online."),
+               (start + 16, "[\x1b[0;32m  OK  \x1b[0m] Reached target \x1b[0;1;39mmulti-user.target\x1b[0m - "
+                            "Multi-User System.")]
     return e2e.Result("default/x", "SUCCESS", records, syslog, console, start, Path("/disk"))
 
 
@@ -73,8 +76,8 @@ def test_timeline_and_report():
     result = make_result(start)
     result.timeline = e2e.timeline(result)
     assert dict(result.timeline) == {
-        "QEMU started": 0.0, "kernel booting": 1.0, "systemd up": 6.0, "network up": 15.0, "agent started": 20.0,
-        "first action received": 30.0, "workflow done": 40.0}
+        "QEMU started": 0.0, "kernel booting": 1.0, "kernel runs /init": 4.0, "systemd up": 6.0, "network up": 15.0,
+        "multi-user reached": 16.0, "agent started": 20.0, "first action received": 30.0, "workflow done": 40.0}
     assert result.reports() == [("a", "RUNNING"), ("a", "SUCCESS")] and result.served() == ["a"]
     text = result.report()
     assert "received action  action=a" in text and "reported action status  action=a state=success" in text
