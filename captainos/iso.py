@@ -24,8 +24,8 @@ from captainos.config import Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
 
-# Fixed timestamp for every file and the volume (reproducible output).
-EPOCH = 1_700_000_000
+# Fixed timestamp for every file and the volume (reproducible output): the image's.
+EPOCH = pins.SOURCE_DATE_EPOCH
 VOLUME_ID = "CAPTAINOS"
 MARKER = ".captainos"
 FAT_SERIAL = "0x43505441"  # fixed FAT volume serial number ("CPTA"), for reproducibility
@@ -196,7 +196,7 @@ def build(cfg: Config, runner: Runner, vmlinuz: Path, initramfs: Path) -> Path:
     modules = None if cfg.secure_boot else grub_modules(cfg, runner)
     parts = {"vmlinuz": cache.sha256_file(vmlinuz), "initramfs": cache.sha256_file(initramfs), "menu": menu,
              "grub": _grub_version(), "code": cache.sha256_file(Path(__file__)), "arch": cfg.arch.value,
-             "secure_boot": cfg.secure_boot}
+             "secure_boot": cfg.secure_boot, "epoch": EPOCH}
 
     def produce(work: Path) -> None:
         root = work / "root"
