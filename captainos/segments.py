@@ -24,6 +24,7 @@ from pathlib import Path
 
 from captainos import cache, cpio, pins
 from captainos.config import Config
+from captainos.errors import CaptainError
 from captainos.run import Runner
 
 WINDOW = "--long=26"  # 64 MiB
@@ -70,3 +71,35 @@ def concatenate(parts: Sequence[Path], dest: Path) -> None:
             with part.open("rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
     tmp.replace(dest)
+
+
+ZSTD_MAGIC = 0xFD2FB528
+
+
+def frames(data: bytes) -> list[bytes]:
+    """Split concatenated zstd frames (the segments) without decompressing them."""
+    found, offset = [], 0
+    while offset < len(data):
+        start = offset
+        magic = int.from_bytes(data[offset:offset + 4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame: 4-byte size follows
+            offset += 8 + int.from_bytes(data[offset + 4:offset + 8], "little")
+            continue
+        if magic != ZSTD_MAGIC:
+            raise CaptainError(f"no zstd frame at byte {offset}")
+        descriptor = data[offset + 4]
+        single = bool(descriptor & 0x20)
+        fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+        offset += 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs
+        last = False
+        while not last:
+            if offset + 3 > len(data):
+                raise CaptainError(f"the zstd frame at byte {start} is truncated")
+            header = int.from_bytes(data[offset:offset + 3], "little")
+            last, kind, size = bool(header & 1), (header >> 1) & 3, header >> 3
+            offset += 3 + (1 if kind == 1 else size)
+        offset += 4 if descriptor & 0x04 else 0
+        if offset > len(data):
+            raise CaptainError(f"the zstd frame at byte {start} is truncated")
+        found.append(data[start:offset])
+    return found

@@ -100,3 +100,24 @@ def test_concatenated_segments_decompress_as_one_stream(tmp_path):
     segments.concatenate(parts, tmp_path / "all.zst")
     assert [m.data for m in cpio.members(cpio.decompress(tmp_path / "all.zst"))] == [b"aaa", b"bbb"]
     assert not (tmp_path / "all.zst.part").exists()
+
+
+def _zstd(data: bytes, *options: str) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c", *options], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("options", [(), ("--no-check",), ("-19", "--long=26", "-T2"), ("--no-content-size",)])
+def test_frames_split_concatenated_segments(options):
+    first, second = _zstd(b"one" * 40000, *options), _zstd(bytes(range(256)) * 4000, *options)
+    assert segments.frames(first + second) == [first, second]
+
+
+def test_frames_skip_skippable_frames_and_refuse_garbage_or_truncation():
+    frame = _zstd(b"payload" * 1000)
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    assert segments.frames(skippable + frame) == [frame]
+    with pytest.raises(CaptainError, match="no zstd frame at byte 0"):
+        segments.frames(b"\x00" * 16)
+    for cut in (3, len(frame) // 2, len(frame) - 8):
+        with pytest.raises(CaptainError, match="truncated"):
+            segments.frames(frame[:-cut])
