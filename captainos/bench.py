@@ -153,12 +153,58 @@ def busybox_initramfs(output: Path, script: str) -> Path:
     return output
 
 
+# One more task after the benchmark's workflow: `systemd-analyze blame` from the VM, written
+# into its disk (actions run privileged; the host's root, /run and /proc are bind-mounted so
+# that systemd-analyze reaches systemd), where the harness reads it after the run.
+BLAME_OFFSET = 8 << 20
+BLAME_LINES = 15
+BLAME_TASK = {
+    "name": "benchmark-blame",
+    "actions": [{
+        "name": "boot-blame",
+        "image": "{{ action_image }}",
+        "timeout": 120,
+        "volumes": ["/dev:/dev", "/:/host", "/run:/host/run", "/proc:/host/proc"],
+        "command": ["/bin/sh", "-c",
+                    f"chroot /host /usr/bin/systemd-analyze blame --no-pager | head -n {BLAME_LINES} >/tmp/blame"
+                    f" && test -s /tmp/blame && dd if=/tmp/blame of=/dev/vda bs=512 seek={BLAME_OFFSET // 512}"
+                    " conv=notrunc,fsync"],
+    }],
+}
+
+
+def with_blame(workflow_file: Path, dest: Path) -> Path:
+    """A copy of the workflow with the blame task appended."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(workflow_file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CaptainError(f"cannot read workflow {workflow_file}: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
+        raise CaptainError(f"workflow {workflow_file} has no 'tasks' list")
+    doc["tasks"].append(BLAME_TASK)
+    cache.atomic_write(dest, yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def read_blame(disk: Path) -> list[str]:
+    """The blame lines the last task wrote into the VM's disk ([] if it wrote none)."""
+    with disk.open("rb") as handle:
+        handle.seek(BLAME_OFFSET)
+        data = handle.read(64 * BLAME_LINES).split(b"\0", 1)[0]
+    return [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+
+
 def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int, workdir: Path,
          workflow_file: Path) -> None:
-    """Median of N end-to-end runs: milestones from serial/server timestamps, and the kernel floor."""
+    """Median of N end-to-end runs: milestones from serial/server timestamps, and the kernel
+    floor; `systemd-analyze blame` of the last run."""
     from captainos import e2e
 
     marks: dict[str, list[float]] = defaultdict(list)
+    workflow_file = with_blame(workflow_file, workdir / "bench-workflow.yaml")
+    blame: list[str] = []
     for number in range(runs):
         plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs)
         with e2e.Lab(cfg, plan, workdir=workdir / f"boot-{number}") as lab:
@@ -168,6 +214,7 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
         for label, mark in result.timeline:
             if mark is not None:
                 marks[label].append(mark)
+        blame = read_blame(result.disk)
     floors = [kernel_floor(cfg, vmlinuz, workdir / f"floor-{n}") for n in range(runs)]
     floor = statistics.median(floors)
     command = f"./build.py bench --only boot --runs {runs}"
@@ -178,6 +225,9 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
         median = statistics.median(values)
         report.add(f"boot: {label} (median of {len(values)})", f"{median:.1f} s ({median / floor:.1f}x floor)",
                    command)
+    report.tables.append(f"`systemd-analyze blame` in the VM, top {BLAME_LINES}, last run ({command}; the "
+                         "workflow's last task writes it to the VM's disk):\n\n```\n"
+                         + ("\n".join(blame) or "(the guest wrote nothing)") + "\n```")
 
 
 def ram_floor(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, workdir: Path,
