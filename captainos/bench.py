@@ -154,8 +154,9 @@ def busybox_initramfs(output: Path, script: str) -> Path:
 
 
 # One more task after the benchmark's workflow: `systemd-analyze blame` from the VM, written
-# into its disk (actions run privileged; the host's root, /run and /proc are bind-mounted so
-# that systemd-analyze reaches systemd), where the harness reads it after the run.
+# into its disk, where the harness reads it after the run. Actions run privileged; the host's
+# root, /run and /proc are bind-mounted for a chroot, and the action shares the host's PID
+# namespace (without it sd-bus cannot identify its peer: "No data available").
 BLAME_OFFSET = 8 << 20
 BLAME_LINES = 15
 BLAME_TASK = {
@@ -165,6 +166,7 @@ BLAME_TASK = {
         "image": "{{ action_image }}",
         "timeout": 120,
         "volumes": ["/dev:/dev", "/:/host", "/run:/host/run", "/proc:/host/proc"],
+        "namespaces": {"pid": "host"},
         "command": ["/bin/sh", "-c",
                     f"chroot /host /usr/bin/systemd-analyze blame --no-pager | head -n {BLAME_LINES} >/tmp/blame"
                     f" && test -s /tmp/blame && dd if=/tmp/blame of=/dev/vda bs=512 seek={BLAME_OFFSET // 512}"

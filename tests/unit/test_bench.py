@@ -114,6 +114,7 @@ def test_the_boot_workflow_gets_the_blame_task_and_still_parses(tmp_path):
     blame = parsed.tasks[-1].actions[0]
     assert blame.image == "10.0.2.2:5000/actions/busybox:e2e"
     assert "/:/host" in blame.volumes and "seek=16384" in blame.command[-1]
+    assert blame.pid_ns == "host"
     assert len(parsed.tasks[0].actions) == 3  # the original workflow is untouched
 
 
