@@ -16,7 +16,7 @@ def test_amd64_direct_kernel_boot():
                                   mem="512M", smp=3))
     assert argv[0] == "qemu-system-x86_64"
     pairs = _pairs(argv)
-    assert ("-machine", "q35") in pairs and ("-accel", "tcg") in pairs
+    assert ("-machine", "q35") in pairs and ("-accel", "tcg,thread=single") in pairs
     assert ("-m", "512M") in pairs and ("-smp", "3") in pairs
     assert ("-kernel", "/k") in pairs and ("-initrd", "/i") in pairs
     assert ("-append", "console=ttyS0 audit=0 QEMU=1") in pairs
