@@ -76,11 +76,12 @@ def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -
     report.add("initramfs (zstd)", _mib(initramfs.stat().st_size), f"stat -c %s {initramfs}")
     if vmlinuz is not None and vmlinuz.is_file():
         report.add("vmlinuz", _mib(vmlinuz.stat().st_size), f"stat -c %s {vmlinuz}")
-    blob = cpio.decompress(initramfs)
+    frames = segments.frames(initramfs.read_bytes())
+    parts = [cpio.decompress_data(frame, initramfs.name) for frame in frames]
+    blob = b"".join(parts)
     report.add("rootfs uncompressed", _mib(len(blob)), f"zstd -dc {initramfs} | wc -c")
-    for number, frame in enumerate(segments.frames(initramfs.read_bytes()), 1):
-        members = list(cpio.members(subprocess.run(["zstd", "-dc"], input=frame, capture_output=True,
-                                                   check=True).stdout))
+    for number, (frame, part) in enumerate(zip(frames, parts, strict=True), 1):
+        members = list(cpio.members(part))
         where = next((m.name for m in members if m.is_file), "?")
         report.add(f"segment {number} (from /{where})", f"{_mib(len(frame))}, {len(members)} entries",
                    command)

@@ -131,10 +131,14 @@ def _align4(value: int) -> int:
 
 def decompress(path: Path) -> bytes:
     """The uncompressed archive bytes (zstd, or plain cpio)."""
-    head = path.read_bytes()[:4]
-    if head == b"\x28\xb5\x2f\xfd":  # zstd frame magic
-        result = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=False)
+    return decompress_data(path.read_bytes(), str(path))
+
+
+def decompress_data(data: bytes, name: str = "data") -> bytes:
+    """decompress() for bytes already in memory (one or more zstd frames, or plain cpio)."""
+    if data[:4] == b"\x28\xb5\x2f\xfd":  # zstd frame magic
+        result = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
         if result.returncode != 0:
-            raise CaptainError(f"cannot decompress {path}: {result.stderr.decode(errors='replace').strip()}")
+            raise CaptainError(f"cannot decompress {name}: {result.stderr.decode(errors='replace').strip()}")
         return result.stdout
-    return path.read_bytes()
+    return data

@@ -49,8 +49,8 @@ def compress(runner: Runner, options: Sequence[str], src: Path, dest: Path) -> N
 
 def tools_segment(cfg: Config, runner: Runner, tools_entry: Path) -> Path:
     """The compressed archive of the tools entry's tree (cached by that entry)."""
-    parts = {"tools": tools_entry.name, "zstd": list(TOOLS_ZSTD), "first": list(TOOLS_FIRST),
-             "mtime": pins.SOURCE_DATE_EPOCH,
+    # The settings above are part of this file's hash.
+    parts = {"tools": tools_entry.name, "mtime": pins.SOURCE_DATE_EPOCH,
              "code": [cache.sha256_file(Path(path)) for path in (cpio.__file__, __file__)]}
 
     def produce(work: Path) -> None:
