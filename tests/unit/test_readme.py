@@ -17,3 +17,36 @@ def test_every_option_is_documented_with_flag_and_env():
 def test_every_verb_is_documented():
     for verb in cli.VERBS:
         assert f"| `{verb}`" in README, verb
+
+
+def _section(title: str) -> str:
+    """The README text under a `## title` heading, up to the next heading of that level."""
+    start = README.index(f"\n## {title}")
+    end = README.find("\n## ", start + 1)
+    return README[start:] if end < 0 else README[start:end]
+
+
+def test_user_facing_sections_are_present():
+    # A README edit once dropped these whole sections; the issues require each of them.
+    for title in ("Security notes", "ISO (virtual media, machines without PXE)", "Testing with QEMU"):
+        assert _section(title).count("\n") > 5, title
+    assert "### Run a workflow against a local VM" in _section("Testing with QEMU")
+
+
+def test_iso_placeholder_is_documented_as_the_code_has_it():
+    import hashlib
+
+    from captainos import pins
+
+    iso = _section("ISO (virtual media, machines without PXE)")
+    digest = hashlib.sha256(pins.ISO_MAGIC.encode()).hexdigest()
+    assert f"`{pins.ISO_MAGIC[:16]}`" in iso and f"`{pins.ISO_MAGIC[-16:]}`" in iso
+    assert f"`{digest[:8]}...{digest[-7:]}`" in iso
+    assert f"{len(pins.ISO_MAGIC)} lowercase letters" in iso
+    assert "--secure-boot" in iso and "What is signed" in iso and "What is not" in iso
+
+
+def test_workflow_example_is_documented_and_exists():
+    section = _section("Testing with QEMU")
+    assert "./build.py qemu-test --workflow examples/workflow.yaml" in section
+    assert (Path(__file__).resolve().parents[2] / "examples" / "workflow.yaml").is_file()
