@@ -76,7 +76,12 @@ def verify_checksums(out_dir: Path, arch: Arch) -> list[str]:
     if not path.is_file():
         raise CaptainError(f"{path} does not exist", "run './build.py checksums' to write it")
     checked = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError as exc:
+        raise CaptainError(f"{path}: not a sha256sum file (byte {exc.start} is not ASCII)",
+                           "run './build.py checksums' to rewrite it") from None
+    for number, line in enumerate(text.splitlines(), 1):
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 64 or "/" in name:
             raise CaptainError(f"{path}:{number}: malformed line")

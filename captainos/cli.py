@@ -122,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; nothing partial was kept")
         return 130
+    except Exception as exc:  # a bug or an unforeseen OS error: still one line, not a traceback
+        if debug:
+            raise
+        log.error(f"unexpected {type(exc).__name__}: {exc}")
+        print("hint: rerun with --debug for the traceback, and report it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,6 +22,7 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -161,3 +162,30 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None =
         raise CaptainError(f"cannot extract {archive}: {exc}",
                            "the archive is corrupt or truncated, or the disk is full") from None
     return written
+
+
+def safe_extract_zip(archive: Path, dest: Path, prefix: str) -> int:
+    """Extract a zip whose every member sits under prefix (a Go module zip: "<module>@<version>/")
+    into dest, without the prefix; the number of files written. Zip members carry no modes:
+    files are written 0644. dest must be a fresh directory."""
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            for info in infos:  # refuse the whole archive before writing anything
+                if not info.filename.startswith(prefix) or _unsafe(info.filename[len(prefix):]):
+                    raise CaptainError(f"unsafe path {info.filename!r} in {archive.name}", "the archive was refused")
+            for info in infos:
+                name = info.filename[len(prefix):]
+                if info.is_dir() or not name:
+                    continue
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as source, target.open("wb") as sink:
+                    shutil.copyfileobj(source, sink, CHUNK)
+                count += 1
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
+        raise CaptainError(f"cannot extract {archive}: {exc}",
+                           "the archive is corrupt or truncated, or the disk is full") from None
+    return count

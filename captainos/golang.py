@@ -4,9 +4,13 @@ Shared by the tools stage (containerd, runc, nerdctl, CNI) and the tink-agent bu
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
 import shutil
 import stat
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,18 +18,74 @@ from typing import Any
 from captainos import pins
 from captainos.config import Arch
 from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.run import Runner, run
 
-GO_FALLBACK = Path("/usr/local/go/bin/go")
+GO_ROOT = Path("/usr/local/go")  # where `setup` installs the pinned toolchain
+GO_FALLBACK = GO_ROOT / "bin" / "go"
 
 
+def version_tuple(text: str) -> tuple[int, ...]:
+    """(1, 26, 8) from "1.26.8", "go1.26.8" or "go1.26rc1" (a pre-release counts as its base)."""
+    digits = re.match(r"(?:go)?(\d+(?:\.\d+)*)", text)
+    return tuple(int(x) for x in digits.group(1).split(".")) if digits else ()
+
+
+def installed_version(binary: str) -> str:
+    """"1.26.8" from `go version`, or "" when it does not run."""
+    if not Path(binary).is_file():
+        return ""
+    try:
+        out = run([binary, "version"], env={"GOTOOLCHAIN": "local"}, capture=True, check=False, timeout=30).stdout
+    except (CaptainError, OSError):
+        return ""
+    found = re.search(r"\bgo(\d+\.\d+(?:\.\d+)?)", out)
+    return found.group(1) if found else ""
+
+
+@functools.lru_cache(maxsize=1)
 def go_binary() -> str:
-    found = shutil.which("go")
-    if found:
-        return found
-    if GO_FALLBACK.is_file():
-        return str(GO_FALLBACK)
-    raise CaptainError("the Go toolchain is not installed", "install Go >= 1.26.3 (see './build.py setup')")
+    """The first `go` (PATH, then /usr/local/go) at least as new as the pinned modules need."""
+    need = pins.GO_TOOLCHAIN.minimum
+    seen = []
+    for candidate in (shutil.which("go"), str(GO_FALLBACK) if GO_FALLBACK.is_file() else None):
+        if candidate and candidate not in seen:
+            seen.append(candidate)
+            if version_tuple(installed_version(candidate)) >= version_tuple(need):
+                return candidate
+    found = ", ".join(f"{c} is {installed_version(c) or 'not runnable'}" for c in seen) or "no go on PATH"
+    raise CaptainError(f"Go >= {need} is needed to build from Go modules ({found})",
+                       "run './build.py setup' (installs the pinned Go into /usr/local/go)")
+
+
+def install_toolchain(arch: Arch, cache_dir: Path, target: Path = GO_ROOT, proxy: str | None = None) -> bool:
+    """Install the pinned Go toolchain into target from the Go module proxy, verified by sha256;
+    False when target already holds it. The old tree is replaced only once the new one is whole."""
+    pin = pins.GO_TOOLCHAIN
+    if version_tuple(installed_version(str(target / "bin" / "go"))) == version_tuple(pin.version):
+        return False
+    from captainos import fetch
+
+    proxy = proxy or os.environ.get("GOPROXY", pins.GO_PROXY).split(",")[0]
+    if proxy in ("direct", "off"):
+        proxy = pins.GO_PROXY
+    version = pin.module_version(arch.go_arch())
+    archive = fetch.download(pin.zip_url(proxy, arch.go_arch()), cache_dir / "downloads" / f"go-{version}.zip",
+                             pin.sha256[arch.go_arch()], label=f"go {pin.version}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        tree = Path(tmp) / "go"
+        fetch.safe_extract_zip(archive, tree, f"golang.org/toolchain@{version}/")
+        # Module zips carry no modes: the commands and the compiler's tools are executables.
+        for exe in [*(tree / "bin").iterdir(), *(tree / "pkg" / "tool").glob("*/*")]:
+            exe.chmod(0o755)
+        if version_tuple(installed_version(str(tree / "bin" / "go"))) != version_tuple(pin.version) and arch.is_host():
+            raise CaptainError(f"the unpacked Go toolchain does not report {pin.version}", "nothing was installed")
+        old = Path(tmp) / "old"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tree, target)
+    go_binary.cache_clear()
+    return True
 
 
 def go_env(cache_dir: Path, arch: Arch) -> dict[str, str]:

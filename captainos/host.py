@@ -25,6 +25,10 @@ class Need:
     command: str
     purpose: str
     package: str
+    install: str = ""  # how to get it when apt's package is not enough
+
+    def how(self) -> str:
+        return self.install or f"apt-get install {self.package}"
 
 
 KERNEL_COMPILE = (
@@ -38,7 +42,9 @@ KERNEL_COMPILE = (
 KERNEL_PACKAGES = (Need("dpkg-deb", "unpacking Debian packages", "dpkg"),
                    Need("gpgv", "Debian archive signature check", "gpgv"),
                    Need("depmod", "kernel module index", "kmod"))
-TOOLS_GO = (Need("go", "building containerd/runc/nerdctl/CNI from Go modules", "golang-go (>= 1.24)"),
+TOOLS_GO = (Need("go", "building containerd/runc/nerdctl/CNI from Go modules", "golang-go",
+                 install=f"./build.py setup (Go {pins.GO_TOOLCHAIN.version} from the Go module proxy; "
+                         f"Debian's golang-go is older than the {pins.GO_TOOLCHAIN.minimum} the modules need)"),
             Need("gcc", "runc (cgo, libseccomp)", "gcc"), Need("pkg-config", "runc's libseccomp lookup", "pkg-config"))
 INITRAMFS = (Need("python3", "running mkosi", "python3"), Need("zstd", "compressing the initramfs", "zstd"),
              Need("cpio", "writing the initramfs", "cpio"), Need("apt-get", "mkosi's Debian bootstrap", "apt"),
@@ -102,12 +108,17 @@ def check(cfg: Config, verb: str) -> None:
     if needs_root(cfg, verb) and os.geteuid() != 0:
         raise CaptainError(f"'{verb}' in native mode must run as root (mkosi builds the image as root)",
                            "run it with sudo, or use --initramfs-mode docker")
-    path = base_env()["PATH"]
-    missing = [n for n in dict.fromkeys(needs(cfg, verb)) if shutil.which(n.command, path=path) is None]
+    from captainos import golang
+
+    path = f"{base_env()['PATH']}:{golang.GO_FALLBACK.parent}"  # setup's Go need not be on PATH
+    wanted = list(dict.fromkeys(needs(cfg, verb)))
+    missing = [n for n in wanted if shutil.which(n.command, path=path) is None]
     for need in missing:
-        log.error(f"missing {need.command}: needed for {need.purpose}; install: apt-get install {need.package}")
+        log.error(f"missing {need.command}: needed for {need.purpose}; install: {need.how()}")
     if missing:
         raise CaptainError(f"{len(missing)} prerequisite(s) missing", "or run './build.py setup' as root")
+    if any(n.command == "go" for n in wanted):
+        golang.go_binary()  # present, but is it new enough? One line if not.
     if verb in ("build", "initramfs", "iso") and cfg.initramfs_mode is StageMode.NATIVE and not mkosi_dir().is_dir():
         raise CaptainError(f"mkosi {pins.MKOSI.version} is not unpacked in {TOOLS_DIR}",
                            "run './build.py setup' (it downloads and verifies Debian's mkosi package)")
@@ -136,7 +147,26 @@ def setup(cfg: Config) -> None:
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], env=env)
     with log.stage("setup", f"mkosi {pins.MKOSI.version}"):
         install_mkosi(pins.MKOSI, mkosi_dir())
+    with log.stage("setup", f"Go {pins.GO_TOOLCHAIN.version}"):
+        install_go(cfg)
     register_binfmt()
+
+
+def install_go(cfg: Config) -> None:
+    """The pinned Go toolchain in /usr/local/go, unless a new enough Go is already there:
+    Debian's golang-go (1.19 in bookworm, 1.24 in trixie) is older than the modules need."""
+    from captainos import golang
+
+    try:
+        found = golang.go_binary()
+        log.info(f"    {found} is Go {golang.installed_version(found)}: new enough")
+        return
+    except CaptainError:
+        pass
+    host = next(arch for arch in Arch if arch.is_host())
+    golang.install_toolchain(host, cfg.cache_dir)
+    log.info(f"    Go {pins.GO_TOOLCHAIN.version} installed in {golang.GO_ROOT} "
+             f"(add {golang.GO_FALLBACK.parent} to PATH)")
 
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")

@@ -36,6 +36,34 @@ MKOSI = DebPin(
 )
 
 
+# --- the Go toolchain (host.install_go; what the go builds need) --------------------------
+@dataclass(frozen=True)
+class GoToolchainPin:
+    """Go's own toolchain module (golang.org/toolchain), as the Go module proxy serves it.
+
+    The sha256 is that of the module zip that `go mod download` verified against the Go
+    checksum database (h1:ZOmGe1On... for linux-amd64)."""
+
+    version: str
+    minimum: str  # the newest `go` directive among the pinned modules (tinkerbell, containerd)
+    sha256: Mapping[str, str]  # per arch
+
+    def module_version(self, arch: str) -> str:
+        return f"v0.0.1-go{self.version}.linux-{arch}"
+
+    def zip_url(self, proxy: str, arch: str) -> str:
+        return f"{proxy.rstrip('/')}/golang.org/toolchain/@v/{self.module_version(arch)}.zip"
+
+
+GO_TOOLCHAIN = GoToolchainPin(
+    version="1.26.8",
+    minimum="1.26.3",
+    sha256={"amd64": "30c2b1bf7dcc88d3eb0a1364e47ddd9128edb3110a30e8a0ef61cd5856b31de7",
+            "arm64": "02b36b6787b3ac767668f630e2998df45a3b1f9ffee08d1bf3ef6487cd658d99"},
+)
+GO_PROXY = "https://proxy.golang.org"
+
+
 # --- tink-agent (agent.py, e2e harness) --------------------------------------------------
 @dataclass(frozen=True)
 class GoModulePin:

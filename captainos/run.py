@@ -108,13 +108,15 @@ def _run_logged(
 class Runner:
     """Runs commands natively; DockerRunner wraps the same argv in the builder container."""
 
-    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-        return [str(a) for a in argv], dict(env)
+    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str],
+             cwd: Path | None = None) -> tuple[list[str], dict[str, str], Path | None]:
+        """(argv, environment, working directory) of the process to start."""
+        return [str(a) for a in argv], dict(env), cwd
 
     def run(self, argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
-            **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-        wrapped, wrapped_env = self.wrap(argv, env or {})
-        return run(wrapped, env=wrapped_env, **kwargs)
+            cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+        wrapped, wrapped_env, wrapped_cwd = self.wrap(argv, env or {}, cwd)
+        return run(wrapped, env=wrapped_env, cwd=wrapped_cwd, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,11 @@ class DockerRunner(Runner):
     image: str = ""
     mounts: tuple[Path, ...] = field(default_factory=tuple)
 
-    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-        return docker_run_argv(self.image, argv, env=env, mounts=self.mounts, workdir=Path.cwd()), {}
+    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str],
+             cwd: Path | None = None) -> tuple[list[str], dict[str, str], Path | None]:
+        # The working directory is the container's (-w); the docker client runs anywhere.
+        workdir = Path(cwd).resolve() if cwd is not None else Path.cwd()
+        return docker_run_argv(self.image, argv, env=env, mounts=self.mounts, workdir=workdir), {}, None
 
 
 def docker_run_argv(

@@ -35,10 +35,9 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         server.server_close()
 
 
-@pytest.fixture(scope="session")
-def lab_cfg(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """The Debian-kernel mode, the test profile, and the end-to-end harness's CA in the trust
-    store: the integration tests and every end-to-end scenario share this one image."""
+def lab_config(kernel_source: str, out_dir: Path):  # type: ignore[no-untyped-def]
+    """The test profile with the end-to-end harness's CA in the trust store, on the given
+    kernel source, writing to out_dir."""
     from captainos import config, registry
     from captainos.run import Runner
 
@@ -47,14 +46,27 @@ def lab_cfg(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     env = {
         **cache,
         "ARCH": "amd64",
-        "KERNEL_SOURCE": os.environ.get("KERNEL_SOURCE", "debian-image"),
+        "KERNEL_SOURCE": kernel_source,
         "PROFILES": "test",
         "EXTRA_CA_CERTS": str(ca.cert),
-        "OUT_DIR": str(tmp_path_factory.mktemp("out")),
+        "OUT_DIR": str(out_dir),
         "QEMU_ACCEL": os.environ.get("QEMU_ACCEL", "tcg"),  # KVM guests hang on the CI host
         "QEMU_MEM": os.environ.get("QEMU_MEM", "2G"),
     }
     return config.load(env=env)
+
+
+@pytest.fixture(scope="session")
+def make_lab_cfg():  # type: ignore[no-untyped-def]
+    """lab_config, for a test that needs the lab on another kernel source."""
+    return lab_config
+
+
+@pytest.fixture(scope="session")
+def lab_cfg(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The Debian-kernel mode (KERNEL_SOURCE overrides): the integration tests and every
+    end-to-end scenario share this one image."""
+    return lab_config(os.environ.get("KERNEL_SOURCE", "debian-image"), tmp_path_factory.mktemp("out"))
 
 
 @pytest.fixture(scope="session")

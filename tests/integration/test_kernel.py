@@ -1,17 +1,19 @@
 """The kernel stage for real: Debian's prebuilt image (a download) and a compile from
 Debian's linux-source, each booted under QEMU with a busybox initramfs that reports what
-the kernel sees (command line length, /proc/config.gz, module loading)."""
+the kernel sees (command line length, /proc/config.gz, module loading); and the compiled
+kernel under the real image's self-test."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from captainos import config, cpio, debian, kernel
+from captainos import config, cpio, debian, image, kernel, pipeline
 from captainos.config import Accel, Arch, Config
 from captainos.qemu import Guest, Machine
 from captainos.run import Runner
@@ -125,6 +127,24 @@ def test_compile_from_debian_source_amd64(tmp_path: Path) -> None:
     assert int(seen["CMDLINE-LEN"]) > len(PAD), seen  # nothing cut at 2048
     assert seen["IKCONFIG"] == "1"
     assert seen["MODULE"] == "loaded", seen
+
+
+@pytest.mark.kernel_compile
+@needs_tools
+def test_compiled_kernel_boots_the_image_to_selftest_pass(make_lab_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The kernel we ship runs the real image: runc's pivot_root, overlayfs, the CNI bridge,
+    and the option checker reading /proc/config.gz inside the booted system."""
+    cfg = make_lab_cfg("debian-source", tmp_path / "out")
+    entry = pipeline.build_kernel(cfg)
+    initramfs = image.build(cfg, Runner(), entry, pipeline.build_tools(cfg)) / image.OUTPUT
+    machine = Machine(Arch.AMD64, kernel=entry / "vmlinuz", initrd=initramfs, append="", accel=Accel.TCG)
+    with Guest(machine, workdir=tmp_path / "qemu") as guest:
+        verdict = guest.wait_for(r"CAPTAINOS-SELFTEST: (PASS|FAIL.*)", timeout=900).group(1)
+        info = dict(re.findall(r"CAPTAINOS-SELFTEST: info ([^:]+): (.*?)\r?$", guest.serial(), re.M))
+        assert verdict == "PASS", guest.tail()
+        assert "ok" in info["runc container (pivot_root)"]
+        assert "/proc/config.gz" in info["kernel config"], info["kernel config"]
+        assert guest.wait_exit(120) == 0
 
 
 @pytest.mark.kernel_compile

@@ -53,3 +53,11 @@ def test_write_without_artifacts_fails_and_writes_nothing(tmp_path):
     with pytest.raises(CaptainError, match="no artifacts for arm64"):
         artifacts.write_checksums(tmp_path, Arch.ARM64)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_refuses_a_sums_file_that_is_not_text(tmp_path):
+    _make_outputs(tmp_path)
+    path = artifacts.write_checksums(tmp_path, Arch.AMD64)
+    path.write_bytes(b"\xff\xfe" + path.read_bytes())
+    with pytest.raises(CaptainError, match="not a sha256sum file"):
+        artifacts.verify_checksums(tmp_path, Arch.AMD64)

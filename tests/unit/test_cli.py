@@ -82,9 +82,24 @@ def test_summary_json_is_machine_readable(capsys, monkeypatch, tmp_path):
 
 def test_missing_prerequisite_is_named_with_its_package(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    monkeypatch.setattr("captainos.golang.GO_FALLBACK", tmp_path / "go" / "bin" / "go")  # nor setup's Go
     monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path / "cache"))
     assert cli.main(["tools", "--tools-source", "go", "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "missing go: needed for building containerd/runc/nerdctl/CNI from Go modules" in err
-    assert "apt-get install" in err
+    assert ("missing go: needed for building containerd/runc/nerdctl/CNI from Go modules; "
+            "install: ./build.py setup") in err
+    assert "missing pkg-config: needed for runc's libseccomp lookup; install: apt-get install pkg-config" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unexpected_error_is_one_line_without_debug(capsys, monkeypatch):
+    def boom(cfg, args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(cli.HANDLERS, "summary", boom)
+    assert cli.main(["summary"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert err.startswith("error: unexpected OSError: [Errno 28] No space left on device")
+    with pytest.raises(OSError):  # --debug shows the real traceback
+        cli.main(["summary", "--debug"])

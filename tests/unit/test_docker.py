@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from captainos import docker
-from captainos.run import DockerRunner, docker_run_argv
+from captainos.run import DockerRunner, Runner, docker_run_argv
 
 
 def test_builder_tag_follows_the_dockerfile_content(tmp_path):
@@ -31,5 +31,14 @@ def test_run_argv_mounts_paths_in_place_and_passes_env():
 
 def test_docker_runner_wraps_the_same_argv():
     runner = DockerRunner(image="img:1", mounts=(Path("/repo"),))
-    argv, env = runner.wrap(["mkosi", "build"], {"ARCH": "arm64"})
+    argv, env, cwd = runner.wrap(["mkosi", "build"], {"ARCH": "arm64"})
     assert argv[-3:] == ["img:1", "mkosi", "build"] and "ARCH=arm64" in argv and env == {}
+    assert argv[argv.index("-w") + 1] == str(Path.cwd()) and cwd is None
+
+
+def test_docker_runner_runs_in_the_directory_the_stage_asked_for(tmp_path):
+    # make and go build run in the source tree: that is the container's working directory.
+    runner = DockerRunner(image="img:1", mounts=(tmp_path,))
+    argv, _, cwd = runner.wrap(["make", "olddefconfig"], {}, tmp_path / "src")
+    assert argv[argv.index("-w") + 1] == str(tmp_path / "src") and cwd is None
+    assert Runner().wrap(["make"], {"A": "1"}, tmp_path) == (["make"], {"A": "1"}, tmp_path)
