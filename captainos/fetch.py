@@ -18,6 +18,7 @@ import http.client
 import lzma
 import os
 import posixpath
+import re
 import shutil
 import tarfile
 import urllib.error
@@ -101,6 +102,13 @@ def _stream(url: str, sink_path: Path, label: str, timeout: float) -> tuple[str,
         raise CaptainError(f"cannot download {url}: {getattr(exc, 'reason', exc)}",
                            "check the network, or point the mirror option at a reachable host") from None
     return digest.hexdigest(), done, total
+
+
+def parse_sha256sums(text: str) -> dict[str, str]:
+    """name -> sha256 from a sha256sum-format list (kernel.org's sha256sums.asc: only the
+    signed body of the clearsigned file; upstream release lists such as runc.sha256sum)."""
+    body = text.split("-----BEGIN PGP SIGNATURE-----")[0]
+    return {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})\s+\*?(\S+)\s*$", body, re.MULTILINE)}
 
 
 def _unsafe(name: str) -> bool:

@@ -105,6 +105,11 @@ def needs_root(cfg: Config, verb: str) -> bool:
 
 def check(cfg: Config, verb: str) -> None:
     """Fail before any work: one line per missing tool, with what installs it."""
+    if (cfg.secure_boot and verb in ("build", "iso") and cfg.iso_mode is not StageMode.SKIP
+            and cfg.kernel_source is not KernelSource.DEBIAN_IMAGE):
+        # Debian's signed GRUB boots only a kernel Debian signed: anything else fails at boot.
+        raise CaptainError(f"--secure-boot needs Debian's signed kernel, not kernel source "
+                           f"{cfg.kernel_source.value}", "add --kernel-source debian-image")
     if needs_root(cfg, verb) and os.geteuid() != 0:
         raise CaptainError(f"'{verb}' in native mode must run as root (mkosi builds the image as root)",
                            "run it with sudo, or use --initramfs-mode docker")

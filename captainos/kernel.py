@@ -142,12 +142,6 @@ def kernel_org_url(version: str, base: str = pins.KERNEL_ORG_MIRROR) -> str:
     return f"{base}/v{version.split('.')[0]}.x/linux-{version}.tar.xz"
 
 
-def parse_sha256sums(text: str) -> dict[str, str]:
-    """name -> sha256 from kernel.org's sha256sums.asc (the signed body of a clearsigned file)."""
-    body = text.split("-----BEGIN PGP SIGNATURE-----")[0]
-    return {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})\s+\*?(\S+)\s*$", body, re.MULTILINE)}
-
-
 def kernel_org_sha256(version: str, cache_dir: Path, base: str = pins.KERNEL_ORG_MIRROR) -> str:
     """The expected sha256 of linux-<version>.tar.xz: the pin, else kernel.org's published list."""
     if version in pins.KERNEL_ORG_SHA256:
@@ -155,7 +149,7 @@ def kernel_org_sha256(version: str, cache_dir: Path, base: str = pins.KERNEL_ORG
     sums_url = f"{base}/v{version.split('.')[0]}.x/sha256sums.asc"
     sums = debian.get(sums_url, cache_dir / "kernel-org" / f"sha256sums-v{version.split('.')[0]}.asc")
     name = f"linux-{version}.tar.xz"
-    found = parse_sha256sums(sums.read_text(errors="replace")).get(name)
+    found = fetch.parse_sha256sums(sums.read_text(errors="replace")).get(name)
     if found is None:
         raise CaptainError(f"unknown kernel version {version}: {name} is not listed in {sums_url}",
                            "choose a released version (see https://kernel.org)")

@@ -91,8 +91,10 @@ TINK_AGENT_PACKAGE = "./cmd/agent"
 # Release digests are the sha256 of the upstream release files as listed by Kubespray
 # (kubernetes-sigs/kubespray, roles/kubespray_defaults/vars/main/checksums.yml at
 # 005bdce7f1867958838a2d0bb4f7e67893d98f64: containerd_archive_checksums, nerdctl_archive_checksums,
-# cni_binary_checksums). No public statement of runc 1.4.0's digests was found: None, so
-# `--tools-source release` refuses runc and `auto` builds it from its Go module.
+# cni_binary_checksums). No public statement of runc 1.4.0's digests was found here: None, so
+# `auto` builds runc from its Go module (verified by go.sum), and an explicit
+# `--tools-source release` verifies it against the list upstream publishes next to the file
+# (`sums`, as kernel.org's sha256sums for the kernel), saying so in the log.
 # Module hashes (h1:) are the go.sum hashes of the module zips, as sum.golang.org serves them.
 TOOLS_RELEASE_HOST = "https://github.com"  # replaced by --tools-mirror / TOOLS_MIRROR
 
@@ -127,6 +129,7 @@ class ToolPin:
     exclude_files: tuple[str, ...] = ()
     drop_requires: tuple[str, ...] = ()
     version_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # default: --version
+    sums: str = ""  # release path of upstream's sha256sum list, used only where sha256 is None
 
     @property
     def module(self) -> GoModulePin:
@@ -138,6 +141,9 @@ class ToolPin:
 
     def release_path(self, arch: str) -> str:
         return self.release.format(version=self.version, arch=arch)
+
+    def sums_path(self) -> str:
+        return self.sums.format(version=self.version)
 
 
 _CONTAINERD_X = "-X github.com/containerd/containerd/v2/version"
@@ -173,6 +179,7 @@ TOOLS: tuple[ToolPin, ...] = (
         release="opencontainers/runc/releases/download/v{version}/runc.{arch}",
         archive=False,
         sha256={"amd64": None, "arm64": None},
+        sums="opencontainers/runc/releases/download/v{version}/runc.sha256sum",
         module_path="github.com/opencontainers/runc",
         module_h1="h1:FG1Hw0GBYPsNki+mBz1QOrSzbwbAcerhrAD2r097QCc=",
         dest="usr/bin",

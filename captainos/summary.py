@@ -53,10 +53,21 @@ def show(report: dict[str, Any], cfg: Config) -> None:
     for stage, info in report["stages"].items():
         out.write(f"  {stage:<16} {info['key'] if info else '(none)'}\n")
         tools = (info or {}).get("manifest", {}).get("components") if stage == "tools" else None
-        for component in tools or []:
-            out.write(f"    {component}\n")
+        for line in tool_lines(tools or {}):
+            out.write(f"    {line}\n")
     out.write("Artifacts in " + str(cfg.out_dir) + "\n")
     for name, size in report["artifacts"].items():
         out.write(f"  {name:<28} {size} bytes\n")
     if report.get("mkosi"):
         out.write("mkosi summary\n" + report["mkosi"])
+
+
+def tool_lines(components: dict[str, Any]) -> list[str]:
+    """The tools manifest for humans: per component where it came from, per binary its digest."""
+    lines = []
+    for name, comp in components.items():
+        origin = comp.get("module") or comp.get("url") or ""
+        lines.append(f"{name} {comp.get('version', '?')} from {comp.get('source', '?')} {origin}".rstrip())
+        for binary, about in comp.get("binaries", {}).items():
+            lines.append(f"  {binary:<24} {about.get('sha256', '?')}  {about.get('size', '?')} bytes")
+    return lines

@@ -68,11 +68,14 @@ def choose_sources(cfg: Config, table: Iterable[pins.ToolPin] | None = None,
         return dict.fromkeys((t.name for t in tools), ToolsSource.GO)
     unpinned = [f"{t.name} {t.version}" for t in tools if release_digest(t, cfg.arch) is None]
     if cfg.tools_source is ToolsSource.RELEASE:
-        if unpinned:
-            raise CaptainError(f"no pinned sha256 for {', '.join(unpinned)} ({cfg.arch.value}); "
+        unlisted = [f"{t.name} {t.version}" for t in tools if release_digest(t, cfg.arch) is None and not t.sums]
+        if unlisted:
+            raise CaptainError(f"no pinned sha256 for {', '.join(unlisted)} ({cfg.arch.value}); "
                                "use --tools-source go")
         chosen = dict.fromkeys((t.name for t in tools), ToolsSource.RELEASE)
         why = f"release for all (requested, from {release_base(cfg)})"
+        if unpinned:
+            why += f"; {', '.join(unpinned)} verified against upstream's published sha256 list (no pin)"
     else:
         reason = probe(release_base(cfg))
         if reason is not None:
@@ -166,12 +169,26 @@ def check_binary(runner: Runner, path: Path, arch: Arch, pin: pins.ToolPin, bina
 
 # --- source: release -----------------------------------------------------------------------
 
-def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any]:
-    """Download the release file, verify it, keep the pinned binaries."""
+def expected_digest(cfg: Config, pin: pins.ToolPin) -> str:
+    """The release file's sha256: the pin, else the one upstream lists in its published sums file."""
     digest = release_digest(pin, cfg.arch)
-    if digest is None:
+    if digest is not None:
+        return digest
+    if not pin.sums:
         raise CaptainError(f"no pinned sha256 for {pin.name} {pin.version} ({cfg.arch.value}); "
                            "use --tools-source go")
+    url = f"{release_base(cfg)}/{pin.sums_path()}"
+    listed = debian.get(url, cfg.cache_dir / "downloads" / "tools" / f"{pin.name}-{pin.version}.sha256sum")
+    name = posixpath.basename(pin.release_path(cfg.arch.value))
+    found = fetch.parse_sha256sums(listed.read_text(errors="replace")).get(name)
+    if found is None:
+        raise CaptainError(f"{url} lists no sha256 for {name}", "use --tools-source go")
+    return found
+
+
+def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any]:
+    """Download the release file, verify it, keep the pinned binaries."""
+    digest = expected_digest(cfg, pin)
     url = release_url(cfg, pin)
     name = posixpath.basename(pin.release_path(cfg.arch.value))
     file = fetch.download(url, cfg.cache_dir / "downloads" / "tools" / name, digest)
@@ -188,7 +205,8 @@ def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any
                 raise CaptainError(f"{name} {what} {binary}", f"wanted: {', '.join(pin.binaries)}")
             (unpacked / found[0]).replace(bin_dir / binary)
         shutil.rmtree(unpacked)
-    return {"url": url, "sha256": digest}
+    verified_by = "pin" if release_digest(pin, cfg.arch) else f"{release_base(cfg)}/{pin.sums_path()}"
+    return {"url": url, "sha256": digest, "sha256_from": verified_by}
 
 
 # --- source: go ----------------------------------------------------------------------------
@@ -315,7 +333,7 @@ def component_parts(cfg: Config, pin: pins.ToolPin, source: ToolsSource, go_vers
     parts: dict[str, Any] = {"recipe": RECIPE, "component": pin.name, "version": pin.version,
                              "arch": cfg.arch.value, "source": source.value, "binaries": list(pin.binaries)}
     if source is ToolsSource.RELEASE:
-        parts.update(release=pin.release_path(cfg.arch.value), sha256=release_digest(pin, cfg.arch))
+        parts.update(release=pin.release_path(cfg.arch.value), sha256=expected_digest(cfg, pin))
     else:
         parts.update(module=pin.module.query, module_h1=pin.module_h1, go=go_version,
                      builds=[dataclasses.asdict(b) for b in pin.builds],

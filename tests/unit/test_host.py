@@ -68,3 +68,11 @@ def test_install_mkosi_refuses_a_tampered_package(tmp_path, http_root):
 
 def test_mkosi_pin_is_well_formed():
     assert len(pins.MKOSI.sha256) == 64 and pins.MKOSI.filename.endswith(f"mkosi_{pins.MKOSI.version}_all.deb")
+
+
+def test_secure_boot_with_a_kernel_debian_did_not_sign_is_refused_up_front():
+    cfg = config.load(env={"SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-source"})
+    with pytest.raises(CaptainError, match="--secure-boot needs Debian's signed kernel") as err:
+        host.check(cfg, "iso")
+    assert "--kernel-source debian-image" in (err.value.hint or "")
+    host.check(config.load(env={"SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-source"}), "summary")  # no ISO: fine

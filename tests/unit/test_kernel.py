@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, kernel, pins
+from captainos import cache, fetch, kernel, pins
 from captainos.config import Arch, KernelSource, load
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -217,7 +217,7 @@ def _publish(root: Path, version: str, data: bytes, listed: bytes | None = None)
 def test_parse_sha256sums_reads_only_the_signed_body() -> None:
     text = (f"-----BEGIN PGP SIGNED MESSAGE-----\n\n{'a' * 64}  linux-6.12.69.tar.xz\n"
             f"-----BEGIN PGP SIGNATURE-----\n{'b' * 64}  linux-6.12.70.tar.xz\n")
-    assert kernel.parse_sha256sums(text) == {"linux-6.12.69.tar.xz": "a" * 64}
+    assert fetch.parse_sha256sums(text) == {"linux-6.12.69.tar.xz": "a" * 64}
 
 
 def test_kernel_org_good_tarball_is_extracted(kernel_org, tmp_path: Path) -> None:

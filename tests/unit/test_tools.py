@@ -117,6 +117,9 @@ def cfg_for(tmp_path: Path, **flags: str) -> config.Config:
 CONTAINERD = next(p for p in pins.TOOLS if p.name == "containerd")
 RUNC = next(p for p in pins.TOOLS if p.name == "runc")
 NERDCTL = next(p for p in pins.TOOLS if p.name == "nerdctl")
+# The table with runc's release digest filled in: its release key then needs no network.
+PINNED = tuple(dataclasses.replace(p, sha256={"amd64": "3" * 64, "arm64": "4" * 64}) if p is RUNC else p
+               for p in pins.TOOLS)
 
 
 def containerd_archive(**missing: bool) -> bytes:
@@ -257,7 +260,7 @@ def test_release_source_downloads_verifies_and_keeps_the_listed_binaries(server,
     bin_dir.mkdir(parents=True)
     origin = tools.from_release(cfg, pin, bin_dir)
     assert sorted(p.name for p in bin_dir.iterdir()) == ["containerd", "containerd-shim-runc-v2", "ctr"]
-    assert origin == {"url": tools.release_url(cfg, pin), "sha256": pin.sha256["amd64"]}
+    assert origin == {"url": tools.release_url(cfg, pin), "sha256": pin.sha256["amd64"], "sha256_from": "pin"}
     assert not (tmp_path / "work" / "unpacked").exists()
 
 
@@ -288,13 +291,41 @@ def test_release_of_a_bare_binary_is_copied_as_is(server, tmp_path):
     assert (tmp_path / "bin" / "runc").read_bytes() == fake_elf(62)
 
 
-def test_release_without_a_pinned_digest_is_refused_not_trusted(server, tmp_path):
+def test_release_without_a_pin_or_a_sums_list_is_refused_not_trusted(server, tmp_path):
     cfg = cfg_for(tmp_path, tools_mirror=server.url)
     server.files["/" + RUNC.release_path("amd64")] = fake_elf(62)
     (tmp_path / "bin").mkdir()
     with pytest.raises(CaptainError, match=r"no pinned sha256 for runc 1.4.0 \(amd64\); use --tools-source go"):
-        tools.from_release(cfg, RUNC, tmp_path / "bin")
+        tools.from_release(cfg, dataclasses.replace(RUNC, sums=""), tmp_path / "bin")
     assert server.requests == []
+
+
+def test_release_without_a_pin_is_verified_against_upstreams_published_list(server, tmp_path):
+    cfg = cfg_for(tmp_path, tools_mirror=server.url)
+    binary = fake_elf(62)
+    server.files["/" + RUNC.release_path("amd64")] = binary
+    server.files["/" + RUNC.sums_path()] = (f"{sha(fake_elf(183))}  runc.arm64\n{sha(binary)}  runc.amd64\n").encode()
+    (tmp_path / "bin").mkdir()
+    origin = tools.from_release(cfg, RUNC, tmp_path / "bin")
+    assert (tmp_path / "bin" / "runc").read_bytes() == binary
+    assert origin["sha256"] == sha(binary) and origin["sha256_from"] == f"{server.url}/{RUNC.sums_path()}"
+
+
+def test_a_release_file_that_differs_from_upstreams_list_is_refused(server, tmp_path):
+    cfg = cfg_for(tmp_path, tools_mirror=server.url)
+    server.files["/" + RUNC.release_path("amd64")] = fake_elf(62) + b"tampered"
+    server.files["/" + RUNC.sums_path()] = f"{sha(fake_elf(62))}  runc.amd64\n".encode()
+    (tmp_path / "bin").mkdir()
+    with pytest.raises(CaptainError, match="sha256 mismatch"):
+        tools.from_release(cfg, RUNC, tmp_path / "bin")
+    assert list((tmp_path / "bin").iterdir()) == []
+
+
+def test_a_sums_list_without_the_file_is_one_clear_error(server, tmp_path):
+    cfg = cfg_for(tmp_path, tools_mirror=server.url)
+    server.files["/" + RUNC.sums_path()] = f"{sha(b'x')}  runc.arm64\n".encode()
+    with pytest.raises(CaptainError, match=r"runc.sha256sum lists no sha256 for runc.amd64"):
+        tools.from_release(cfg, RUNC, tmp_path / "bin")
 
 
 # --- source choice -------------------------------------------------------------------------
@@ -316,11 +347,19 @@ def test_auto_takes_releases_where_digests_are_pinned(server, tmp_path, capsys):
     assert "\n" not in line and "go for runc 1.4.0 (no pinned sha256)" in line
 
 
-def test_release_source_refuses_unpinned_components_before_any_download(tmp_path):
+def test_release_source_refuses_unverifiable_components_before_any_download(tmp_path):
     cfg = cfg_for(tmp_path, tools_source="release", tools_mirror=closed_port_url())
+    table = [dataclasses.replace(RUNC, sums=""), CONTAINERD]
     with pytest.raises(CaptainError) as err:
-        tools.choose_sources(cfg)
+        tools.choose_sources(cfg, table)
     assert str(err.value) == "no pinned sha256 for runc 1.4.0 (amd64); use --tools-source go"
+
+
+def test_release_source_says_which_components_rest_on_upstreams_list(tmp_path, capsys):
+    chosen = tools.choose_sources(cfg_for(tmp_path, tools_source="release", tools_mirror=closed_port_url()))
+    assert set(chosen.values()) == {ToolsSource.RELEASE}
+    line = capsys.readouterr().err.strip()
+    assert "runc 1.4.0 verified against upstream's published sha256 list (no pin)" in line
 
 
 def test_go_source_needs_no_network(tmp_path):
@@ -341,10 +380,10 @@ def keys(cfg: config.Config, table: tuple[pins.ToolPin, ...], source: ToolsSourc
 @pytest.mark.parametrize("source", [ToolsSource.GO, ToolsSource.RELEASE])
 def test_a_pin_bump_changes_only_that_components_key(tmp_path, source):
     cfg = cfg_for(tmp_path)
-    before = keys(cfg, pins.TOOLS, source)
+    before = keys(cfg, PINNED, source)
     bumped = tuple(dataclasses.replace(p, version="2.2.2", sha256={"amd64": "1" * 64, "arm64": "2" * 64},
                                        module_h1="h1:" + "A" * 43 + "=") if p.name == "nerdctl" else p
-                   for p in pins.TOOLS)
+                   for p in PINNED)
     after = keys(cfg, bumped, source)
     assert after["nerdctl"] != before["nerdctl"]
     assert {n: k for n, k in after.items() if n != "nerdctl"} == {n: k for n, k in before.items() if n != "nerdctl"}
@@ -355,7 +394,7 @@ def test_keys_differ_by_arch_source_and_go_version(tmp_path):
     go = tools.component_parts(amd64, RUNC, ToolsSource.GO, "go1.26.8")
     assert go != tools.component_parts(arm64, RUNC, ToolsSource.GO, "go1.26.8")
     assert go != tools.component_parts(amd64, RUNC, ToolsSource.GO, "go1.27.0")
-    assert go != tools.component_parts(amd64, RUNC, ToolsSource.RELEASE, "go1.26.8")
+    assert go != tools.component_parts(amd64, PINNED[1], ToolsSource.RELEASE, "go1.26.8")
     assert go["libseccomp"] == pins.LIBSECCOMP["amd64"].sha256
     assert "libseccomp" not in tools.component_parts(amd64, NERDCTL, ToolsSource.GO, "go1.26.8")
 
