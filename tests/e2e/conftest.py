@@ -35,3 +35,24 @@ def e2e_image(e2e_cfg: Config) -> tuple[Path, Path]:
     tools_entry = pipeline.build_tools(e2e_cfg)
     initramfs_entry = pipeline.build_initramfs(e2e_cfg, kernel_entry, tools_entry)
     return kernel_entry / "vmlinuz", initramfs_entry / "initramfs.cpio.zst"
+
+
+REPORTS = pytest.StashKey[list[tuple[str, str]]]()
+
+
+@pytest.fixture(scope="session")
+def e2e_reports(request: pytest.FixtureRequest) -> list[tuple[str, str]]:
+    """(scenario, report) of every run; printed at the end of the session."""
+    return request.config.stash.setdefault(REPORTS, [])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """The agent lines and the boot-to-provisioning timeline of each scenario, also in CI's
+    log (pytest captures what the tests print)."""
+    reports = config.stash.get(REPORTS, [])
+    if reports:
+        terminalreporter.section("CaptainOS end-to-end timelines")
+        for name, text in reports:
+            terminalreporter.write_line(f"--- {name}")
+            terminalreporter.write_line(text)
