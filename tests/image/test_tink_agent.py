@@ -16,10 +16,18 @@ if TYPE_CHECKING:
 PASSWORD = "s3cr3t-pa55"  # a test value that must never appear in logs
 
 
-def fake_runtime(sandbox: Sandbox, *, fail_pulls: int = 0, agent_path: str = "tink-agent") -> None:
-    """ctr and nerdctl fakes: nerdctl pull fails `fail_pulls` times first; the image holds
-    the agent at agent_path; both record their environment."""
+def fake_runtime(sandbox: Sandbox, *, fail_pulls: int = 0, agent_path: str = "tink-agent",
+                 containerd_down: int = 0) -> None:
+    """ctr and nerdctl fakes: containerd answers only after `containerd_down` tries; nerdctl
+    pull fails `fail_pulls` times first; the image holds the agent at agent_path; both record
+    their environment."""
     sandbox.fake("nerdctl", f"""
+case "$*" in
+  *" version"*)
+    tries=$(cat "{sandbox.tmp}/versions" 2>/dev/null || echo 0)
+    echo $((tries + 1)) >"{sandbox.tmp}/versions"
+    if [[ $tries -lt {containerd_down} ]]; then exit 1; fi ;;
+esac
 case "$*" in
   *" pull "*)
     env | grep -E '^(DOCKER_CONFIG|HTTPS?_PROXY|NO_PROXY|https?_proxy)=' | sed 's/^/env /' >>"{sandbox.calls}"
@@ -103,6 +111,19 @@ def test_back_off_is_capped_and_never_gives_up(sandbox):
     sandbox.cmdline("tink_worker_image=reg.local/agent:1")
     assert sandbox.run("tink-agent-setup").returncode == 0
     assert calls(sandbox, "sleep") == [f"sleep {s}" for s in (2, 4, 8, 16, 32, 60, 60, 60, 60)]
+
+
+def test_setup_waits_for_containerd_before_pulling(sandbox):
+    fake_runtime(sandbox, containerd_down=5)
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    assert result.messages("info").count("waiting for containerd") == 5
+    assert calls(sandbox, "sleep") == [f"sleep {s}" for s in (1, 2, 4, 8, 10)]  # capped at 10 s
+    lines = sandbox.call_lines()
+    first_pull = next(i for i, line in enumerate(lines) if " pull " in line)
+    assert [line for line in lines[:first_pull] if line.startswith("nerdctl")] == [
+        line for line in lines[:first_pull] if line.startswith("nerdctl") and " version" in line]
 
 
 @pytest.mark.parametrize("cmdline", ['tink_worker_image="reg.local/tink agent:1"', "tink_worker_image=",
