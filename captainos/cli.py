@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
         if verb == "qemu-test":
             sub.add_argument("--workflow", metavar="FILE",
                              help="run a workflow YAML end to end: registry, agent, server and VM")
+            sub.add_argument("--accel", dest="qemu_accel", default=argparse.SUPPRESS,
+                             choices=[a.value for a in config.Accel], help="same as --qemu-accel")
     return parser
 
 

@@ -358,6 +358,11 @@ def build_component(cfg: Config, runner: Runner, pin: pins.ToolPin, source: Tool
             path = bin_dir / binary
             path.chmod(0o755)
             reported = check_binary(runner, path, cfg.arch, pin, binary)
+            if source is ToolsSource.GO and not is_static(path):
+                # Every go build here is static (runc links libseccomp statically): a dynamic
+                # binary would need libraries the image may not have.
+                raise CaptainError(f"{pin.name}: {binary} was built dynamically linked",
+                                   "the Go build lost its static flags; nothing was kept")
             binaries[binary] = {"path": f"/{pin.dest}/{binary}", "sha256": cache.sha256_file(path),
                                 "size": path.stat().st_size, "static": is_static(path), "reports": reported}
             log.info(f"    {pin.name}: {binary} {log.human_bytes(path.stat().st_size)}: {reported}")

@@ -103,3 +103,10 @@ def test_an_unexpected_error_is_one_line_without_debug(capsys, monkeypatch):
     assert err.startswith("error: unexpected OSError: [Errno 28] No space left on device")
     with pytest.raises(OSError):  # --debug shows the real traceback
         cli.main(["summary", "--debug"])
+
+
+def test_qemu_test_takes_accel_as_a_short_form():
+    _, cfg, _ = cli.parse(["qemu-test", "--accel", "tcg"], env={})
+    assert cfg.qemu_accel.value == "tcg"
+    _, cfg, _ = cli.parse(["qemu-test"], env={"QEMU_ACCEL": "kvm"})
+    assert cfg.qemu_accel.value == "kvm"

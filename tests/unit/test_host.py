@@ -76,3 +76,19 @@ def test_secure_boot_with_a_kernel_debian_did_not_sign_is_refused_up_front():
         host.check(cfg, "iso")
     assert "--kernel-source debian-image" in (err.value.hint or "")
     host.check(config.load(env={"SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-source"}), "summary")  # no ISO: fine
+
+
+@pytest.mark.parametrize("everything", [False, True])
+def test_clean_removes_outputs_and_with_all_the_caches(tmp_path, monkeypatch, everything):
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(host, "REPO", repo)
+    monkeypatch.setattr(host, "TOOLS_DIR", repo / ".tools")
+    cfg = config.load(env={"OUT_DIR": str(tmp_path / "out"), "CAPTAINOS_CACHE": str(tmp_path / "cache")})
+    for made in (cfg.out_dir, repo / "build" / "amd64", cfg.cache_dir / "kernel", repo / ".tools" / "mkosi",
+                 repo / "image"):
+        made.mkdir(parents=True)
+        (made / "f").write_text("x")
+    host.clean(cfg, everything)
+    assert not cfg.out_dir.exists() and not (repo / "build").exists()
+    assert (repo / "image" / "f").is_file()  # sources are never touched
+    assert cfg.cache_dir.exists() is not everything and (repo / ".tools").exists() is not everything

@@ -683,3 +683,17 @@ def test_go_source_with_an_unreachable_proxy_is_one_clear_error(tmp_path, monkey
     (tmp_path / "w" / "bin").mkdir(parents=True)
     with pytest.raises(CaptainError, match=r"go mod download github\.com/containerd/nerdctl/v2@v2\.2\.1: .*refused"):
         tools.from_go(cfg_for(tmp_path), Runner(), NERDCTL, tmp_path / "w" / "bin")
+
+
+@pytest.mark.skipif(not Arch.AMD64.is_host(), reason="uses the host's dynamically linked /bin/true")
+def test_a_dynamically_linked_go_build_is_refused(tmp_path, monkeypatch):
+    def dynamic_build(cfg, runner, pin, bin_dir):
+        shutil.copy("/bin/true", bin_dir / "runc")  # has a PT_INTERP: needs the dynamic loader
+        return {}
+
+    monkeypatch.setattr(tools, "from_go", dynamic_build)
+    monkeypatch.setattr(tools, "check_binary", lambda *args: "runc version 1.4.0")
+    assert not tools.is_static(Path("/bin/true"))
+    with pytest.raises(CaptainError, match="runc: runc was built dynamically linked"):
+        tools.build_component(cfg_for(tmp_path), Runner(), RUNC, ToolsSource.GO, "go1.26.8")
+    assert list((tmp_path / "cache" / "tools-runc" / "amd64").iterdir()) == []
