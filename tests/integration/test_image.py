@@ -129,6 +129,9 @@ def test_bad_parameters_are_logged_and_the_system_still_boots(kernel: Path, init
         assert re.findall(r"CAPTAINOS-SELFTEST: check failed: (?!failed units)(.*)", text) == []
         assert info["addresses"], "DHCP still configures the NIC"
         assert "ok" in info["runc container (pivot_root)"]
+        # The debug shell is still there: the serial getty logged root in and bash prompted.
+        assert re.search(r"login: root \(automatic login\)", text), guest.tail()
+        assert re.search(r"root@\S+:~# ", text), guest.tail()
         messages = [entry["msg"] for entry in logs if entry["level"] == "error"]
         assert "ignoring ipam: expected 9 colon-separated fields" in messages
         assert "ignoring vlan_id: must be 1-4094" in messages
