@@ -296,6 +296,11 @@ def from_go(cfg: Config, runner: Runner, pin: pins.ToolPin, bin_dir: Path) -> di
         argv = go_build_argv(go, build, pin.version, revision, bin_dir / build.binary, rebuild=cfg.no_cache)
         _run_go_build(cfg, runner, pin, build.binary, argv, build_env, src)
         builds[build.binary] = argv[1:-3] + argv[-1:]  # without the go path and -o PATH
+    # The module graph the builds used (-mod=mod may have added go.sum lines), kept with the
+    # entry so that the same build can be repeated with -mod=readonly from these two files.
+    for name in ("go.mod", "go.sum"):
+        shutil.copyfile(src / name, work / name)
+    record["go_sum_used_sha256"] = cache.sha256_file(work / "go.sum")
     shutil.rmtree(src)
     return record
 
