@@ -283,6 +283,20 @@ def test_release_tampered_archive_never_reaches_the_work_dir(server, tmp_path):
     assert not (tmp_path / "cache" / "downloads" / "tools" / "containerd-2.2.1-linux-amd64.tar.gz").exists()
 
 
+def test_release_traversal_archive_with_a_matching_pin_is_still_refused(server, tmp_path):
+    # The digest matches (a compromised pin or mirror): extraction itself must refuse it.
+    cfg = cfg_for(tmp_path, tools_mirror=server.url)
+    evil = make_tar({"bin/containerd": fake_elf(62), "bin/../../../evil": b"x"},
+                    {"bin/ctr": "../../../../etc/passwd"})
+    pin = pin_serving(CONTAINERD, server, evil)
+    (tmp_path / "work" / "bin").mkdir(parents=True)
+    with pytest.raises(CaptainError, match="unsafe path 'bin/../../../evil'"):
+        tools.from_release(cfg, pin, tmp_path / "work" / "bin")
+    assert server.requests == ["/" + pin.release_path("amd64")]
+    assert [p for p in (tmp_path / "work").rglob("*") if not p.is_dir()] == []  # nothing extracted
+    assert not (tmp_path / "evil").exists()
+
+
 def test_release_of_a_bare_binary_is_copied_as_is(server, tmp_path):
     cfg = cfg_for(tmp_path, tools_mirror=server.url)
     pin = pin_serving(RUNC, server, fake_elf(62))
