@@ -235,7 +235,8 @@ def timeline(result: Result) -> list[tuple[str, float | None]]:
         ("printk", r"^\[\s*\d+\.\d+\]"),
         ("init", r'"prog":"init".*starting systemd'),
         ("systemd", r"systemd\[1\]|systemd \d+ running|Welcome to"),
-        ("network", r"Reached target .*Network is Online|network-online"),
+        # Only the start-up line: shutdown prints "Stopped target network-online.target" too.
+        ("network", r"Reached target .*Network is Online"),
         ("agent", r"starting Agent"),
     )}
 
@@ -252,8 +253,11 @@ def timeline(result: Result) -> list[tuple[str, float | None]]:
     agent_log = next((t for t, obj in result.agent_lines() if obj.get("msg") == "starting Agent"), None)
     served = [r for r in result.records if r["kind"] == "served"]
     finals = [r for r in result.records if r["kind"] == "report" and r["workflow_state"] in workflow.FINAL]
-    network = at(con["network"]) if con["network"] else (
-        round(first_syslog - result.started, 1) if first_syslog else None)
+    # A syslog message from the VM proves its network was up when it arrived; the console's
+    # line may come late, or never (systemd stops printing status once the getty owns it).
+    candidates = [m for m in (at(con["network"]),
+                              round(first_syslog - result.started, 1) if first_syslog else None) if m is not None]
+    network = min(candidates) if candidates else None
     return [
         ("QEMU started", 0.0),
         ("kernel started", kernel),

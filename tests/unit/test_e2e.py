@@ -59,7 +59,7 @@ def make_result(start):
                       received=start + 30.5),
         syslogd.parse("<14>1 - captainos tink-agent 7 - - " + agent_line(
             "reported action status", action={"name": "a"}, state="success"), received=start + 40.5),
-        syslogd.parse("<14>1 - captainos kernel - - - unrelated", received=start + 5),
+        syslogd.parse("<14>1 - captainos kernel - - - unrelated", received=start + 16),
     ]
     console = [(start + 0.5, "SeaBIOS (version 1.16.2)"), (start + 3, "[    2.000000] mtrr: inconsistent"),
                (start + 4, '[  3.2] {"level":"info","prog":"init","msg":"root moved; starting systemd"}'),
@@ -81,6 +81,19 @@ def test_timeline_and_report():
     text = result.report()
     assert "received action  action=a" in text and "reported action status  action=a state=success" in text
     assert "workflow done" in text and "40.0s" in text
+
+
+def test_network_is_up_by_the_first_syslog_message_whatever_the_console_says():
+    from datetime import datetime
+
+    start = datetime.fromisoformat("2026-11-25T17:00:00+00:00").timestamp()
+    result = make_result(start)
+    # No start-up line on the console, only the shutdown's: the syslog stream decides.
+    result.console[-1] = (start + 90, "[  OK  ] Stopped target network-online.target - Network is Online.")
+    assert dict(e2e.timeline(result))["network up"] == 16.0
+    result.syslog[-1] = syslogd.parse("<14>1 - captainos kernel - - - early", received=start + 12)
+    result.console[-1] = (start + 15, "[  OK  ] Reached target network-online.target - Network is Online.")
+    assert dict(e2e.timeline(result))["network up"] == 12.0
 
 
 def test_timeline_marks_what_never_happened():
