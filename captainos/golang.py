@@ -57,11 +57,16 @@ def go_binary() -> str:
                        "run './build.py setup' (installs the pinned Go into /usr/local/go)")
 
 
+def _reports(go: Path, version: str) -> bool:
+    """The go binary at this path runs and reports this version."""
+    return version_tuple(installed_version(str(go))) == version_tuple(version)
+
+
 def install_toolchain(arch: Arch, cache_dir: Path, target: Path = GO_ROOT, proxy: str | None = None) -> bool:
     """Install the pinned Go toolchain into target from the Go module proxy, verified by sha256;
     False when target already holds it. The old tree is replaced only once the new one is whole."""
     pin = pins.GO_TOOLCHAIN
-    if version_tuple(installed_version(str(target / "bin" / "go"))) == version_tuple(pin.version):
+    if _reports(target / "bin" / "go", pin.version):
         return False
     from captainos import fetch
 
@@ -78,7 +83,7 @@ def install_toolchain(arch: Arch, cache_dir: Path, target: Path = GO_ROOT, proxy
         # Module zips carry no modes: the commands and the compiler's tools are executables.
         for exe in [*(tree / "bin").iterdir(), *(tree / "pkg" / "tool").glob("*/*")]:
             exe.chmod(0o755)
-        if version_tuple(installed_version(str(tree / "bin" / "go"))) != version_tuple(pin.version) and arch.is_host():
+        if arch.is_host() and not _reports(tree / "bin" / "go", pin.version):
             raise CaptainError(f"the unpacked Go toolchain does not report {pin.version}", "nothing was installed")
         old = Path(tmp) / "old"
         if target.exists():

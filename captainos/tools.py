@@ -169,11 +169,12 @@ def check_binary(runner: Runner, path: Path, arch: Arch, pin: pins.ToolPin, bina
 
 # --- source: release -----------------------------------------------------------------------
 
-def expected_digest(cfg: Config, pin: pins.ToolPin) -> str:
-    """The release file's sha256: the pin, else the one upstream lists in its published sums file."""
+def expected_digest(cfg: Config, pin: pins.ToolPin) -> tuple[str, str]:
+    """(the release file's sha256, what vouches for it): the pin, else the digest upstream lists
+    in its published sums file, with that file's URL."""
     digest = release_digest(pin, cfg.arch)
     if digest is not None:
-        return digest
+        return digest, "pin"
     if not pin.sums:
         raise CaptainError(f"no pinned sha256 for {pin.name} {pin.version} ({cfg.arch.value}); "
                            "use --tools-source go")
@@ -183,12 +184,12 @@ def expected_digest(cfg: Config, pin: pins.ToolPin) -> str:
     found = fetch.parse_sha256sums(listed.read_text(errors="replace")).get(name)
     if found is None:
         raise CaptainError(f"{url} lists no sha256 for {name}", "use --tools-source go")
-    return found
+    return found, url
 
 
 def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any]:
     """Download the release file, verify it, keep the pinned binaries."""
-    digest = expected_digest(cfg, pin)
+    digest, verified_by = expected_digest(cfg, pin)
     url = release_url(cfg, pin)
     name = posixpath.basename(pin.release_path(cfg.arch.value))
     file = fetch.download(url, cfg.cache_dir / "downloads" / "tools" / name, digest)
@@ -205,7 +206,6 @@ def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any
                 raise CaptainError(f"{name} {what} {binary}", f"wanted: {', '.join(pin.binaries)}")
             (unpacked / found[0]).replace(bin_dir / binary)
         shutil.rmtree(unpacked)
-    verified_by = "pin" if release_digest(pin, cfg.arch) else f"{release_base(cfg)}/{pin.sums_path()}"
     return {"url": url, "sha256": digest, "sha256_from": verified_by}
 
 
@@ -338,7 +338,7 @@ def component_parts(cfg: Config, pin: pins.ToolPin, source: ToolsSource, go_vers
     parts: dict[str, Any] = {"recipe": RECIPE, "component": pin.name, "version": pin.version,
                              "arch": cfg.arch.value, "source": source.value, "binaries": list(pin.binaries)}
     if source is ToolsSource.RELEASE:
-        parts.update(release=pin.release_path(cfg.arch.value), sha256=expected_digest(cfg, pin))
+        parts.update(release=pin.release_path(cfg.arch.value), sha256=expected_digest(cfg, pin)[0])
     else:
         parts.update(module=pin.module.query, module_h1=pin.module_h1, go=go_version,
                      builds=[dataclasses.asdict(b) for b in pin.builds],
@@ -363,13 +363,14 @@ def build_component(cfg: Config, runner: Runner, pin: pins.ToolPin, source: Tool
             path = bin_dir / binary
             path.chmod(0o755)
             reported = check_binary(runner, path, cfg.arch, pin, binary)
-            if source is ToolsSource.GO and not is_static(path):
+            static = is_static(path)
+            if source is ToolsSource.GO and not static:
                 # Every go build here is static (runc links libseccomp statically): a dynamic
                 # binary would need libraries the image may not have.
                 raise CaptainError(f"{pin.name}: {binary} was built dynamically linked",
                                    "the Go build lost its static flags; nothing was kept")
             binaries[binary] = {"path": f"/{pin.dest}/{binary}", "sha256": cache.sha256_file(path),
-                                "size": path.stat().st_size, "static": is_static(path), "reports": reported}
+                                "size": path.stat().st_size, "static": static, "reports": reported}
             log.info(f"    {pin.name}: {binary} {log.human_bytes(path.stat().st_size)}: {reported}")
         record = {"name": pin.name, "version": pin.version, "source": source.value, **origin, "binaries": binaries}
         (work / COMPONENT).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
