@@ -27,6 +27,7 @@ VERBS: dict[str, str] = {
     "summary": "print the resolved configuration and mkosi's summary (--json: machine-readable)",
     "setup": "install the host prerequisites (Debian/Ubuntu, as root) and the pinned mkosi",
     "bench": "measure image size, boot time to the agent, RAM floor, build times, reproducibility",
+    "lab": "the real Tinkerbell on this machine: 'lab up', 'lab run WORKFLOW', 'lab status', 'lab down'",
 }
 
 
@@ -86,6 +87,21 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--output", metavar="FILE", help="also write the Markdown report to FILE")
             sub.add_argument("--workflow", metavar="FILE", default="examples/workflow.yaml",
                              help="workflow for the boot and RAM figures (default examples/workflow.yaml)")
+        if verb == "lab":
+            sub.add_argument("action", choices=("up", "run", "status", "down"),
+                             help="up: start the lab; run: provision one VM; status: show it; down: stop it")
+            sub.add_argument("workflow", nargs="?", metavar="WORKFLOW", help="workflow file for 'run'")
+            sub.add_argument("--name", default="lab", help="lab name: labs with other names run side by side "
+                             "(default lab)")
+            sub.add_argument("--boot", default="bios", choices=("bios", "uefi", "iso"),
+                             help="how the VM boots: BIOS netboot, UEFI netboot, or the ISO Smee patched "
+                                  "(default bios)")
+            sub.add_argument("--auth", action="store_true",
+                             help="up (or a run that starts the lab): the agent only in an htpasswd registry, "
+                                  "pulled with docker_registry= and credentials")
+            sub.add_argument("--vm", type=int, default=1, help="VM number: its MAC and address (default 1)")
+            sub.add_argument("--timeout", type=float, default=900.0,
+                             help="run: seconds from power-on to the workflow's end (default 900)")
         if verb == "qemu-test":
             sub.add_argument("--workflow", metavar="FILE",
                              help="run a workflow YAML end to end: registry, agent, server and VM")
@@ -226,6 +242,14 @@ def _bench(cfg: Config, args: argparse.Namespace) -> None:
     bench.run(cfg, only, args.runs, Path(args.output) if args.output else None, Path(args.workflow))
 
 
+def _lab(cfg: Config, args: argparse.Namespace) -> None:
+    from captainos import host
+    from captainos.lab import cli as lab_cli
+
+    host.check(cfg, "lab")
+    lab_cli.main(cfg, args)
+
+
 def _setup(cfg: Config, args: argparse.Namespace) -> None:
     from captainos import host
 
@@ -245,4 +269,5 @@ HANDLERS: dict[str, Callable[[Config, Any], None]] = {
     "summary": _summary,
     "setup": _setup,
     "bench": _bench,
+    "lab": _lab,
 }

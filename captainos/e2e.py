@@ -195,9 +195,9 @@ class Result:
 
     def agent_lines(self) -> list[tuple[float, dict[str, Any]]]:
         """The agent's JSON log lines that reached syslog (else the console), as (time, object)."""
-        found = [(m.received, obj) for m in self.syslog if (obj := _agent_json(m.msg)) is not None]
+        found = [(m.received, obj) for m in self.syslog if (obj := agent_json(m.msg)) is not None]
         if not found:
-            found = [(t, obj) for t, line in self.console if (obj := _agent_json(line)) is not None]
+            found = [(t, obj) for t, line in self.console if (obj := agent_json(line)) is not None]
         return found
 
     def report(self) -> str:
@@ -214,7 +214,7 @@ class Result:
         return "\n".join(lines)
 
 
-def _agent_json(text: str) -> dict[str, Any] | None:
+def agent_json(text: str) -> dict[str, Any] | None:
     start = text.find('{"time"')
     if start < 0 or '"msg"' not in text:
         return None

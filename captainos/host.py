@@ -54,6 +54,12 @@ ISO = (Need("xorriso", "writing the ISO", "xorriso"), Need("mformat", "the EFI s
 QEMU = {Arch.AMD64: Need("qemu-system-x86_64", "booting images", "qemu-system-x86"),
         Arch.ARM64: Need("qemu-system-aarch64", "booting images", "qemu-system-arm")}
 DOCKER = Need("docker", "the docker stage mode", "docker.io")
+LAB = (Need("ip", "the lab's network namespace, bridge and taps", "iproute2"),
+       Need("docker-registry", "the lab's registry", "docker-registry"),
+       Need("skopeo", "pushing the agent and action images", "skopeo"),
+       Need("openssl", "the lab's certificates", "openssl"),
+       Need("htpasswd", "the lab's authenticated registry", "apache2-utils"),
+       Need("qemu-img", "the VMs' disks", "qemu-utils"))
 
 # What `setup` installs: every package above plus the libraries the builds link against.
 APT_PACKAGES = (
@@ -62,7 +68,7 @@ APT_PACKAGES = (
     "libc6-dev-arm64-cross", "python3", "zstd", "cpio", "apt", "systemd-container", "bubblewrap",
     "xorriso", "mtools", "grub-common", "grub-efi-amd64-bin", "grub-efi-arm64-bin", "ovmf", "qemu-efi-aarch64",
     "qemu-system-x86", "qemu-system-arm", "qemu-utils", "openssl", "skopeo", "docker-registry",
-    "apache2-utils", "busybox-static", "shellcheck", "file", "curl", "ca-certificates",
+    "apache2-utils", "busybox-static", "shellcheck", "file", "curl", "ca-certificates", "iproute2",
     # Runs the other architecture's binaries for the tools stage's --version checks.
     "qemu-user-static",
 )
@@ -95,6 +101,8 @@ def needs(cfg: Config, verb: str) -> list[Need]:
             found += ISO
         elif stage == "qemu-test":
             found.append(QEMU[cfg.arch])
+        elif stage == "lab":
+            found += [*LAB, QEMU[cfg.arch], *TOOLS_GO[:1]]
     return found
 
 

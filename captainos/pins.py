@@ -85,6 +85,14 @@ TINK_AGENT = GoModulePin("github.com/tinkerbell/tinkerbell", "v0.25.0",
 TINK_AGENT_API = GoModulePin("github.com/tinkerbell/tinkerbell/api", "v0.25.0",
                              "h1:pm3aHDcGHI8QYxw1CnJZ7bRx5QesqBhfMVeMJR/wjnY=")
 TINK_AGENT_PACKAGE = "./cmd/agent"
+# The real Tinkerbell of the lab: `./cmd/tinkerbell` of the same module, with etcd and
+# kube-apiserver embedded. Its go.mod requires quamina.net/go/quamina, which the module proxy
+# does not serve; the same library is served under its former path, and that module's go.mod
+# already declares `module quamina.net/go/quamina`, so it stands in through a replace.
+TINKERBELL_PACKAGE = "./cmd/tinkerbell"
+TINKERBELL_TAGS = ("embedded",)
+QUAMINA_PATH = "quamina.net/go/quamina"
+QUAMINA = GoModulePin("github.com/timbray/quamina", "v1.4.0", "h1:nU2v0Y+mhoL/nyF0XBqnluq6Hf9fuOaWxfj0+Y2xnc8=")
 
 
 # --- TOOLS: the container stack actions run with (tools.py) --------------------------------

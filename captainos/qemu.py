@@ -48,6 +48,10 @@ class Machine:
     firmware_vars: Path | None = None  # a writable copy of the UEFI variable store (pflash unit 1)
     secure_boot: bool = False  # SMM + secure pflash, as OVMF's Secure Boot build requires (amd64)
     monitor: Path | None = None  # unix socket for the human monitor
+    serial2_log: Path | None = None  # a second serial port (ttyS1: where Smee's command line puts the console)
+    net_boot: bool = False  # the NIC is the first boot device (its option ROM's iPXE netboots)
+    reboot: bool = False  # a guest reboot restarts the machine (default: QEMU exits, -no-reboot)
+    netns: str = ""  # run QEMU inside this network namespace (the lab's tap devices live there)
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -68,8 +72,11 @@ def argv(machine: Machine) -> list[str]:
     # oops ("Oops: int3" in a static-key function, seen here once in ~80 boots). One thread
     # round-robins the vCPUs and never races; boots take about 1.5x longer.
     accel = "tcg,thread=single" if machine.accel is Accel.TCG else machine.accel.value
-    cmd = [arch.qemu_binary(), "-machine", machine_type, "-accel", accel,
-           "-m", machine.mem, "-smp", str(machine.smp), "-nographic", "-no-reboot"]
+    cmd = ["ip", "netns", "exec", machine.netns] if machine.netns else []
+    cmd += [arch.qemu_binary(), "-machine", machine_type, "-accel", accel,
+            "-m", machine.mem, "-smp", str(machine.smp), "-nographic"]
+    if not machine.reboot:
+        cmd.append("-no-reboot")
     if arch is Arch.ARM64:
         cmd += ["-cpu", "host" if machine.accel is Accel.KVM else "max"]
     elif machine.accel is Accel.KVM:
@@ -85,7 +92,8 @@ def argv(machine: Machine) -> list[str]:
         cmd += ["-kernel", str(machine.kernel), "-append", kernel_cmdline(machine)]
         if machine.initrd is not None:
             cmd += ["-initrd", str(machine.initrd)]
-    cmd += ["-netdev", machine.netdev, "-device", f"virtio-net-pci,netdev=net0,mac={machine.mac}"]
+    nic = f"virtio-net-pci,netdev=net0,mac={machine.mac}" + (",bootindex=0" if machine.net_boot else "")
+    cmd += ["-netdev", machine.netdev, "-device", nic]
     for index, disk in enumerate(machine.disks):
         cmd += ["-drive", f"file={disk},format=raw,if=none,id=disk{index}",
                 "-device", f"virtio-blk-pci,drive=disk{index},serial=captainos{index}"]
@@ -95,6 +103,8 @@ def argv(machine: Machine) -> list[str]:
     cmd += ["-device", "virtio-rng-pci"]
     if machine.serial_log is not None:
         cmd += ["-serial", f"file:{machine.serial_log}"]
+        if machine.serial2_log is not None:
+            cmd += ["-serial", f"file:{machine.serial2_log}"]
         monitor = f"unix:{machine.monitor},server=on,wait=off" if machine.monitor else "none"
         cmd += ["-monitor", monitor]
     elif machine.monitor is not None:

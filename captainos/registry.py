@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -152,9 +153,15 @@ class Registry:
     runner: Runner = field(default_factory=Runner)
     port: int = 0
     bind: str = "127.0.0.1"  # QEMU user networking turns the guest's 10.0.2.2 into host loopback
+    # In the lab: the registry runs in a network namespace (runner wraps its command) and
+    # listens on the lab's address, which host and guest both use; call_in runs a probe there.
+    lab_address: str = ""
+    call_in: Callable[[Callable[[], int | None]], int | None] | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if self.lab_address:
+            self.bind = self.lab_address
         self.port = self.port or free_port()
         self.root = self.workdir / self.name
         self.storage = self.root / "storage"
@@ -162,7 +169,8 @@ class Registry:
         self.config_file = self.root / "config.yml"
         self.root.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
-        self.cert, self.key = issue_server_cert(self.ca, self.runner, self.root / "tls")
+        ips = CERT_IPS + ((self.lab_address,) if self.lab_address else ())
+        self.cert, self.key = issue_server_cert(self.ca, self.runner, self.root / "tls", ips)
         htpasswd = None
         if self.creds is not None:
             htpasswd = self.root / "htpasswd"
@@ -174,11 +182,11 @@ class Registry:
     # Addresses: the host pushes to 127.0.0.1, the guest pulls from 10.0.2.2.
     @property
     def host_address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.lab_address or '127.0.0.1'}:{self.port}"
 
     @property
     def guest_address(self) -> str:
-        return f"10.0.2.2:{self.port}"
+        return f"{self.lab_address or '10.0.2.2'}:{self.port}"
 
     @property
     def cert_dir(self) -> Path:
@@ -191,7 +199,7 @@ class Registry:
     def start(self, timeout: float = 30.0) -> Registry:
         if self.proc is not None:
             return self
-        argv = serve_argv(self.config_file)
+        argv, _, _ = self.runner.wrap(serve_argv(self.config_file), {})
         log.debug(quote(argv) + f"  (log: {self.log_file})")
         with self.log_file.open("ab") as sink:
             # A daemon, not a command that completes: it outlives this call, so run() does not fit.
@@ -203,6 +211,11 @@ class Registry:
 
     def ping(self) -> int | None:
         """HTTP status of GET /v2/ (200 open, 401 with auth), or None when not answering."""
+        if self.call_in is not None:
+            return self.call_in(self._ping)
+        return self._ping()
+
+    def _ping(self) -> int | None:
         ctx = ssl.create_default_context(cafile=str(self.ca.cert))
         try:
             with urllib.request.urlopen(f"https://{self.host_address}/v2/", context=ctx, timeout=2) as resp:

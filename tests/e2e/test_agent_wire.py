@@ -4,6 +4,10 @@ No VM and no containerd: the agent's containerd socket is a plain file, so every
 fails at once. That is enough to prove the wire format both ways (GetAction fields, RUNNING
 and final reports, agent id echo, attributes with the NICs) and the agent's TIMEOUT/FAILED
 paths against our server's rules.
+
+Kept beside the real-Tinkerbell lab (tests/lab/) because it needs no VM, namespace or API
+server: a fault our model server injects in seconds (an agent with no containerd), which the
+real server could only produce with a broken VM.
 """
 
 import subprocess

@@ -22,7 +22,7 @@ def test_forwards_the_unit_log_with_rfc5424_over_udp(sandbox):
     assert result.returncode == 0, result.stderr
     journal, logger = call(sandbox, "journalctl"), call(sandbox, "logger")
     assert journal == "journalctl --boot --follow --lines=all --output=cat --unit=tink-agent.service"
-    assert logger == "logger --rfc5424 --udp --server 10.0.2.2 --port 514 --tag tink-agent --priority user.info"
+    assert logger == "logger --rfc5424=notq --udp --server 10.0.2.2 --port 514 --tag tink-agent --priority user.info"
     assert (sandbox.tmp / "sent").read_text() == "line one\nline two\n"
 
 

@@ -8,7 +8,7 @@ from captainos.config import Arch
 
 def test_verbs_cover_the_interface():
     assert set(cli.VERBS) == {"build", "kernel", "tools", "initramfs", "iso", "checksums", "qemu-test",
-                              "shell", "clean", "summary", "setup", "bench"}
+                              "shell", "clean", "summary", "setup", "bench", "lab"}
     assert set(cli.HANDLERS) == set(cli.VERBS)
 
 
@@ -110,3 +110,27 @@ def test_qemu_test_takes_accel_as_a_short_form():
     assert cfg.qemu_accel.value == "tcg"
     _, cfg, _ = cli.parse(["qemu-test"], env={"QEMU_ACCEL": "kvm"})
     assert cfg.qemu_accel.value == "kvm"
+
+
+def test_lab_verb_arguments():
+    verb, _, args = cli.parse(["lab", "run", "examples/workflow.yaml", "--boot", "uefi", "--vm", "3"], env={})
+    assert verb == "lab" and args.action == "run" and args.workflow == "examples/workflow.yaml"
+    assert args.boot == "uefi" and args.vm == 3 and args.name == "lab" and not args.auth
+    _, _, args = cli.parse(["lab", "up", "--auth", "--name", "second"], env={})
+    assert args.action == "up" and args.auth and args.name == "second"
+
+
+def test_lab_bad_action_is_one_line(capsys):
+    assert cli.main(["lab", "sideways"]) == 1
+    err = capsys.readouterr().err
+    assert "invalid choice: 'sideways'" in err and "Traceback" not in err
+
+
+def test_lab_run_without_a_workflow_is_refused(capsys, tmp_path, monkeypatch):
+    from captainos import host
+
+    monkeypatch.setattr(host, "check", lambda cfg, verb: None)
+    monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path))
+    assert cli.main(["lab", "run"]) == 1
+    assert "'lab run' needs a workflow file" in capsys.readouterr().err
+    assert not (tmp_path / "lab").exists()

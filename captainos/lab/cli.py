@@ -1,0 +1,72 @@
+"""`./build.py lab up | run WORKFLOW | status | down`: the lab for people."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from captainos import artifacts, log
+from captainos.config import Config
+from captainos.errors import CaptainError
+from captainos.lab import kube, netns
+from captainos.lab.lab import Lab, Provision, lab_dir
+
+
+def _start(cfg: Config, args: argparse.Namespace) -> Lab:
+    iso = (cfg.out_dir / artifacts.iso_name(cfg.arch)).is_file()
+    return Lab(cfg, name=args.name, auth=args.auth, iso=iso).up()
+
+
+def up(cfg: Config, args: argparse.Namespace) -> None:
+    lab = _start(cfg, args)
+    assert lab.state is not None
+    state = lab.state
+    print(f"lab {state.name} is up in network namespace {state.netns} (no route out)")
+    print(f"  Tinkerbell (Smee, tink server, kube-apiserver): {state.address}")
+    print(f"  kubeconfig: {state.kubeconfig}")
+    print(f"  kubectl:    ip netns exec {state.netns} kubectl --kubeconfig {state.kubeconfig} get hardware,workflows")
+    auth = f", with credentials {state.auth_registry}" if state.auth_registry else ""
+    print(f"  registry:   {state.registry}{auth}")
+    print(f"  artifacts:  http://{state.address}:8080/ serves {state.artifacts}")
+    print(f"  logs:       {state.root}/tinkerbell.log")
+    print("next: ./build.py lab run examples/workflow.yaml; ./build.py lab down")
+
+
+def run(cfg: Config, args: argparse.Namespace) -> None:
+    if not args.workflow:
+        raise CaptainError("'lab run' needs a workflow file", "e.g. ./build.py lab run examples/workflow.yaml")
+    path = Path(args.workflow)
+    if not path.is_file():
+        raise CaptainError(f"workflow file {path} does not exist")
+    started_here = not (lab_dir(cfg, args.name) / "lab.json").is_file()
+    lab = _start(cfg, args) if started_here else Lab.attach(cfg, args.name)
+    try:
+        outcome = lab.provision(Provision(workflow=path, boot=args.boot, index=args.vm, timeout=args.timeout))
+    finally:
+        if started_here:
+            lab.down()
+    print(outcome.report())
+    if outcome.state != "SUCCESS":
+        raise CaptainError(f"workflow {outcome.name} ended {outcome.state}",
+                           "the actions above show which one; the Workflow object has each action's message")
+
+
+def status(cfg: Config, args: argparse.Namespace) -> None:
+    lab = Lab.attach(cfg, args.name)
+    assert lab.state is not None and lab.client is not None
+    print(f"lab {lab.name}: namespace {lab.state.netns}, Tinkerbell at {lab.state.address}")
+    for item in lab.client.items("workflows"):
+        print(f"  workflow {item['metadata']['name']}: {kube.workflow_state(item) or '-'}")
+
+
+def down(cfg: Config, args: argparse.Namespace) -> None:
+    known = (lab_dir(cfg, args.name) / "lab.json").is_file() or netns.exists(netns.PREFIX + args.name)
+    if not known:
+        log.info(f"lab {args.name} is not up: nothing to do")
+        return
+    Lab(cfg, name=args.name).down()
+    log.info(f"lab {args.name} is down")
+
+
+def main(cfg: Config, args: argparse.Namespace) -> None:
+    {"up": up, "run": run, "status": status, "down": down}[args.action](cfg, args)

@@ -1,0 +1,616 @@
+"""The real-Tinkerbell lab: a sealed network, the real server, and VMs that netboot from it.
+
+    with Lab(cfg, artifacts=Path("out")) as lab:           # or Lab.attach() to a `lab up`
+        outcome = lab.provision(Provision(workflow=Path("examples/workflow.yaml")))
+        print(outcome.report())
+
+`up()` makes the network namespace (a bridge, no route out), starts a TLS registry holding the
+real tink-agent and a busybox action image, an HTTP server for the artifacts (Smee's OSIE URL)
+and the real Tinkerbell (Smee's DHCP/TFTP/iPXE/ISO/syslog, tink server, the controller, etcd,
+kube-apiserver), all on the bridge address. `provision()` makes the Hardware, Template and
+Workflow through the Kubernetes API, powers a VM on with no kernel given (BIOS or UEFI
+netboot, or the ISO as Smee patched it), follows the Workflow to its final state, and returns
+what happened: the Workflow object, the events, Smee's log, the syslog Smee received, the
+consoles and a timeline. Everything runs in the namespace; `down()` stops all of it.
+
+The registry uses the harness CA, which the image must trust: build it with
+`--extra-ca-certs <cache>/e2e-ca/ca.pem` (the lab says so when the artifacts are missing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from captainos import agent, artifacts, cache, e2e, log, oci, qemu, registry, syslogd, workflow
+from captainos.config import Accel, Arch, Config
+from captainos.errors import CaptainError
+from captainos.lab import kube, netns, tinkerbell
+from captainos.run import Runner, base_env, quote
+
+REGISTRY_PORT = 5000
+AUTH_REGISTRY_PORT = 5001
+ARTIFACT_PORT = 8080
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+AGENT_IMAGE_PATH = f"{e2e.AGENT_REPO}:{e2e.AGENT_TAG}"
+BOOT_MODES = ("bios", "uefi", "iso")
+# The test profile's self-test would power the VM off; an image without that profile ignores it.
+LAB_KERNEL_PARAMS = e2e.TEST_PROFILE_ARGS
+OS_UNITS = ("tink-agent", "tink-agent-setup")  # what CaptainOS forwards to syslog_host
+FIRMWARE_START = re.compile(r"SeaBIOS \(version|BdsDxe: loading|UEFI Interactive Shell|EDK II")
+KERNEL_START = re.compile(r"^\[\s*0\.000000\] Linux version")
+
+
+def lab_dir(cfg: Config, name: str) -> Path:
+    return cfg.cache_dir / "lab" / name
+
+
+@dataclass
+class State:
+    """What `lab up` leaves for `lab run` and `lab down` (lab.json in the lab directory)."""
+
+    name: str
+    root: str
+    netns: str
+    address: str
+    artifacts: str
+    kubeconfig: str
+    registry: str
+    auth_registry: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    iso_url: str = ""
+
+    def save(self, path: Path) -> None:
+        cache.atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class Provision:
+    """One VM provisioned end to end."""
+
+    workflow: Path
+    boot: str = "bios"  # bios (SeaBIOS + the NIC's iPXE), uefi (OVMF), iso (Smee-patched ISO under OVMF)
+    index: int = 1  # VM number: its MAC, address and tap device
+    timeout: float = 900.0  # power-on to the workflow's final state
+    append: tuple[str, ...] = ()  # extra kernel parameters (the Hardware's osie.kernelParams; netboot only)
+    disk_size: str = "64M"
+    settle: float = 8.0  # keep the VM up this long after the end, for the last logs to arrive
+    restart: str = ""  # the workflow ends in a restart request: "reboot" or "kexec"; wait until it is seen
+    restart_timeout: float = 300.0
+    registry_delay: float = 0.0  # stop the registries before power-on and start them this much later
+
+    @property
+    def mac(self) -> str:
+        return f"52:54:00:77:00:{self.index:02x}"
+
+
+@dataclass
+class Outcome:
+    """What one provisioning run produced, read back from the real stack."""
+
+    name: str
+    mac: str
+    index: int
+    state: str
+    workflow: dict[str, Any]
+    events: list[dict[str, Any]]
+    smee: list[dict[str, Any]]  # Tinkerbell log records from power-on on
+    syslog: list[syslogd.Message]  # as Smee's receiver got them
+    firmware_console: list[tuple[float, str]]  # ttyS0: SeaBIOS/OVMF, iPXE
+    console: list[tuple[float, str]]  # ttyS1: the OS (Smee's console=ttyS1,115200)
+    http: list[tuple[float, str]]  # the artifact server's request lines
+    started: float
+    disk: Path
+    timeline: list[tuple[str, float | None]] = field(default_factory=list)
+
+    @property
+    def serial(self) -> str:
+        return "\n".join(line for _, line in self.console)
+
+    def actions(self) -> list[tuple[str, str]]:
+        return kube.action_states(self.workflow)
+
+    def os_syslog(self) -> list[syslogd.Message]:
+        """The messages of CaptainOS's forwarded units (iPXE logs to Smee too, before the OS)."""
+        return [m for m in self.syslog if m.app in OS_UNITS]
+
+    def agent_lines(self) -> list[tuple[float, dict[str, Any]]]:
+        """The agent's JSON log lines as Smee received them, as (time, object)."""
+        found = []
+        for m in self.syslog:
+            if m.app != "tink-agent":
+                continue
+            try:
+                obj = json.loads(m.msg)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("msg") in e2e.AGENT_MESSAGES:
+                found.append((m.received, obj))
+        return found
+
+    def report(self) -> str:
+        lines = [f"workflow {self.name} ({self.mac}): {self.state}", "actions:"]
+        for name, state in self.actions():
+            lines.append(f"  {name:<24} {state}")
+        lines.append("timeline (seconds after power-on):")
+        for label, mark in self.timeline:
+            lines.append(f"  {label:<24} " + (f"{mark:7.1f}s" if mark is not None else "    -"))
+        return "\n".join(lines)
+
+
+def smee_syslog(records: list[dict[str, Any]], received: list[float]) -> list[syslogd.Message]:
+    """The syslog messages Smee's receiver logged, as Messages (received: the record's time)."""
+    found = []
+    for rec, when in zip(records, received, strict=True):
+        doc = rec.get("syslog")
+        if rec.get("msg") != "syslog message received" or not isinstance(doc, dict):
+            continue
+        msg = doc.get("msg", "")
+        text = json.dumps(msg) if isinstance(msg, dict) else str(msg)
+        found.append(syslogd.Message(
+            facility=0, severity=6, version=1, timestamp=str(doc.get("timestamp", "")),
+            hostname=str(doc.get("hostname", "")), app=str(doc.get("app-name", "")),
+            procid=str(doc.get("procid", "")), msgid=str(doc.get("msgid", "")), structured_data="",
+            msg=text, raw=json.dumps(doc), peer=str(doc.get("host", "")), received=when))
+    return found
+
+
+def _stamp(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def timeline(out: Outcome) -> list[tuple[str, float | None]]:
+    """When each step of a netboot happened, in seconds after power-on (None: not seen)."""
+    def rel(when: float | None) -> float | None:
+        return None if when is None else round(when - out.started, 1)
+
+    def smee_first(pattern: str) -> float | None:
+        regex = re.compile(pattern)
+        for rec in out.smee:
+            if regex.search(json.dumps(rec)):
+                return _stamp(str(rec.get("time", "")))
+        return None
+
+    def first(lines: list[tuple[float, str]], pattern: str) -> float | None:
+        hit = e2e.first_line(lines, pattern)
+        return None if hit is None else hit[0]
+
+    mac = re.escape(out.mac.lower())
+    ip = ""
+    for rec in out.smee:
+        if rec.get("msg") == "sent DHCP response" and rec.get("mac") == out.mac.lower():
+            ip = str(rec.get("ipAddress", ""))
+            break
+    # The kernel logs to every console named; the ISO's set leaves ttyS1 to user space.
+    printk = e2e.first_line(out.console, r"^\[\s*\d+\.\d+\]") or e2e.first_line(out.firmware_console,
+                                                                                   r"^\[\s*\d+\.\d+\]")
+    kernel = None if printk is None else printk[0] - float(printk[1].split("]", 1)[0].strip("[ "))
+    agent_start = next((t for t, obj in out.agent_lines() if obj.get("msg") == "starting Agent"), None)
+    acts = [a for t in out.workflow.get("status", {}).get("tasks", []) or [] for a in t.get("actions", []) or []]
+    starts = [s for a in acts if (s := _stamp(str(a.get("executionStart", "")))) is not None]
+    stops = [s for a in acts if (s := _stamp(str(a.get("executionStop", "")))) is not None]
+    script = rf'"uri": "/ipxe/script/{mac}/auto\.ipxe"' if not ip else rf'auto\.ipxe".*"client": "{re.escape(ip)}"'
+    marks: list[tuple[str, float | None]] = [
+        ("power on", 0.0),
+        ("DHCP answered", rel(smee_first(rf'"msg": "sent DHCP response", "mac": "{mac}"'))),
+        ("iPXE binary sent", rel(smee_first(rf'"msg": "file served".*"filename": "{mac}/'))),
+        ("iPXE script served", rel(smee_first(rf'"msg": "response".*{script}'))),
+        ("kernel fetched", rel(first(out.http, r"GET /vmlinuz"))),
+        ("kernel started", rel(kernel)),
+        ("agent started", rel(agent_start)),
+        ("first action started", rel(min(starts)) if starts else None),
+        ("workflow done", rel(max(stops)) if stops and out.state in kube.FINAL else None),
+    ]
+    return marks
+
+
+class Lab:
+    """The lab; a context manager that brings it up and always takes it down."""
+
+    def __init__(self, cfg: Config, *, artifacts_dir: Path | None = None, name: str = "",
+                 root: Path | None = None, runner: Runner | None = None, auth: bool = False,
+                 iso: bool = True) -> None:
+        if cfg.arch is not Arch.AMD64:
+            raise CaptainError("the lab boots amd64 VMs only", "use --arch amd64")
+        self.cfg = cfg
+        self.name = name or f"t{secrets.token_hex(3)}"
+        self.network = netns.Network(self.name)
+        self.root = root or lab_dir(cfg, self.name)
+        self.artifacts = (artifacts_dir or cfg.out_dir).resolve()
+        self.runner = runner or Runner()
+        self.inside = netns.NetnsRunner(netns=self.network.netns)
+        self.auth = auth
+        self.iso = iso
+        self.password = secrets.token_urlsafe(18)
+        self.username = "captain"
+        self.registries: list[registry.Registry] = []
+        self.server: tinkerbell.Server | None = None
+        self.http: subprocess.Popen[bytes] | None = None
+        self.client: kube.Client | None = None
+        self.state: State | None = None
+        self._owner = True  # this object made the lab (and takes it down)
+
+    # --- bring up --------------------------------------------------------------------------
+    def check_artifacts(self) -> None:
+        names = artifacts.smee_links(self.cfg.arch)
+        missing = [n for n in names if not (self.artifacts / n).is_file()]
+        if missing:
+            ca = self.cfg.cache_dir / "e2e-ca" / "ca.pem"
+            raise CaptainError(f"{self.artifacts} has no {', '.join(missing)}",
+                               f"build the image first: ./build.py --extra-ca-certs {ca}")
+
+    def up(self) -> Lab:
+        self.check_artifacts()
+        state_file = self.root / "lab.json"
+        if netns.exists(self.network.netns) or state_file.exists():
+            raise CaptainError(f"lab {self.name!r} is already up ({self.network.netns})",
+                               f"'./build.py lab down --name {self.name}' takes it down")
+        binary = agent.build(self.cfg, self.runner, program=agent.TINKERBELL) / agent.TINKERBELL.binary
+        ca = registry.ensure_ca(self.cfg.cache_dir, self.runner)
+        layouts = e2e.images(self.cfg, self.runner)
+        if self.root.exists():
+            cache.remove(self.root)
+        self.root.mkdir(parents=True)
+        addr = self.network.address
+        log.info(f"==> lab {self.name}: namespace {self.network.netns}, bridge {self.network.bridge} {addr}/24")
+        self.network.create(self.runner)
+        try:
+            self._start(binary, ca, layouts)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _start(self, binary: Path, ca: registry.CA, layouts: Path) -> None:
+        addr = self.network.address
+        probe = lambda fn: netns.call_in(self.network.netns, fn)  # noqa: E731
+        reg = registry.Registry(ca, self.root, "registry", runner=self.inside, port=REGISTRY_PORT,
+                                lab_address=addr, call_in=probe).start()
+        self.registries.append(reg)
+        oci.push(self.inside, layouts / "busybox", e2e.ACTION_TAG, f"{reg.host_address}/{e2e.ACTION_REPO}:"
+                 f"{e2e.ACTION_TAG}", cert_dir=reg.cert_dir)
+        oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{reg.host_address}/{AGENT_IMAGE_PATH}",
+                 cert_dir=reg.cert_dir)
+        auth_address = ""
+        if self.auth:
+            creds = oci.Credentials(self.username, self.password)
+            auth = registry.Registry(ca, self.root, "registry-auth", creds=creds, runner=self.inside,
+                                     port=AUTH_REGISTRY_PORT, lab_address=addr, call_in=probe).start()
+            self.registries.append(auth)
+            oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{auth.host_address}/{e2e.AGENT_REPO}:latest",
+                     cert_dir=auth.cert_dir, creds=creds)
+            auth_address = auth.host_address
+        self.http = self._serve_artifacts()
+        certs = tinkerbell.make_certs(self.root / "pki", addr, tinkerbell.API_PORT, self.runner)
+        self.client = kube.Client(self.network.netns, addr, tinkerbell.API_PORT, certs.ca, certs.admin,
+                                  certs.admin_key)
+        osie = f"http://{addr}:{ARTIFACT_PORT}"
+        iso_url = f"{osie}/{artifacts.iso_name(self.cfg.arch)}" if self.iso else ""
+        cmd = tinkerbell.argv(binary, certs=certs, address=addr, state=self.root, osie_url=osie, iso_url=iso_url)
+        # As an operator does (the Helm chart's extra kernel args): Smee appends these to every
+        # command line it hands out, the netboot script's and the patched ISO's alike. Through the
+        # environment, not the argv that `ps` shows.
+        env = {tinkerbell.EXTRA_ARGS_ENV: " ".join(self.extra_kernel_args(reg.host_address, auth_address))}
+        log.info(f"    starting Tinkerbell ({binary.name}, embedded etcd and kube-apiserver)")
+        self.server = tinkerbell.Server(cmd, self.network.netns, self.root / "tinkerbell.log", self.client,
+                                        env=env).start()
+        pids = {"tinkerbell": self.server.proc.pid if self.server.proc else 0,
+                "http": self.http.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
+        self.state = State(self.name, str(self.root), self.network.netns, addr, str(self.artifacts),
+                           str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url)
+        self.state.save(self.root / "lab.json")
+
+    def _serve_artifacts(self) -> subprocess.Popen[bytes]:
+        argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", "captainos.lab.artifacts_server",
+                                                    "--bind", self.network.address, "--port", str(ARTIFACT_PORT),
+                                                    "--directory", str(self.artifacts)])
+        log.debug(quote(argv))
+        with (self.root / "http.log").open("ab") as sink:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                    env=base_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2])}),
+                                    start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not tinkerbell.listening(self.network.netns, self.network.address, ARTIFACT_PORT):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise CaptainError(f"the artifact server did not start; see {self.root / 'http.log'}")
+            time.sleep(0.2)
+        return proc
+
+    def extra_kernel_args(self, registry_address: str, auth_address: str) -> list[str]:
+        """What every VM of this lab boots with besides Smee's own parameters: the agent image
+        (or, in a lab with credentials, the registry it comes from and its credentials)."""
+        if not auth_address:
+            return [f"tink_worker_image={registry_address}/{AGENT_IMAGE_PATH}", *LAB_KERNEL_PARAMS]
+        # loglevel=4: the kernel prints its command line at notice level, and Debian's kernel
+        # shows notices on the console (README, "Security notes"); ours hides them by default.
+        return ["loglevel=4", f"docker_registry={auth_address}", f"registry_username={self.username}",
+                f"registry_password={self.password}", *LAB_KERNEL_PARAMS]
+
+    # --- attach / take down ----------------------------------------------------------------
+    @classmethod
+    def attach(cls, cfg: Config, name: str) -> Lab:
+        """The lab a `lab up` left running."""
+        root = lab_dir(cfg, name)
+        state_file = root / "lab.json"
+        if not state_file.is_file() or not netns.exists(netns.PREFIX + name):
+            raise CaptainError(f"lab {name!r} is not up", "start it with './build.py lab up'")
+        state = State.load(state_file)
+        lab = cls(cfg, artifacts_dir=Path(state.artifacts), name=name, root=root, auth=bool(state.auth_registry),
+                  iso=bool(state.iso_url))
+        lab.state = state
+        pki = root / "pki"
+        lab.client = kube.Client(state.netns, state.address, tinkerbell.API_PORT, pki / "ca.crt", pki / "admin.crt",
+                                 pki / "admin.key")
+        lab._owner = False
+        return lab
+
+    def down(self) -> None:
+        """Stop everything in the namespace, remove it and the lab's state file."""
+        if self.server is not None:
+            self.server.stop()
+        for reg in self.registries:
+            reg.stop()
+        if self.http is not None and self.http.poll() is None:
+            self.http.terminate()
+        self.network.destroy(self.runner)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "lab.json").unlink()
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._owner:
+            self.down()
+
+    # --- provisioning ------------------------------------------------------------------------
+    def provision(self, plan: Provision, *, workdir: Path | None = None) -> Outcome:
+        """Power a VM on against the real Tinkerbell and follow its Workflow to the end."""
+        if plan.boot not in BOOT_MODES:
+            raise CaptainError(f"unknown boot mode {plan.boot!r}", f"use one of {', '.join(BOOT_MODES)}")
+        assert self.state is not None and self.client is not None
+        if plan.boot == "iso" and not self.state.iso_url:
+            raise CaptainError("this lab serves no ISO", "bring it up with the ISO built")
+        work = workdir or Path(tempfile.mkdtemp(prefix=f"captainos-lab-{self.name}-"))
+        work.mkdir(parents=True, exist_ok=True)
+        mac, ip = plan.mac, self.network.host(plan.index)
+        variables = {"worker_id": "{{.device_1}}", "device_1": "{{.device_1}}", "registry": self.state.registry,
+                     "action_image": f"{self.state.registry}/{e2e.ACTION_REPO}:{e2e.ACTION_TAG}",
+                     "artifacts": f"http://{self.state.address}:{ARTIFACT_PORT}"}
+        wf = workflow.load(plan.workflow, variables)
+        self._check_workflow(wf, mac)
+        hw_name = kube.object_name(mac)
+        run_name = f"{wf.name.lower().replace(' ', '-').replace('_', '-').replace('.', '-')}-{secrets.token_hex(3)}"
+        hostname = f"captain-{plan.index:02d}"
+        self._clear(hw_name)
+        self.client.create("hardware", kube.hardware(
+            hw_name, mac=mac, ip=ip, netmask=self.network.netmask, gateway=self.network.address, hostname=hostname,
+            uefi=plan.boot != "bios", kernel_params=plan.append))
+        self.client.create("templates", kube.template(run_name, wf))
+        self.client.create("workflows", kube.workflow_object(run_name, template_name=run_name, hardware_name=hw_name,
+                                                             mac=mac))
+        log.info(f"==> {plan.boot} boot of {mac} ({ip}), workflow {run_name}")
+        tap = f"tap{plan.index}"
+        self.network.add_tap(self.runner, tap)
+        disk = work / "disk.img"
+        self.runner.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), plan.disk_size])
+        machine = self._machine(plan, tap, disk, work)
+        log_offset = self._log_size()
+        http_offset = (self.root / "http.log").stat().st_size if (self.root / "http.log").exists() else 0
+        guest = qemu.Guest(machine, workdir=work / "qemu", secrets=(self.password,))
+        fw = e2e.Console(work / "serial0.log")
+        con = e2e.Console(work / "serial1.log")
+        guest.start()
+        started = time.time()
+        fw.start()
+        con.start()
+        obj: dict[str, Any] = {}
+        try:
+            if plan.registry_delay > 0:
+                self._pause_registries(plan.registry_delay, started)
+            obj = self._follow(run_name, guest, plan, started)
+            if plan.restart:
+                restarted = self._wait_restart(plan, fw, con)
+                log.info(f"    {plan.restart} seen {restarted - started:.0f}s after power-on")
+            time.sleep(plan.settle)
+        finally:
+            self._power_off(guest)
+            fw.stop()
+            con.stop()
+            with contextlib.suppress(CaptainError, OSError):
+                obj = self.client.get("workflows", run_name) or obj
+            self.runner.run(["ip", "-n", self.network.netns, "link", "del", tap], check=False)
+        records = list(tinkerbell.log_records(self.root / "tinkerbell.log", log_offset))
+        stamps = [_stamp(str(r.get("time", ""))) or started for r in records]
+        events = []
+        with contextlib.suppress(CaptainError, OSError):
+            events = [e for e in self.client.events() if e.get("involvedObject", {}).get("name") in (run_name, hw_name)]
+        syslog = [m for m in smee_syslog(records, stamps) if m.peer == ip]  # other VMs may share the lab
+        out = Outcome(run_name, mac, plan.index, kube.workflow_state(obj), obj, events, records, syslog,
+                      list(fw.lines), list(con.lines), self._http_lines(http_offset, ip), started, disk)
+        out.timeline = timeline(out)
+        (work / "outcome.json").write_text(json.dumps({"workflow": obj, "events": events}, indent=1, default=str))
+        return out
+
+    def _check_workflow(self, wf: workflow.Workflow, mac: str) -> None:
+        """Refuse, before anything is made, what would only time out: a task for a machine that
+        is not this VM, or an action image the sealed lab cannot pull."""
+        for task in wf.tasks:
+            if task.worker not in ("{{.device_1}}", mac.lower()):
+                raise CaptainError(f"task {task.name!r} is for worker {task.worker}, which is not this VM ({mac})",
+                                   'use worker: "{{ worker_id }}" (Tinkerbell fills in the VM\'s MAC)')
+        for _, _, _, action in wf.steps():
+            self._check_image(action.name, action.image)
+
+    def _check_image(self, action: str, image: str) -> None:
+        assert self.state is not None
+        registries = [addr for addr in (self.state.registry, self.state.auth_registry) if addr]
+        host, _, rest = image.partition("/")
+        if host not in registries:
+            raise CaptainError(f"action {action!r}: image {image} is not in the lab's registry "
+                               f"({', '.join(registries)}); the lab has no route out", "push it there first")
+        repo, _, tag = rest.partition("@") if "@" in rest else rest.rpartition(":")
+        url = f"https://{host}/v2/{repo}/manifests/{tag}"
+        ctx = ssl.create_default_context(cafile=str(registry.CA(self.cfg.cache_dir / "e2e-ca").cert))
+        accept = {"Accept": f"{oci.MEDIA_MANIFEST}, {oci.MEDIA_INDEX}"}
+
+        def head() -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="HEAD", headers=accept), context=ctx,
+                                            timeout=10) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+        status = netns.call_in(self.network.netns, head)
+        if status == 404:
+            raise CaptainError(f"action {action!r}: image {image} does not exist in the lab's registry")
+        if status not in (200, 401):
+            raise CaptainError(f"action {action!r}: the lab's registry answered {status} for {image}")
+
+    def _clear(self, hw_name: str) -> None:
+        """Remove earlier Workflows (tink server finds work by agent id and a finished one can
+        shadow a newer one) and the Hardware of this VM."""
+        assert self.client is not None
+        for item in self.client.items("workflows"):
+            if item.get("spec", {}).get("hardwareRef") == hw_name:
+                self.client.delete("workflows", item["metadata"]["name"])
+        self.client.delete("hardware", hw_name)
+
+    def _machine(self, plan: Provision, tap: str, disk: Path, work: Path) -> qemu.Machine:
+        assert self.state is not None
+        firmware = None
+        cdrom = None
+        if plan.boot in ("uefi", "iso"):
+            firmware = OVMF
+        if plan.boot == "iso":
+            cdrom = self._patched_iso(plan.mac, work)
+        return qemu.Machine(
+            Arch.AMD64, mem=self.cfg.qemu_mem, smp=self.cfg.qemu_smp,
+            accel=qemu.resolve_accel(Arch.AMD64, self.cfg.qemu_accel) if self.cfg.qemu_accel is not Accel.AUTO
+            else Accel.TCG,
+            serial_log=work / "serial0.log", serial2_log=work / "serial1.log", monitor=work / "monitor.sock",
+            mac=plan.mac, netdev=f"tap,id=net0,ifname={tap},script=no,downscript=no", disks=(disk,),
+            firmware=firmware, cdrom=cdrom, net_boot=cdrom is None, reboot=plan.restart == "reboot",
+            netns=self.network.netns)
+
+    def _patched_iso(self, mac: str, work: Path) -> Path:
+        """The ISO as Smee serves it for this MAC (patched with its kernel command line), fetched
+        the way a BMC's virtual media would."""
+        assert self.state is not None
+        url = f"http://{self.state.address}:{tinkerbell.HTTP_PORT}/iso/{mac.lower()}/captainos.iso"
+        dest = work / "smee.iso"
+
+        def fetch() -> None:
+            with urllib.request.urlopen(url, timeout=120) as resp, dest.open("wb") as sink:
+                shutil.copyfileobj(resp, sink)
+        log.info(f"    fetching the ISO Smee patched for {mac}: {url}")
+        netns.call_in(self.network.netns, fetch)
+        return dest
+
+    def _pause_registries(self, delay: float, started: float) -> None:
+        for reg in self.registries:
+            reg.stop()
+        import threading
+
+        def later() -> None:
+            time.sleep(max(0.0, delay - (time.time() - started)))
+            log.info(f"    starting the registries {time.time() - started:.0f}s after power-on")
+            for reg in self.registries:
+                reg.start()
+        threading.Thread(target=later, daemon=True).start()
+
+    def _follow(self, name: str, guest: qemu.Guest, plan: Provision, started: float) -> dict[str, Any]:
+        """Poll the Workflow until its state is final; log each action's change."""
+        assert self.client is not None
+        deadline = time.monotonic() + plan.timeout
+        seen: dict[str, str] = {}
+        while True:
+            obj = self.client.get("workflows", name)
+            for action, state in kube.action_states(obj):
+                if state and seen.get(action) != state:
+                    seen[action] = state
+                    log.info(f"    {time.time() - started:6.1f}s  action {action}: {state}")
+            if kube.workflow_state(obj) in kube.FINAL:
+                log.info(f"    workflow {name}: {kube.workflow_state(obj)} after {time.time() - started:.0f}s")
+                return dict(obj)
+            if guest.proc is not None and guest.proc.poll() is not None:
+                raise CaptainError(f"QEMU exited with code {guest.proc.returncode} before the workflow ended",
+                                   f"consoles in {guest.workdir.parent}")
+            if time.monotonic() > deadline:
+                raise CaptainError(f"workflow {name} still {kube.workflow_state(obj) or 'not started'} after "
+                                   f"{plan.timeout:.0f}s", f"consoles in {guest.workdir.parent}")
+            time.sleep(2.0)
+
+    def _wait_restart(self, plan: Provision, fw: e2e.Console, con: e2e.Console) -> float:
+        """When the machine was seen restarting: a second firmware start for a reboot; for kexec a
+        second kernel on the OS console with no firmware start in between."""
+        deadline = time.monotonic() + plan.restart_timeout
+        while time.monotonic() < deadline:
+            firmware = [t for t, line in list(fw.lines) if FIRMWARE_START.search(line)]
+            kernels = [t for t, line in list(con.lines) if KERNEL_START.search(line)]
+            if plan.restart == "reboot" and len(firmware) >= 2:
+                return firmware[1]
+            if plan.restart == "kexec" and len(kernels) >= 2:
+                if len(firmware) > 1:
+                    raise CaptainError("the machine went through its firmware again: a reboot, not a kexec")
+                return kernels[1]
+            time.sleep(1.0)
+        raise CaptainError(f"no {plan.restart} seen within {plan.restart_timeout:.0f}s after the workflow ended")
+
+    def _power_off(self, guest: qemu.Guest) -> None:
+        if guest.proc is None or guest.proc.poll() is not None:
+            return
+        try:
+            guest.monitor("quit")
+            guest.wait_exit(15)
+        except (CaptainError, OSError):
+            guest.kill()
+
+    def _log_size(self) -> int:
+        path = self.root / "tinkerbell.log"
+        return path.stat().st_size if path.exists() else 0
+
+    def _http_lines(self, offset: int, client: str) -> list[tuple[float, str]]:
+        """(time, "GET /path") of the artifact server's requests from one client since offset."""
+        path = self.root / "http.log"
+        if not path.exists():
+            return []
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace")
+        found = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("client") == client:
+                found.append((float(rec["time"]), f"{rec['method']} {rec['path']}"))
+        return found
+
+    def diagnostics(self) -> str:
+        text = self.server.tail(40) if self.server is not None else ""
+        return text.replace(self.password, "***")

@@ -1,0 +1,175 @@
+"""A sealed layer-2 network: one network namespace with a bridge and no route out.
+
+Everything the lab serves listens on the bridge address inside the namespace; VMs join the
+bridge through tap devices. Commands run inside with `ip netns exec`; Python code that must
+open a socket there (the Kubernetes API, readiness checks) runs in a thread switched into the
+namespace with setns(2), which moves only that thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from captainos import log
+from captainos.errors import CaptainError
+from captainos.run import Runner, run
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+PREFIX = "captainos-"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+T = TypeVar("T")
+
+
+def exec_argv(netns: str, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """argv run inside the namespace."""
+    return ["ip", "netns", "exec", netns, *[str(a) for a in argv]]
+
+
+@dataclass(frozen=True)
+class NetnsRunner(Runner):
+    """Runs each command inside a network namespace (the same process, wrapped by ip netns exec)."""
+
+    netns: str = ""
+
+    def wrap(self, argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str],
+             cwd: Path | None = None) -> tuple[list[str], dict[str, str], Path | None]:
+        return exec_argv(self.netns, argv), dict(env), cwd
+
+
+def call_in(netns: str, fn: Callable[[], T]) -> T:
+    """fn() in a thread that has entered the namespace; its sockets live there."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise CaptainError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def exists(netns: str) -> bool:
+    return (NETNS_DIR / netns).exists()
+
+
+def pids(netns: str) -> list[int]:
+    """The processes running in the namespace."""
+    if not exists(netns):
+        return []
+    out = run(["ip", "netns", "pids", netns], capture=True, check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+@dataclass(frozen=True)
+class Network:
+    """The lab's namespace, its bridge and its addresses (a /24; .1 is the lab itself)."""
+
+    name: str  # lab name; the namespace is PREFIX + name
+    subnet: str = "10.77.0"
+    bridge: str = "br0"
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise CaptainError(f"bad lab name {self.name!r}", "use lower-case letters, digits and '-', at most 31")
+
+    @property
+    def netns(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def address(self) -> str:
+        """Where everything the lab serves listens."""
+        return f"{self.subnet}.1"
+
+    @property
+    def netmask(self) -> str:
+        return "255.255.255.0"
+
+    def host(self, index: int) -> str:
+        """The address of VM number index (1, 2, ...)."""
+        if not 1 <= index <= 200:
+            raise CaptainError(f"VM index {index} outside 1-200")
+        return f"{self.subnet}.{10 + index}"
+
+    def setup_argvs(self) -> list[list[str]]:
+        """The commands that make the namespace: loopback up, a bridge with the lab address."""
+        ns = self.netns
+        return [
+            ["ip", "netns", "add", ns],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+            ["ip", "-n", ns, "link", "add", self.bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0"],
+            ["ip", "-n", ns, "addr", "add", f"{self.address}/24", "dev", self.bridge],
+            ["ip", "-n", ns, "link", "set", self.bridge, "up"],
+        ]
+
+    def tap_argvs(self, tap: str) -> list[list[str]]:
+        ns = self.netns
+        return [
+            ["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"],
+            ["ip", "-n", ns, "link", "set", tap, "master", self.bridge],
+            ["ip", "-n", ns, "link", "set", tap, "up"],
+        ]
+
+    def create(self, runner: Runner) -> None:
+        """Make the namespace; refuse when it exists (a lab of that name is up, or was left)."""
+        if exists(self.netns):
+            raise CaptainError(f"network namespace {self.netns} exists: lab {self.name!r} is already up",
+                               f"'./build.py lab down --name {self.name}' removes it")
+        try:
+            for argv in self.setup_argvs():
+                runner.run(argv)
+        except BaseException:
+            self.destroy(runner)
+            raise
+
+    def add_tap(self, runner: Runner, tap: str) -> None:
+        for argv in self.tap_argvs(tap):
+            runner.run(argv)
+
+    def routes(self) -> str:
+        """The namespace's routing table (the tests check that nothing leads out)."""
+        return run(["ip", "-n", self.netns, "route", "show", "table", "all"], capture=True).stdout
+
+    def destroy(self, runner: Runner, grace: float = 10.0) -> None:
+        """Stop every process left in the namespace (TERM, then KILL), then remove it."""
+        if not exists(self.netns):
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = pids(self.netns)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = pids(self.netns)
+            if not left:
+                break
+        runner.run(["ip", "netns", "del", self.netns], check=False)
+        if exists(self.netns):
+            log.warn(f"network namespace {self.netns} could not be removed")

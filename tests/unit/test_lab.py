@@ -1,0 +1,200 @@
+"""The lab's pure parts: namespace commands, Tinkerbell's command line and PKI files, the
+Kubernetes objects, Smee's syslog records and the netboot timeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captainos import agent, config, pins, workflow
+from captainos.errors import CaptainError
+from captainos.lab import kube, netns, tinkerbell
+from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_network_commands_make_a_bridge_and_nothing_else():
+    net = netns.Network("lab")
+    argvs = net.setup_argvs()
+    assert argvs[0] == ["ip", "netns", "add", "captainos-lab"]
+    assert ["ip", "-n", "captainos-lab", "addr", "add", "10.77.0.1/24", "dev", "br0"] in argvs
+    # Nothing touches the host's interfaces, and no route is added.
+    assert all(a[:3] == ["ip", "-n", "captainos-lab"] for a in argvs[1:])
+    assert not any("route" in a for a in argvs)
+    assert net.tap_argvs("tap1")[1] == ["ip", "-n", "captainos-lab", "link", "set", "tap1", "master", "br0"]
+    assert net.host(1) == "10.77.0.11"
+    with pytest.raises(CaptainError):
+        net.host(0)
+
+
+@pytest.mark.parametrize("name", ["", "Lab", "a/b", "x" * 32, "-x", "a b"])
+def test_bad_lab_names_are_refused(name):
+    with pytest.raises(CaptainError, match="bad lab name"):
+        netns.Network(name)
+
+
+def test_netns_runner_wraps_every_command():
+    runner = netns.NetnsRunner(netns="captainos-x")
+    argv, env, _cwd = runner.wrap(["skopeo", "copy", Path("/a")], {"K": "V"})
+    assert argv == ["ip", "netns", "exec", "captainos-x", "skopeo", "copy", "/a"] and env == {"K": "V"}
+
+
+def test_tinkerbell_command_line(tmp_path):
+    certs = tinkerbell.Certs(tmp_path / "pki")
+    argv = tinkerbell.argv(Path("/bin/tinkerbell"), certs=certs, address="10.77.0.1", state=tmp_path,
+                           osie_url="http://10.77.0.1:8080", iso_url="http://10.77.0.1:8080/captainos-amd64.iso")
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    # The two gotchas of a namespace with no default route: name the API server's address.
+    assert value("--advertise-address") == "10.77.0.1" and value("--kube-apiserver-bind-address") == "10.77.0.1"
+    assert value("--public-ipv4") == "10.77.0.1" and value("--bind-address") == "10.77.0.1"
+    assert value("--etcd-dir") == str(tmp_path / "etcd")
+    assert value("--ipxe-http-script-osie-url") == "http://10.77.0.1:8080"
+    assert value("--backend-kube-config") == str(certs.kubeconfig)
+    assert "--iso-static-ipam-enabled" in argv and value("--iso-upstream-url").endswith("captainos-amd64.iso")
+    assert "--enable-embedded-etcd=true" in argv and "--enable-crd-migrations=true" in argv
+    no_iso = tinkerbell.argv(Path("/t"), certs=certs, address="10.77.0.1", state=tmp_path, osie_url="http://x")
+    assert "--iso-enabled" not in no_iso
+
+
+def test_server_certificate_names_the_lab_address():
+    ext = tinkerbell.server_ext("10.77.0.1")
+    assert "IP:10.77.0.1" in ext and "DNS:kubernetes.default.svc" in ext and "serverAuth" in ext
+
+
+def test_kubeconfig_embeds_the_certificates(tmp_path):
+    certs = tinkerbell.Certs(tmp_path)
+    for path in (certs.ca, certs.admin, certs.admin_key):
+        path.write_text(path.name)
+    doc = tinkerbell.kubeconfig(certs, "10.77.0.1", 6443)
+    assert doc["clusters"][0]["cluster"]["server"] == "https://10.77.0.1:6443"
+    assert doc["users"][0]["user"]["client-key-data"] == "YWRtaW4ua2V5"  # base64 of "admin.key"
+
+
+def test_hardware_object():
+    hw = kube.hardware("vm-52-54-00-77-00-01", mac="52:54:00:77:00:01", ip="10.77.0.11", netmask="255.255.255.0",
+                       gateway="10.77.0.1", hostname="captain-01", uefi=True, kernel_params=("a=b",))
+    iface = hw["spec"]["interfaces"][0]
+    assert hw["apiVersion"] == "tinkerbell.org/v1alpha1" and hw["kind"] == "Hardware"
+    assert iface["dhcp"]["mac"] == "52:54:00:77:00:01" and iface["dhcp"]["ip"]["address"] == "10.77.0.11"
+    assert iface["dhcp"]["uefi"] is True and iface["dhcp"]["hostname"] == "captain-01"
+    assert iface["netboot"] == {"allowPXE": True, "allowWorkflow": True, "osie": {"kernelParams": ["a=b"]}}
+
+
+def test_template_keeps_tinkerbells_placeholders_and_every_field():
+    variables = {"worker_id": "{{.device_1}}", "device_1": "{{.device_1}}", "registry": "10.77.0.1:5000",
+                 "action_image": "10.77.0.1:5000/actions/busybox:e2e"}
+    wf = workflow.load(REPO / "examples" / "workflow.yaml", variables)
+    doc = yaml.safe_load(kube.template_data(wf))
+    task = doc["tasks"][0]
+    assert doc["name"] == "disk-pattern" and doc["version"] == "0.1" and doc["global_timeout"] > 0
+    assert task["worker"] == "{{.device_1}}"  # Tinkerbell renders it from the Workflow's hardwareMap
+    assert task["environment"]["DEST_DISK"] == "/dev/vda"
+    actions = {a["name"]: a for a in task["actions"]}
+    assert actions["write-pattern"]["volumes"] == ["/dev:/dev"] and actions["write-pattern"]["timeout"] == 120
+    assert actions["host-network"]["namespaces"] == {"network": "host"}
+    assert actions["host-network"]["environment"] == {"HOST_MAC": "{{.device_1}}"}
+    assert actions["check-pattern"]["image"] == "10.77.0.1:5000/actions/busybox:e2e"
+
+
+def test_workflow_object_maps_device_1_to_the_mac():
+    obj = kube.workflow_object("w", template_name="t", hardware_name="h", mac="52:54:00:AA:00:01")
+    assert obj["spec"] == {"templateRef": "t", "hardwareRef": "h", "hardwareMap": {"device_1": "52:54:00:aa:00:01"}}
+
+
+def test_workflow_and_action_states():
+    obj = {"status": {"state": "FAILED", "tasks": [{"actions": [{"name": "a", "state": "SUCCESS"},
+                                                                  {"name": "b", "state": "FAILED"}]}]}}
+    assert kube.workflow_state(obj) == "FAILED"
+    assert kube.action_states(obj) == [("a", "SUCCESS"), ("b", "FAILED")]
+    assert kube.workflow_state({}) == "" and kube.action_states({}) == []
+
+
+def test_api_paths():
+    assert kube.Client.path("workflows", "w1") == "/apis/tinkerbell.org/v1alpha1/namespaces/default/workflows/w1"
+    assert kube.Client.path("events", group="v1") == "/api/v1/namespaces/default/events"
+
+
+def test_smee_syslog_records_become_messages():
+    records = [
+        {"time": "x", "msg": "syslog message received",
+         "syslog": {"hostname": "captain-01", "app-name": "tink-agent", "host": "10.77.0.11",
+                    "msg": {"time": "t", "msg": "starting Agent"}}},
+        {"time": "x", "msg": "sent DHCP response"},
+    ]
+    found = smee_syslog(records, [5.0, 6.0])
+    assert len(found) == 1
+    m = found[0]
+    assert (m.hostname, m.app, m.peer, m.received) == ("captain-01", "tink-agent", "10.77.0.11", 5.0)
+    assert json.loads(m.msg)["msg"] == "starting Agent"
+
+
+def outcome(**kw) -> Outcome:
+    base = dict(name="w", mac="52:54:00:77:00:01", index=1, state="SUCCESS", workflow={}, events=[], smee=[],
+                syslog=[], firmware_console=[], console=[], http=[], started=1000.0, disk=Path("/d"))
+    base.update(kw)
+    return Outcome(**base)  # type: ignore[arg-type]
+
+
+def test_timeline_marks_each_netboot_step():
+    wf = {"status": {"state": "SUCCESS", "tasks": [{"actions": [
+        {"name": "a", "executionStart": "1970-01-01T00:16:50Z", "executionStop": "1970-01-01T00:16:55Z"}]}]}}
+    # Record shapes as the real Smee logs them (v0.25.0).
+    smee = [{"time": "1970-01-01T00:16:41Z", "msg": "sent DHCP response", "mac": "52:54:00:77:00:01", "type": "OFFER",
+             "bootFileName": "http://10.77.0.1:7080/ipxe/script/52:54:00:77:00:01/auto.ipxe",
+             "ipAddress": "10.77.0.11"},
+            {"time": "1970-01-01T00:16:41.5Z", "msg": "file served", "filename": "52:54:00:77:00:01/undionly.kpxe"},
+            {"time": "1970-01-01T00:16:42Z", "msg": "response", "method": "GET",
+             "uri": "/ipxe/script/52:54:00:77:00:01/auto.ipxe", "client": "10.77.0.11", "code": 200}]
+    out = outcome(workflow=wf, smee=smee, http=[(1003.0, "GET /vmlinuz-x86_64")],
+                  console=[(1010.0, "[    2.000000] Linux version")])
+    marks = dict(timeline(out))
+    assert marks["DHCP answered"] == 1.0 and marks["iPXE binary sent"] == 1.5 and marks["iPXE script served"] == 2.0
+    assert marks["kernel fetched"] == 3.0 and marks["kernel started"] == 8.0
+    assert marks["first action started"] == 10.0 and marks["workflow done"] == 15.0
+    assert marks["agent started"] is None
+
+
+def test_a_dhcp_answer_for_another_mac_is_not_this_vms():
+    smee = [{"time": "1970-01-01T00:16:41Z", "msg": "sent DHCP response", "mac": "52:54:00:77:00:02"}]
+    assert dict(timeline(outcome(smee=smee)))["DHCP answered"] is None
+
+
+def test_state_round_trip(tmp_path):
+    state = State("lab", "/r", "captainos-lab", "10.77.0.1", "/out", "/k", "10.77.0.1:5000", pids={"http": 1})
+    state.save(tmp_path / "lab.json")
+    assert State.load(tmp_path / "lab.json") == state
+
+
+def test_provision_macs_are_per_vm():
+    assert Provision(workflow=Path("w"), index=1).mac == "52:54:00:77:00:01"
+    assert Provision(workflow=Path("w"), index=12).mac == "52:54:00:77:00:0c"
+
+
+def test_missing_artifacts_are_one_line_and_nothing_starts(tmp_path):
+    cfg = config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out")
+    lab = Lab(cfg, name="t1", root=tmp_path / "lab")
+    with pytest.raises(CaptainError, match="has no vmlinuz-x86_64, initramfs-x86_64") as err:
+        lab.up()
+    assert "--extra-ca-certs" in (err.value.hint or "")
+    assert not netns.exists("captainos-t1") and not (tmp_path / "lab").exists()
+
+
+def test_the_lab_is_amd64_only(tmp_path):
+    with pytest.raises(CaptainError, match="amd64"):
+        Lab(config.Config(arch=config.Arch.ARM64, cache_dir=tmp_path), name="t2")
+
+
+def test_tinkerbell_build_joins_api_and_quamina():
+    replaced = dict(agent.TINKERBELL.replaces)
+    assert replaced["quamina.net/go/quamina"] is pins.QUAMINA
+    assert replaced[pins.TINK_AGENT_API.path] is pins.TINK_AGENT_API
+    argv = agent.build_argv("go", Path("/o/tinkerbell"), agent.TINKERBELL)
+    assert argv == ["go", "build", "-tags=embedded", "-trimpath", "-ldflags=-s -w", "-o", "/o/tinkerbell",
+                    "./cmd/tinkerbell"]
