@@ -24,7 +24,7 @@ from captainos import artifacts, cache, cpio, log, qemu, segments
 from captainos.config import REPO, Accel, Config
 from captainos.errors import CaptainError
 
-SECTIONS = ("size", "boot", "ram", "build", "repro")
+SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro")
 
 
 @dataclass
@@ -233,6 +233,28 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
                          + ("\n".join(blame) or "(the guest wrote nothing)") + "\n```")
 
 
+def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file: Path) -> None:
+    """Median of N provisioning runs through the real Tinkerbell (the lab), BIOS and UEFI:
+    power-on, Smee's DHCP answer, iPXE, the kernel, the agent, the first action, the end."""
+    from captainos.lab.lab import Lab, Provision
+
+    marks: dict[tuple[str, str], list[float]] = defaultdict(list)
+    with Lab(cfg, root=workdir / "lab", iso=False) as lab:
+        for number in range(runs):
+            for mode in ("bios", "uefi"):
+                out = lab.provision(Provision(workflow=workflow_file, boot=mode, index=number + 1),
+                                    workdir=workdir / f"netboot-{mode}-{number}")
+                if out.state != "SUCCESS":
+                    raise CaptainError(f"benchmark workflow ended {out.state} ({mode} netboot)")
+                for label, mark in out.timeline:
+                    if mark is not None and label != "power on":
+                        marks[(mode, label)].append(mark)
+    command = f"./build.py bench --only netboot --runs {runs}"
+    for (mode, label), values in marks.items():
+        report.add(f"netboot {mode}: {label} (median of {len(values)})", f"{statistics.median(values):.1f} s",
+                   command)
+
+
 def ram_floor(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, workdir: Path,
               workflow_file: Path, low: int = 256, high: int = 1024, step: int = 64) -> None:
     """The smallest -m (64 MiB steps) at which the image boots and completes the workflow."""
@@ -351,7 +373,7 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                            f"choose from: {', '.join(SECTIONS)}")
     initramfs = cfg.out_dir / artifacts.initramfs_name(cfg.arch)
     vmlinuz = cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
-    needs_image = {"size", "boot", "ram"} & set(only)
+    needs_image = {"size", "boot", "netboot", "ram"} & set(only)
     if needs_image and not initramfs.is_file():
         raise CaptainError(f"{initramfs} does not exist", "build first: ./build.py")
     report = Report()
@@ -363,6 +385,8 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                     size(report, initramfs, vmlinuz)
                 elif section == "boot":
                     boot(report, cfg, vmlinuz, initramfs, runs, workdir, workflow_file)
+                elif section == "netboot":
+                    netboot(report, cfg, runs, workdir, workflow_file)
                 elif section == "ram":
                     ram_floor(report, cfg, vmlinuz, initramfs, workdir, workflow_file)
                 elif section == "build":

@@ -81,8 +81,8 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--cmdline", dest="iso_cmdline", default=argparse.SUPPRESS, metavar="PARAMS",
                              help="same as --iso-cmdline: kernel parameters baked into the ISO")
         if verb == "bench":
-            sub.add_argument("--only", default=",".join(("size", "boot", "ram", "build", "repro")),
-                             help="comma-separated sections: size, boot, ram, build, repro (default: all)")
+            sub.add_argument("--only", default=",".join(("size", "boot", "netboot", "ram", "build", "repro")),
+                             help="comma-separated sections: size, boot, netboot, ram, build, repro (default: all)")
             sub.add_argument("--runs", type=int, default=3, help="boot runs to take the median of (default 3)")
             sub.add_argument("--output", metavar="FILE", help="also write the Markdown report to FILE")
             sub.add_argument("--workflow", metavar="FILE", default="examples/workflow.yaml",

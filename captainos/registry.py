@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from captainos import cache, log
+from captainos import cache, log, run
 from captainos.errors import CaptainError
 from captainos.oci import Credentials
-from captainos.run import Runner, base_env, quote
+from captainos.run import Runner
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 # Addresses the server certificate is valid for: the QEMU user-net host alias and loopback.
@@ -200,11 +200,7 @@ class Registry:
         if self.proc is not None:
             return self
         argv, _, _ = self.runner.wrap(serve_argv(self.config_file), {})
-        log.debug(quote(argv) + f"  (log: {self.log_file})")
-        with self.log_file.open("ab") as sink:
-            # A daemon, not a command that completes: it outlives this call, so run() does not fit.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                         env=base_env(), start_new_session=True)
+        self.proc = run.spawn(argv, self.log_file)
         self.wait_ready(timeout)
         log.info(f"    {self.name} listening on {self.host_address}" + (" (auth)" if self.creds else ""))
         return self
@@ -240,14 +236,7 @@ class Registry:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        run.stop(proc)
 
     def log_tail(self, lines: int = 30, skip: str = "") -> str:
         """The last lines of the registry log, leaving out those containing `skip` (if given)."""

@@ -104,6 +104,30 @@ def _run_logged(
     return subprocess.CompletedProcess(args, rc)
 
 
+def spawn(argv: Sequence[str | os.PathLike[str]], log_file: Path, *,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a daemon (a server that outlives this call): stdin closed, stdout and stderr
+    appended to log_file, its own session so that a terminal's Ctrl-C reaches only us."""
+    args = [str(a) for a in argv]
+    log.debug(quote(args) + f"  (log: {log_file})")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as sink:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                env=base_env(env), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """TERM a spawned daemon, KILL it if it is still there after grace seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @dataclass(frozen=True)
 class Runner:
     """Runs commands natively; DockerRunner wraps the same argv in the builder container."""

@@ -37,11 +37,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from captainos import agent, artifacts, cache, e2e, log, oci, qemu, registry, syslogd, workflow
+from captainos import agent, artifacts, cache, e2e, log, oci, qemu, registry, run, syslogd, workflow
 from captainos.config import Accel, Arch, Config
 from captainos.errors import CaptainError
 from captainos.lab import kube, netns, tinkerbell
-from captainos.run import Runner, base_env, quote
+from captainos.run import Runner
 
 REGISTRY_PORT = 5000
 AUTH_REGISTRY_PORT = 5001
@@ -207,10 +207,13 @@ def timeline(out: Outcome) -> list[tuple[str, float | None]]:
     printk = e2e.first_line(out.console, r"^\[\s*\d+\.\d+\]") or e2e.first_line(out.firmware_console,
                                                                                    r"^\[\s*\d+\.\d+\]")
     kernel = None if printk is None else printk[0] - float(printk[1].split("]", 1)[0].strip("[ "))
-    agent_start = next((t for t, obj in out.agent_lines() if obj.get("msg") == "starting Agent"), None)
-    acts = [a for t in out.workflow.get("status", {}).get("tasks", []) or [] for a in t.get("actions", []) or []]
-    starts = [s for a in acts if (s := _stamp(str(a.get("executionStart", "")))) is not None]
-    stops = [s for a in acts if (s := _stamp(str(a.get("executionStop", "")))) is not None]
+    # Host-clock times (when Smee received the agent's lines), not the VM's clock: under TCG
+    # the guest's clock is not the host's.
+    agent = out.agent_lines()
+    agent_start = next((t for t, obj in agent if obj.get("msg") == "starting Agent"), None)
+    starts = [t for t, obj in agent if obj.get("msg") == "received action"]
+    stops = [t for t, obj in agent if obj.get("msg") == "reported action status"
+             and obj.get("state") in ("success", "failure", "timeout")]
     script = rf'"uri": "/ipxe/script/{mac}/auto\.ipxe"' if not ip else rf'auto\.ipxe".*"client": "{re.escape(ip)}"'
     marks: list[tuple[str, float | None]] = [
         ("power on", 0.0),
@@ -326,11 +329,7 @@ class Lab:
         argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", "captainos.lab.artifacts_server",
                                                     "--bind", self.network.address, "--port", str(ARTIFACT_PORT),
                                                     "--directory", str(self.artifacts)])
-        log.debug(quote(argv))
-        with (self.root / "http.log").open("ab") as sink:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                    env=base_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2])}),
-                                    start_new_session=True)
+        proc = run.spawn(argv, self.root / "http.log", env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
         deadline = time.monotonic() + 15
         while not tinkerbell.listening(self.network.netns, self.network.address, ARTIFACT_PORT):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -372,8 +371,7 @@ class Lab:
             self.server.stop()
         for reg in self.registries:
             reg.stop()
-        if self.http is not None and self.http.poll() is None:
-            self.http.terminate()
+        run.stop(self.http)
         self.network.destroy(self.runner)
         with contextlib.suppress(FileNotFoundError):
             (self.root / "lab.json").unlink()

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, log
+from captainos import cache, log, run
 from captainos.errors import CaptainError
 from captainos.lab import kube, netns
-from captainos.run import Runner, base_env, quote
+from captainos.run import Runner
 
 API_PORT = 6443
 GRPC_PORT = 42113
@@ -158,13 +158,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> Server:
-        full = netns.exec_argv(self.netns, self.argv)
-        log.debug(quote(full) + f"  (log: {self.log_file})")
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as sink:
-            # A daemon that outlives this call (and, with `lab up`, this process).
-            self.proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                         env=base_env(self.env), start_new_session=True)
+        self.proc = run.spawn(netns.exec_argv(self.netns, self.argv), self.log_file, env=self.env)
         self.wait_ready(timeout)
         return self
 
@@ -190,14 +184,7 @@ class Server:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        run.stop(proc, grace=20)
 
 
 def listening(ns: str, host: str, port: int) -> bool:

@@ -29,9 +29,9 @@ def lab_artifacts(lab_cfg: Config) -> Path:
 
 @pytest.fixture(scope="session")
 def real_lab(lab_cfg: Config, lab_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The real Tinkerbell with both registries and the ISO patcher, up for the whole session."""
+    """The real Tinkerbell with its registry and the ISO patcher, up for the whole session."""
     root = tmp_path_factory.mktemp("lab")
-    with Lab(lab_cfg, artifacts_dir=lab_artifacts, root=root, auth=True, iso=True) as lab:
+    with Lab(lab_cfg, artifacts_dir=lab_artifacts, root=root, iso=True) as lab:
         yield lab
 
 

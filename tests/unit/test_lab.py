@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captainos import agent, config, pins, workflow
+from captainos import agent, config, pins, syslogd, workflow
 from captainos.errors import CaptainError
 from captainos.lab import kube, netns, tinkerbell
 from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
@@ -143,8 +143,13 @@ def outcome(**kw) -> Outcome:
 
 
 def test_timeline_marks_each_netboot_step():
-    wf = {"status": {"state": "SUCCESS", "tasks": [{"actions": [
-        {"name": "a", "executionStart": "1970-01-01T00:16:50Z", "executionStop": "1970-01-01T00:16:55Z"}]}]}}
+    def agent(when: float, **line: str) -> syslogd.Message:
+        return syslogd.Message(6, 6, 1, "", "captain-01", "tink-agent", "", "", "", json.dumps(line), "",
+                               "10.77.0.11", when)
+
+    syslog = [agent(1009.0, msg="starting Agent"), agent(1010.0, msg="received action"),
+              agent(1010.5, msg="reported action status", state="running"),
+              agent(1015.0, msg="reported action status", state="success")]
     # Record shapes as the real Smee logs them (v0.25.0).
     smee = [{"time": "1970-01-01T00:16:41Z", "msg": "sent DHCP response", "mac": "52:54:00:77:00:01", "type": "OFFER",
              "bootFileName": "http://10.77.0.1:7080/ipxe/script/52:54:00:77:00:01/auto.ipxe",
@@ -152,13 +157,14 @@ def test_timeline_marks_each_netboot_step():
             {"time": "1970-01-01T00:16:41.5Z", "msg": "file served", "filename": "52:54:00:77:00:01/undionly.kpxe"},
             {"time": "1970-01-01T00:16:42Z", "msg": "response", "method": "GET",
              "uri": "/ipxe/script/52:54:00:77:00:01/auto.ipxe", "client": "10.77.0.11", "code": 200}]
-    out = outcome(workflow=wf, smee=smee, http=[(1003.0, "GET /vmlinuz-x86_64")],
+    out = outcome(smee=smee, syslog=syslog, http=[(1003.0, "GET /vmlinuz-x86_64")],
                   console=[(1010.0, "[    2.000000] Linux version")])
     marks = dict(timeline(out))
     assert marks["DHCP answered"] == 1.0 and marks["iPXE binary sent"] == 1.5 and marks["iPXE script served"] == 2.0
     assert marks["kernel fetched"] == 3.0 and marks["kernel started"] == 8.0
+    assert marks["agent started"] == 9.0
     assert marks["first action started"] == 10.0 and marks["workflow done"] == 15.0
-    assert marks["agent started"] is None
+    assert dict(timeline(outcome(smee=smee, syslog=syslog[:3])))["workflow done"] is None
 
 
 def test_a_dhcp_answer_for_another_mac_is_not_this_vms():
