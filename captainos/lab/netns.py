@@ -27,6 +27,7 @@ from captainos.run import Runner, run
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 PREFIX = "captainos-"
+BRIDGE_MAC = "02:77:00:00:00:01"  # locally administered; one per namespace, so labs may share it
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 T = TypeVar("T")
 
@@ -122,7 +123,11 @@ class Network:
         return [
             ["ip", "netns", "add", ns],
             ["ip", "-n", ns, "link", "set", "lo", "up"],
-            ["ip", "-n", ns, "link", "add", self.bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0"],
+            # A fixed MAC: a bridge otherwise takes the lowest MAC of its ports, so a VM's tap
+            # joining or leaving changed the lab's address under the other VMs' ARP caches,
+            # and their packets (syslog, seen in a test run) went to the old one for seconds.
+            ["ip", "-n", ns, "link", "add", self.bridge, "address", BRIDGE_MAC, "type", "bridge",
+             "forward_delay", "0", "stp_state", "0"],
             ["ip", "-n", ns, "addr", "add", f"{self.address}/24", "dev", self.bridge],
             ["ip", "-n", ns, "link", "set", self.bridge, "up"],
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import subprocess
 import time
@@ -157,7 +158,19 @@ class Server:
         self.client = client
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def ports(self) -> list[tuple[str, int]]:
+        """The TCP addresses this Tinkerbell will listen on (etcd's on the namespace's loopback)."""
+        def value(flag: str) -> int:
+            return int(self.argv[self.argv.index(flag) + 1])
+        host = self.client.host
+        return [(host, value("--secure-port")), (host, value("--tink-server-bind-port")),
+                (host, value("--http-port")), ("127.0.0.1", 2379), ("127.0.0.1", 2380)]
+
     def start(self, timeout: float = 120.0) -> Server:
+        taken = [f"{h}:{p}" for h, p in self.ports() if listening(self.netns, h, p)]
+        if taken:
+            raise CaptainError(f"Tinkerbell could not start: {', '.join(taken)} already taken in {self.netns}",
+                               "another server listens there; nothing was started")
         self.proc = run.spawn(netns.exec_argv(self.netns, self.argv), self.log_file, env=self.env)
         self.wait_ready(timeout)
         return self
@@ -169,6 +182,10 @@ class Server:
         grpc = int(self.argv[self.argv.index("--tink-server-bind-port") + 1])
         while not (self.client.ready() and listening(self.netns, self.client.host, grpc)):
             if self.proc is not None and self.proc.poll() is not None:
+                taken = re.search(r"listen \w+ ([\d.]+:\d+): bind: address already in use", self.tail(200))
+                if taken:
+                    raise CaptainError(f"Tinkerbell could not start: {taken.group(1)} already taken",
+                                       f"another server listens there in {self.netns}; see {self.log_file}")
                 raise CaptainError(f"tinkerbell exited with code {self.proc.returncode} at start",
                                    f"last lines of {self.log_file}:\n{self.tail(15)}")
             if time.monotonic() > deadline:

@@ -9,15 +9,17 @@ kernel and initramfs with Smee's own command line. Run with `python3 -m pytest -
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from captainos.errors import CaptainError
-from captainos.lab import kube
+from captainos.lab import kube, netns, tinkerbell
 from captainos.lab.lab import Lab, Outcome, Provision
 
 pytestmark = pytest.mark.lab
@@ -280,3 +282,51 @@ def test_a_lab_started_twice_is_refused(real_lab, lab_cfg, lab_artifacts):
     with pytest.raises(CaptainError, match="is already up"):
         twin.up()
     assert real_lab.client is not None and real_lab.client.ready()
+
+
+def test_a_taken_port_stops_tinkerbell_with_one_line(real_lab, tmp_path):
+    """A second Tinkerbell in the first lab's namespace finds its ports taken: one line naming
+    the address, and the process is gone."""
+    assert real_lab.server is not None
+    certs = tinkerbell.Certs(real_lab.root / "pki")
+    argv = tinkerbell.argv(Path(real_lab.server.argv[0]), certs=certs, address=real_lab.network.address,
+                           state=tmp_path, osie_url="http://10.77.0.1:8080")
+    second = tinkerbell.Server(argv, real_lab.network.netns, tmp_path / "tinkerbell.log", real_lab.server.client)
+    with pytest.raises(CaptainError, match=r"Tinkerbell could not start: 10\.77\.0\.1:6443, .* already taken"):
+        second.start(timeout=120)
+    assert second.proc is None  # nothing was started
+    assert real_lab.client is not None and real_lab.client.ready()
+
+
+def test_the_verbs_bring_a_lab_up_and_down(lab_cfg, lab_artifacts, tmp_path):
+    """`lab up`, `lab status`, `lab down` as an operator types them, beside the first lab."""
+    env = {**os.environ, "CAPTAINOS_CACHE": str(lab_cfg.cache_dir), "OUT_DIR": str(lab_artifacts)}
+    build = [sys.executable, str(REPO / "build.py"), "lab"]
+
+    def verb(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*build, *args, "--name", "verbs"], env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+    try:
+        up = verb("up")
+        assert up.returncode == 0, up.stderr
+        assert "kubeconfig:" in up.stdout and "captainos-verbs" in up.stdout
+        assert netns.exists("captainos-verbs")
+        again = verb("up")
+        assert again.returncode == 1 and "lab 'verbs' is already up" in again.stderr
+        assert len([line for line in again.stderr.splitlines() if line.startswith("error")]) == 1
+        status = verb("status")
+        assert status.returncode == 0 and "Tinkerbell at 10.77.0.1" in status.stdout, status.stderr
+    finally:
+        down = verb("down")
+    assert down.returncode == 0, down.stderr
+    assert not netns.exists("captainos-verbs")
+    assert verb("status").returncode == 1
+
+
+def test_a_failure_inside_the_lab_leaves_nothing_running(lab_cfg, lab_artifacts, tmp_path):
+    lab = Lab(lab_cfg, artifacts_dir=lab_artifacts, root=tmp_path / "lab", iso=False)
+    with pytest.raises(RuntimeError, match="boom"), lab:
+        assert netns.pids(lab.network.netns)
+        raise RuntimeError("boom")
+    assert not netns.exists(lab.network.netns)
+    assert lab.server is not None and lab.server.proc is None

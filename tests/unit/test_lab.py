@@ -22,6 +22,8 @@ def test_network_commands_make_a_bridge_and_nothing_else():
     argvs = net.setup_argvs()
     assert argvs[0] == ["ip", "netns", "add", "captainos-lab"]
     assert ["ip", "-n", "captainos-lab", "addr", "add", "10.77.0.1/24", "dev", "br0"] in argvs
+    bridge = next(a for a in argvs if "bridge" in a)
+    assert bridge[bridge.index("address") + 1] == netns.BRIDGE_MAC  # never the lowest port's MAC
     # Nothing touches the host's interfaces, and no route is added.
     assert all(a[:3] == ["ip", "-n", "captainos-lab"] for a in argvs[1:])
     assert not any("route" in a for a in argvs)
