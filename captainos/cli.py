@@ -210,11 +210,11 @@ def _qemu_test(cfg: Config, args: argparse.Namespace) -> None:
 
     host.check(cfg, "qemu-test")
     if args.workflow:
-        from captainos import e2e
+        from captainos.lab import e2e
 
         e2e.run_workflow_file(cfg, args.workflow)
         return
-    from captainos import qemu
+    from captainos.lab import qemu
 
     qemu.interactive(cfg)
 
@@ -234,7 +234,7 @@ def _clean(cfg: Config, args: argparse.Namespace) -> None:
 def _bench(cfg: Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from captainos import bench
+    from captainos.lab import bench
 
     if args.runs < 1:
         raise CaptainError(f"invalid --runs {args.runs}", "use 1 or more")

@@ -38,7 +38,8 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 def lab_config(kernel_source: str, out_dir: Path):  # type: ignore[no-untyped-def]
     """The test profile with the end-to-end harness's CA in the trust store, on the given
     kernel source, writing to out_dir."""
-    from captainos import config, registry
+    from captainos import config
+    from captainos.lab import registry
     from captainos.run import Runner
 
     cache = {k: v for k, v in os.environ.items() if k == "CAPTAINOS_CACHE"}

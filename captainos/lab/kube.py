@@ -19,9 +19,8 @@ from typing import Any
 
 import yaml
 
-from captainos import workflow
 from captainos.errors import CaptainError
-from captainos.lab import netns
+from captainos.lab import netns, workflow
 
 GROUP = "tinkerbell.org/v1alpha1"
 NAMESPACE = "default"

@@ -37,10 +37,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from captainos import agent, artifacts, cache, e2e, log, oci, qemu, registry, run, syslogd, workflow
+from captainos import artifacts, cache, log, run
 from captainos.config import Accel, Arch, Config
 from captainos.errors import CaptainError
-from captainos.lab import kube, netns, tinkerbell
+from captainos.lab import agent, e2e, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
 from captainos.run import Runner
 
 REGISTRY_PORT = 5000

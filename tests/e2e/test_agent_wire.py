@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from captainos import agent, config, workflow
+from captainos import config
+from captainos.lab import agent, workflow
 from captainos.run import Runner, base_env
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from captainos import agent, config, cpio, e2e
+from captainos import config, cpio
+from captainos.lab import agent, e2e
 from captainos.run import Runner
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import image, log, qemu
+from captainos import image, log
 from captainos.config import Accel, Arch, Config
+from captainos.lab import qemu
 from captainos.run import Runner
 
 pytestmark = pytest.mark.integration

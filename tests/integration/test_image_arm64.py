@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import iso, pipeline, qemu
+from captainos import iso, pipeline
 from captainos.config import Accel, Arch, Config
+from captainos.lab import qemu
 from captainos.run import Runner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import bench, cache, iso, pins, qemu
+from captainos import cache, iso, pins
 from captainos.config import Accel, Arch, Config
+from captainos.lab import bench, qemu
 from captainos.run import Runner
 
 pytestmark = pytest.mark.integration

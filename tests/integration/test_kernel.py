@@ -15,7 +15,7 @@ import pytest
 
 from captainos import config, cpio, debian, image, kernel, pipeline
 from captainos.config import Accel, Arch, Config
-from captainos.qemu import Guest, Machine
+from captainos.lab.qemu import Guest, Machine
 from captainos.run import Runner
 
 BUSYBOX = Path("/bin/busybox")

@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from captainos import agent, config, e2e, oci, registry
-from captainos.oci import Credentials
+from captainos import config
+from captainos.lab import agent, e2e, oci, registry
+from captainos.lab.oci import Credentials
 from captainos.run import Runner
 
 pytestmark = [

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos import agent, config, golang, pins
+from captainos import config, golang, pins
 from captainos.config import Arch
 from captainos.errors import CaptainError
+from captainos.lab import agent
 from captainos.run import Runner
 
 

@@ -4,8 +4,9 @@ import subprocess
 
 import pytest
 
-from captainos import bench, cli, cpio
+from captainos import cli, cpio
 from captainos.errors import CaptainError
+from captainos.lab import bench
 
 
 def _tiny_image(tmp_path, name="initramfs-amd64.cpio.zst", payload=b"x" * 5000):
@@ -103,8 +104,8 @@ def test_diff_archives_reports_mtime_only_changes(tmp_path):
 
 
 def test_the_boot_workflow_gets_the_blame_task_and_still_parses(tmp_path):
-    from captainos import workflow
     from captainos.config import REPO
+    from captainos.lab import workflow
 
     out = bench.with_blame(REPO / "examples" / "workflow.yaml", tmp_path / "wf.yaml")
     variables = {"worker_id": "52:54:00:12:34:56", "device_1": "52:54:00:12:34:56", "registry": "10.0.2.2:5000",

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import config, e2e, syslogd
+from captainos import config
 from captainos.errors import CaptainError
+from captainos.lab import e2e, syslogd
 
 MAC = "52:54:00:12:34:56"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captainos import agent, config, pins, syslogd, workflow
+from captainos import config, pins
 from captainos.errors import CaptainError
-from captainos.lab import kube, netns, tinkerbell
+from captainos.lab import agent, kube, netns, syslogd, tinkerbell, workflow
 from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
 
 REPO = Path(__file__).resolve().parents[2]

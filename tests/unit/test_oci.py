@@ -10,9 +10,9 @@ import tarfile
 
 import pytest
 
-from captainos import oci
 from captainos.config import Arch
 from captainos.errors import CaptainError
+from captainos.lab import oci
 
 
 def blob(layout, digest):

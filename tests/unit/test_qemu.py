@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from captainos import qemu
 from captainos.config import Accel, Arch
+from captainos.lab import qemu
 
 
 def _pairs(argv):

@@ -9,8 +9,9 @@ import urllib.request
 import pytest
 import yaml
 
-from captainos import log, registry
-from captainos.oci import Credentials
+from captainos import log
+from captainos.lab import registry
+from captainos.lab.oci import Credentials
 from captainos.run import Runner
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")

@@ -2,7 +2,7 @@
 
 import socket
 
-from captainos import syslogd
+from captainos.lab import syslogd
 
 
 def test_rfc5424_all_fields():

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from captainos import workflow
 from captainos.errors import CaptainError
+from captainos.lab import workflow
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = "52:54:00:12:34:56"

@@ -23,7 +23,7 @@ from types import TracebackType
 
 from captainos import cache, log, run
 from captainos.errors import CaptainError
-from captainos.oci import Credentials
+from captainos.lab.oci import Credentials
 from captainos.run import Runner
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from captainos import artifacts, cache, cpio, log, qemu, segments
+from captainos import artifacts, cache, cpio, log, segments
 from captainos.config import REPO, Accel, Config
 from captainos.errors import CaptainError
+from captainos.lab import qemu
 
 SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro")
 
@@ -203,7 +204,7 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
          workflow_file: Path) -> None:
     """Median of N end-to-end runs: milestones from serial/server timestamps, and the kernel
     floor; `systemd-analyze blame` of the last run."""
-    from captainos import e2e
+    from captainos.lab import e2e
 
     marks: dict[str, list[float]] = defaultdict(list)
     workflow_file = with_blame(workflow_file, workdir / "bench-workflow.yaml")
@@ -258,7 +259,7 @@ def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file
 def ram_floor(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, workdir: Path,
               workflow_file: Path, low: int = 256, high: int = 1024, step: int = 64) -> None:
     """The smallest -m (64 MiB steps) at which the image boots and completes the workflow."""
-    from captainos import e2e
+    from captainos.lab import e2e
 
     def works(mib: int) -> bool:
         trial = dataclasses.replace(cfg, qemu_mem=f"{mib}M")

@@ -30,9 +30,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from captainos import agent, artifacts, cache, log, oci, pins, qemu, registry, syslogd, workflow
+from captainos import artifacts, cache, log, pins
 from captainos.config import Config
 from captainos.errors import CaptainError
+from captainos.lab import agent, oci, qemu, registry, syslogd, workflow
 from captainos.run import Runner
 
 GUEST_HOST = "10.0.2.2"  # the host, as QEMU user networking shows it to the guest
