@@ -193,6 +193,12 @@ def action_states(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
             for a in t.get("actions", []) or []]
 
 
+def conditions(obj: Mapping[str, Any]) -> dict[str, str]:
+    """The Workflow's status conditions, type -> status (the controller's record of what it
+    did, e.g. TemplateRenderedSuccess; v0.25.0 emits no Kubernetes events)."""
+    return {str(c.get("type")): str(c.get("status")) for c in obj.get("status", {}).get("conditions", []) or []}
+
+
 def wait_state(client: Client, name: str, timeout: float, poll: float = 2.0) -> dict[str, Any]:
     """The Workflow once its state is final, or CaptainError after timeout."""
     deadline = time.monotonic() + timeout

@@ -148,7 +148,8 @@ class Outcome:
         return found
 
     def report(self) -> str:
-        lines = [f"workflow {self.name} ({self.mac}): {self.state}", "actions:"]
+        found = ", ".join(f"{k}={v}" for k, v in kube.conditions(self.workflow).items()) or "none"
+        lines = [f"workflow {self.name} ({self.mac}): {self.state}; conditions: {found}", "actions:"]
         for name, state in self.actions():
             lines.append(f"  {name:<24} {state}")
         lines.append("timeline (seconds after power-on):")

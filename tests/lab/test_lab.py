@@ -250,6 +250,10 @@ def test_kexec_request_boots_the_kernel_the_workflow_wrote(real_lab, runs):
 def test_workflow_states_come_from_the_api(real_lab, bios_run):
     obj = real_lab.client.get("workflows", bios_run.name)
     assert kube.workflow_state(obj) == bios_run.state
+    # The controller rendered our Template with the Hardware's MAC for {{.device_1}}.
+    assert kube.conditions(obj).get("TemplateRenderedSuccess") == "True", obj.get("status")
+    task = obj["status"]["tasks"][0]
+    assert task["agentID"] == bios_run.mac
 
 
 # --- bad input: one clear line, nothing made, nothing left running ------------------------------------

@@ -116,6 +116,8 @@ def test_workflow_and_action_states():
     assert kube.workflow_state(obj) == "FAILED"
     assert kube.action_states(obj) == [("a", "SUCCESS"), ("b", "FAILED")]
     assert kube.workflow_state({}) == "" and kube.action_states({}) == []
+    cond = {"status": {"conditions": [{"type": "TemplateRenderedSuccess", "status": "True", "reason": "x"}]}}
+    assert kube.conditions(cond) == {"TemplateRenderedSuccess": "True"} and kube.conditions({}) == {}
 
 
 def test_api_paths():
@@ -206,3 +208,16 @@ def test_tinkerbell_build_joins_api_and_quamina():
     argv = agent.build_argv("go", Path("/o/tinkerbell"), agent.TINKERBELL)
     assert argv == ["go", "build", "-tags=embedded", "-trimpath", "-ldflags=-s -w", "-o", "/o/tinkerbell",
                     "./cmd/tinkerbell"]
+
+
+def test_what_every_vm_of_a_lab_boots_with(tmp_path):
+    """Smee's extra kernel arguments: the agent image; in a lab with credentials the registry,
+    the credentials and loglevel=4 (Debian's kernel prints its command line at notice level)."""
+    cfg = config.Config(cache_dir=tmp_path)
+    plain = Lab(cfg, name="t3").extra_kernel_args("10.77.0.1:5000", "")
+    assert plain == ["tink_worker_image=10.77.0.1:5000/tink-agent:v0.25.0", "captainos.selftest=off"]
+    lab = Lab(cfg, name="t4", auth=True)
+    args = lab.extra_kernel_args("10.77.0.1:5000", "10.77.0.1:5001")
+    assert args[:3] == ["loglevel=4", "docker_registry=10.77.0.1:5001", "registry_username=captain"]
+    assert f"registry_password={lab.password}" in args
+    assert not any(a.startswith("tink_worker_image=") for a in args)  # it would win over docker_registry
