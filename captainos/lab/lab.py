@@ -255,6 +255,7 @@ class Lab:
         self.client: kube.Client | None = None
         self.state: State | None = None
         self._owner = True  # this object made the lab (and takes it down)
+        self._accel: Accel | None = None
 
     # --- bring up --------------------------------------------------------------------------
     def check_artifacts(self) -> None:
@@ -506,10 +507,10 @@ class Lab:
             firmware = OVMF
         if plan.boot == "iso":
             cdrom = self._patched_iso(plan.mac, work)
+        if self._accel is None:  # KVM where a probe kernel really boots under it, once per lab
+            self._accel = qemu.resolve_accel(Arch.AMD64, self.cfg.qemu_accel, self.artifacts / "vmlinuz-x86_64")
         return qemu.Machine(
-            Arch.AMD64, mem=self.cfg.qemu_mem, smp=self.cfg.qemu_smp,
-            accel=qemu.resolve_accel(Arch.AMD64, self.cfg.qemu_accel) if self.cfg.qemu_accel is not Accel.AUTO
-            else Accel.TCG,
+            Arch.AMD64, mem=self.cfg.qemu_mem, smp=self.cfg.qemu_smp, accel=self._accel,
             serial_log=work / "serial0.log", serial2_log=work / "serial1.log", monitor=work / "monitor.sock",
             mac=plan.mac, netdev=f"tap,id=net0,ifname={tap},script=no,downscript=no", disks=(disk,),
             firmware=firmware, cdrom=cdrom, net_boot=cdrom is None, reboot=plan.restart == "reboot",
