@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -310,6 +312,7 @@ def test_the_verbs_bring_a_lab_up_and_down(lab_cfg, lab_artifacts, tmp_path):
     def verb(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*build, *args, "--name", "verbs"], env=env, capture_output=True, text=True,
                               timeout=600, check=False)
+    verb("down")  # a lab of this name left by an earlier, killed run
     try:
         up = verb("up")
         assert up.returncode == 0, up.stderr
@@ -334,3 +337,49 @@ def test_a_failure_inside_the_lab_leaves_nothing_running(lab_cfg, lab_artifacts,
         raise RuntimeError("boom")
     assert not netns.exists(lab.network.netns)
     assert lab.server is not None and lab.server.proc is None
+
+
+def _lab_run(lab_cfg, lab_artifacts, name: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "CAPTAINOS_CACHE": str(lab_cfg.cache_dir), "OUT_DIR": str(lab_artifacts),
+           "QEMU_ACCEL": "tcg"}
+    subprocess.run([sys.executable, str(REPO / "build.py"), "lab", "down", "--name", name], env=env,
+                   capture_output=True, check=False)  # what an earlier, killed run may have left
+    return subprocess.Popen([sys.executable, str(REPO / "build.py"), "lab", "run", str(WORKFLOWS / "hello.yaml"),
+                             "--name", name, "--vm", "12", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_during_a_run_takes_its_lab_down(lab_cfg, lab_artifacts):
+    """`lab run` without `lab up` starts a lab for the run; Ctrl-C while the VM boots stops
+    the VM, Tinkerbell, the registry and the server, and removes the namespace."""
+    proc = _lab_run(lab_cfg, lab_artifacts, "sigint")
+    try:
+        deadline = time.monotonic() + 300
+        while not any("qemu" in _comm(pid) for pid in netns.pids("captainos-sigint")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the VM never started"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not netns.exists("captainos-sigint")
+
+
+def test_a_run_past_its_timeout_is_one_line_and_leaves_nothing(lab_cfg, lab_artifacts):
+    proc = _lab_run(lab_cfg, lab_artifacts, "late", "--timeout", "5")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "after 5s" in errors[0], err
+    assert not netns.exists("captainos-late")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return ""
