@@ -344,9 +344,12 @@ def _lab_run(lab_cfg, lab_artifacts, name: str, *args: str) -> subprocess.Popen[
            "QEMU_ACCEL": "tcg"}
     subprocess.run([sys.executable, str(REPO / "build.py"), "lab", "down", "--name", name], env=env,
                    capture_output=True, check=False)  # what an earlier, killed run may have left
+    # SIGINT back to its default in the child: a runner that started us in the background
+    # (a non-interactive shell's `&`) leaves it ignored, and Python then never raises Ctrl-C.
     return subprocess.Popen([sys.executable, str(REPO / "build.py"), "lab", "run", str(WORKFLOWS / "hello.yaml"),
                              "--name", name, "--vm", "12", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_during_a_run_takes_its_lab_down(lab_cfg, lab_artifacts):
