@@ -97,6 +97,7 @@ class Provision:
     restart: str = ""  # the workflow ends in a restart request: "reboot" or "kexec"; wait until it is seen
     restart_timeout: float = 300.0
     registry_delay: float = 0.0  # stop the registries before power-on and start them this much later
+    mem: str = ""  # guest memory (QEMU's -m); empty: the config's qemu_mem
 
     @property
     def mac(self) -> str:
@@ -510,7 +511,7 @@ class Lab:
         if self._accel is None:  # KVM where a probe kernel really boots under it, once per lab
             self._accel = qemu.resolve_accel(Arch.AMD64, self.cfg.qemu_accel, self.artifacts / "vmlinuz-x86_64")
         return qemu.Machine(
-            Arch.AMD64, mem=self.cfg.qemu_mem, smp=self.cfg.qemu_smp, accel=self._accel,
+            Arch.AMD64, mem=plan.mem or self.cfg.qemu_mem, smp=self.cfg.qemu_smp, accel=self._accel,
             serial_log=work / "serial0.log", serial2_log=work / "serial1.log", monitor=work / "monitor.sock",
             mac=plan.mac, netdev=f"tap,id=net0,ifname={tap},script=no,downscript=no", disks=(disk,),
             firmware=firmware, cdrom=cdrom, net_boot=cdrom is None, reboot=plan.restart == "reboot",

@@ -64,16 +64,18 @@ class Sandbox:
     def run(self, program: str | Path, *args: str, timeout: float = 30) -> Result:
         path = Path(program) if os.sep in str(program) else PROGRAMS / str(program)
         env = {"PATH": f"{self.bin}:/usr/bin:/bin", "ROOT": str(self.root), "CMDLINE_FILE": str(self.cmdline_file),
-               "CAPTAINOS_LIB": str(LIB), "HOME": str(self.tmp), **self.env}
+               "CAPTAINOS_LIB": str(LIB), "HOME": str(self.tmp), "CAP_CONSOLE": str(self.tmp / "console"),
+               "AGENT_MACHINE": "x86_64", **self.env}
+        # Working directory "/", as systemd runs them: a glob in a value would match real paths.
         proc = subprocess.run(["bash", str(path), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False)
+                              stdin=subprocess.DEVNULL, check=False, cwd="/")
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def bash(self, script: str) -> Result:
+    def bash(self, script: str, timeout: float = 30) -> Result:
         """Run a bash snippet with lib.sh sourced."""
         snippet = self.tmp / "snippet.sh"
         snippet.write_text(f'set -euo pipefail\n. "$CAPTAINOS_LIB"\n{script}\n')
-        return self.run(snippet)
+        return self.run(snippet, timeout=timeout)
 
 
 @pytest.fixture

@@ -54,3 +54,10 @@ def test_network_setup_marks_an_ipam_host_name(sandbox):
     assert sandbox.run("network-setup").returncode == 0
     assert (sandbox.root / "run/captainos/hostname-from-ipam").exists()
     assert hostname(sandbox) == "named"
+
+
+def test_name_too_long_for_the_kernel_is_refused(sandbox):
+    prepare(sandbox, {"2": f"HOSTNAME={'n' * 65}\n"})
+    result = sandbox.run("dhcp-hostname")
+    assert hostname(sandbox) == "localhost"
+    assert result.messages("warning") == ["ignoring an invalid host name from DHCP"]

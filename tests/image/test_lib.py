@@ -100,3 +100,39 @@ def test_write_file_creates_the_mode_before_the_content(sandbox):
     result = sandbox.bash('printf secret | cap_write_file "$ROOT/run/x/secret" 0600; stat -c %a "$ROOT/run/x/secret"')
     assert result.stdout.strip() == "600"
     assert (sandbox.root / "run/x/secret").read_text() == "secret"
+
+
+# Values are matched as text, never expanded against the file system (the programs run in "/").
+@pytest.mark.parametrize(("check", "value"), [("cap_is_hostname", "[b]in"), ("cap_is_hostname", "[e]tc.[u]sr"),
+                                              ("cap_is_hostname", "*"), ("cap_is_hostport", "[p]roc:80"),
+                                              ("cap_is_hostport", "sys/*/*/*/*/*/*/*/*"),
+                                              ("cap_is_machine_hostname", "[b]in")])
+def test_glob_characters_are_refused_quickly(sandbox, check, value):
+    result = sandbox.bash(f"{check} '{value}'", timeout=5)
+    assert result.returncode != 0
+
+
+def test_programs_never_expand_globs(sandbox):
+    result = sandbox.bash('list="*"; for x in $list; do printf "%s\\n" "$x"; done')
+    assert result.stdout.splitlines() == ["*"]
+
+
+@pytest.mark.parametrize(("value", "ok"), [("a" * 30 + "." + "b" * 33, True), ("a" * 30 + "." + "b" * 34, False),
+                                           ("node-1.example", True), ("x." * 31 + "yz", True),
+                                           ("x." * 32 + "y", False), ("-a", False)])
+def test_machine_hostname_fits_the_kernel(sandbox, value, ok):
+    # The kernel keeps at most 64 bytes of a host name and cuts the rest silently.
+    assert (sandbox.bash(f"cap_is_machine_hostname '{value}'").returncode == 0) is ok
+
+
+@pytest.mark.parametrize(("cmdline", "verbatim"), [
+    ("registry_password=plain", True), ('registry_password="with space"', True),
+    ('"registry_password=with space"', True), ("quiet", True),
+    ('registry_password=pa"ss', False), ('registry_password="a"b"', False), ('registry_password=ab"', False),
+    ('registry_password="x" other=1', True), ('registry_password=a"b c"d', False),
+])
+def test_a_value_with_a_quote_inside_is_not_verbatim(sandbox, cmdline, verbatim):
+    sandbox.cmdline(cmdline)
+    name = "quiet" if cmdline == "quiet" else "registry_password"
+    result = sandbox.bash(f"cap_cmdline_load\ncap_param_verbatim {name}")
+    assert (result.returncode == 0) is verbatim

@@ -84,6 +84,12 @@ def test_ipam_without_dns_warns_but_applies(sandbox):
     ("de-ad-be-ef-fe-ed::192.168.2.3:24:gw::::", "invalid gateway"),
     ("de-ad-be-ef-fe-ed::192.168.2.3:24::bad_host:::", "invalid hostname"),
     ("de-ad-be-ef-fe-ed::192.168.2.3:24:::1.1.1::", "invalid DNS"),
+    # From "/", these globs match real directories; they must be refused as text.
+    ("de-ad-be-ef-fe-ed::192.168.2.3:24::[b]in:::", "invalid hostname"),
+    ("de-ad-be-ef-fe-ed::192.168.2.3:24:::1.1.1.1:[e]tc:", "invalid search domain"),
+    ("de-ad-be-ef-fe-ed::192.168.2.3:24:::1.1.1.1::[p]roc", "invalid NTP"),
+    # The kernel keeps 64 bytes of a host name and would cut the rest silently.
+    (f"de-ad-be-ef-fe-ed::192.168.2.3:24::{'h' * 65}:::", "invalid hostname"),
 ])
 def test_bad_ipam_is_one_error_line_and_dhcp_stays(sandbox, value, why):
     files, sb = setup(sandbox, f"console=ttyS0 ipam={value}\n")

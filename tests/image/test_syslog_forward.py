@@ -1,33 +1,115 @@
-"""syslog-forward: a unit's journal to the remote syslog host as RFC 5424 over UDP."""
+"""syslog-forward: a unit's journal to the remote syslog host as RFC 5424 over UDP, each
+entry once (a saved cursor), with the DHCP host name applied first."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.image.conftest import PROGRAMS
 
-def fake_tools(sandbox):
-    sandbox.fake("journalctl", 'echo "line one"; echo "line two"')
-    sandbox.fake("logger", f'cat >"{sandbox.tmp}/sent"')
+
+def fake_tools(sandbox, *, logger_fails: bool = False):
+    """journalctl serves the entries of `journal` (one "cursor<TAB>message" a line) after the
+    --after-cursor it is given, ending with "-- cursor: <last>" like --show-cursor; logger
+    appends what it is sent, with the host name of the moment, to `sent`."""
+    (sandbox.tmp / "journal").touch(exist_ok=True)
+    sandbox.fake("journalctl", f"""
+after=""
+while (($#)); do [[ $1 == --after-cursor ]] && after=$2; shift; done
+[[ -z $after ]] || grep -q "^$after	" "{sandbox.tmp}/journal" || {{ echo "Failed to seek to cursor" >&2; exit 1; }}
+awk -F'\\t' -v after="$after" 'after == "" || seen {{ print $2; last = $1 }} $1 == after {{ seen = 1 }}
+    END {{ if (last != "") print "-- cursor: " last }}' "{sandbox.tmp}/journal"
+""")
+    fail = "exit 1" if logger_fails else ""
+    sandbox.fake("logger", f'{fail}\nsed "s/^/$(cat {sandbox.root}/proc/sys/kernel/hostname) /" >>"{sandbox.tmp}/sent"')
+    (sandbox.root / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
+    (sandbox.root / "proc/sys/kernel/hostname").write_text("localhost\n")
+    sandbox.env.update({"ROUNDS": "1", "DHCP_HOSTNAME": str(PROGRAMS / "dhcp-hostname")})
+
+
+def journal(sandbox, *messages: str) -> None:
+    path = sandbox.tmp / "journal"
+    count = len(path.read_text().splitlines())
+    with path.open("a") as handle:
+        for i, message in enumerate(messages, start=count + 1):
+            handle.write(f"s=abc;i={i}\t{message}\n")
+
+
+def sent(sandbox) -> list[str]:
+    path = sandbox.tmp / "sent"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def call(sandbox, name):
-    """The recorded call of one side of the pipeline (both sides start concurrently)."""
     return next(line for line in sandbox.call_lines() if line.startswith(name + " "))
 
 
 def test_forwards_the_unit_log_with_rfc5424_over_udp(sandbox):
     fake_tools(sandbox)
+    journal(sandbox, "line one", "line two")
     sandbox.cmdline("syslog_host=10.0.2.2 facility=kern\n")
     result = sandbox.run("syslog-forward", "tink-agent")
     assert result.returncode == 0, result.stderr
-    journal, logger = call(sandbox, "journalctl"), call(sandbox, "logger")
-    assert journal == "journalctl --boot --follow --lines=all --output=cat --unit=tink-agent.service"
-    assert logger == "logger --rfc5424=notq --udp --server 10.0.2.2 --port 514 --tag tink-agent --priority user.info"
-    assert (sandbox.tmp / "sent").read_text() == "line one\nline two\n"
+    assert call(sandbox, "journalctl") == ("journalctl --boot --quiet --output=cat --show-cursor "
+                                           "--unit=tink-agent.service")
+    assert call(sandbox, "logger") == ("logger --rfc5424=notq --udp --server 10.0.2.2 --port 514 --tag tink-agent "
+                                       "--priority user.info")
+    assert sent(sandbox) == ["localhost line one", "localhost line two"]
+
+
+def test_a_restart_sends_only_what_is_new(sandbox):
+    fake_tools(sandbox)
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    journal(sandbox, "one", "two")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0  # nothing new: nothing sent
+    journal(sandbox, "three")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["one", "two", "three"]
+    cursor = sandbox.root / "run/captainos/syslog/tink-agent.cursor"
+    assert cursor.read_text() == "s=abc;i=3\n"
+
+
+def test_a_failed_send_is_sent_again_not_skipped(sandbox):
+    fake_tools(sandbox, logger_fails=True)
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    journal(sandbox, "one")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode != 0
+    assert not (sandbox.root / "run/captainos/syslog/tink-agent.cursor").exists()
+    fake_tools(sandbox)
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["one"]
+
+
+def test_an_unknown_cursor_starts_over_instead_of_stalling(sandbox):
+    fake_tools(sandbox)
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    journal(sandbox, "one")
+    cursor = sandbox.root / "run/captainos/syslog/tink-agent.cursor"
+    cursor.parent.mkdir(parents=True)
+    cursor.write_text("s=gone;i=99\n")
+    sandbox.env["ROUNDS"] = "2"
+    result = sandbox.run("syslog-forward", "tink-agent")
+    assert result.returncode == 0, result.stderr
+    assert result.messages("warning") == [
+        "the saved journal position is unusable; forwarding from the start of the boot"]
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["one"]
+
+
+def test_the_dhcp_host_name_is_applied_before_the_first_line(sandbox):
+    fake_tools(sandbox)
+    leases = sandbox.root / "run/systemd/netif/leases"
+    leases.mkdir(parents=True)
+    (leases / "2").write_text("ADDRESS=10.0.2.15\nHOSTNAME=from-dhcp\n")
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    journal(sandbox, "first")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert sent(sandbox) == ["from-dhcp first"]
 
 
 def test_custom_port(sandbox):
     fake_tools(sandbox)
+    journal(sandbox, "x")
     sandbox.cmdline("syslog_host=logs.example syslog_port=5514")
     assert sandbox.run("syslog-forward", "tink-agent-setup").returncode == 0
     assert "--server logs.example --port 5514 --tag tink-agent-setup" in call(sandbox, "logger")
@@ -35,6 +117,7 @@ def test_custom_port(sandbox):
 
 def test_bad_port_falls_back_to_514_with_a_warning(sandbox):
     fake_tools(sandbox)
+    journal(sandbox, "x")
     sandbox.cmdline("syslog_host=logs.example syslog_port=99999")
     result = sandbox.run("syslog-forward", "tink-agent")
     assert result.returncode == 0

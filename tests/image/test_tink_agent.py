@@ -5,39 +5,61 @@ from __future__ import annotations
 import base64
 import json
 import stat
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
-    from tests.image.conftest import Sandbox
+    from tests.image.conftest import Result, Sandbox
 
 
 PASSWORD = "s3cr3t-pa55"  # a test value that must never appear in logs
 
 
+ELF_ARM64 = b"\x7fELF\x02\x01\x01" + bytes(11) + b"\xb7\x00" + bytes(44)  # an aarch64 ELF header
+
+
 def fake_runtime(sandbox: Sandbox, *, fail_pulls: int = 0, agent_path: str = "tink-agent",
-                 containerd_down: int = 0) -> None:
+                 containerd_down: int = 0, agent_source: str = "/bin/true",
+                 pull_errors: tuple[str, ...] = ("dial tcp: connection refused",),
+                 fail_creates: int = 0, fail_copies: int = 0) -> None:
     """ctr and nerdctl fakes: containerd answers only after `containerd_down` tries; nerdctl
-    pull fails `fail_pulls` times first; the image holds the agent at agent_path; both record
-    their environment."""
+    pull fails `fail_pulls` times first, with the n-th of `pull_errors` (the last repeats);
+    create fails `fail_creates` times and cp `fail_copies` times (a full /run); the image holds
+    agent_source (copied with cp -a: a file, a directory or a symlink) at agent_path; both
+    record their environment."""
+    (sandbox.tmp / "pull-errors").write_text("\n".join(pull_errors) + "\n")
     sandbox.fake("nerdctl", f"""
+count() {{
+  local n; n=$(cat "{sandbox.tmp}/$1" 2>/dev/null || echo 0); echo $((n + 1)) >"{sandbox.tmp}/$1"; echo "$n"
+}}
 case "$*" in
   *" version"*)
-    tries=$(cat "{sandbox.tmp}/versions" 2>/dev/null || echo 0)
-    echo $((tries + 1)) >"{sandbox.tmp}/versions"
-    if [[ $tries -lt {containerd_down} ]]; then exit 1; fi ;;
+    if [[ $(count versions) -lt {containerd_down} ]]; then exit 1; fi ;;
 esac
 case "$*" in
   *" pull "*)
     env | grep -E '^(DOCKER_CONFIG|HTTPS?_PROXY|NO_PROXY|https?_proxy)=' | sed 's/^/env /' >>"{sandbox.calls}"
-    count=$(cat "{sandbox.tmp}/pulls" 2>/dev/null || echo 0)
-    echo $((count + 1)) >"{sandbox.tmp}/pulls"
-    if [[ $count -lt {fail_pulls} ]]; then echo "dial tcp: connection refused" >&2; exit 1; fi ;;
+    # The credentials as the pull sees them (the setup deletes them when it ends).
+    if [[ -n ${{DOCKER_CONFIG:-}} ]]; then
+      stat -c 'auth %a %n' "$DOCKER_CONFIG" "$DOCKER_CONFIG"/* >>"{sandbox.calls}"
+      cp "$DOCKER_CONFIG/config.json" "{sandbox.tmp}/seen-auth.json"
+    fi
+    n=$(count pulls)
+    if [[ $n -lt {fail_pulls} ]]; then
+      errors=(); mapfile -t errors <"{sandbox.tmp}/pull-errors"
+      (( n < ${{#errors[@]}} )) || n=$((${{#errors[@]}} - 1))
+      echo "${{errors[$n]}}" >&2; exit 1
+    fi ;;
   *" version"*) exit 0 ;;  # containerd answers
   *" inspect "*) exit 1 ;;
-  *" cp tink-agent-extract:/{agent_path} "*) printf '#!/bin/sh\\necho agent\\n' >"${{@: -1}}" ;;
-  *" cp "*) echo "no such file" >&2; exit 1 ;;
+  *" create "*)
+    if [[ $(count creates) -lt {fail_creates} ]]; then echo "connection refused" >&2; exit 1; fi ;;
+  *" cp tink-agent-extract:/{agent_path} "*)
+    if [[ $(count copies) -lt {fail_copies} ]]; then echo "write ${{@: -1}}: no space left on device" >&2; exit 1; fi
+    cp -a "{agent_source}" "${{@: -1}}" ;;
+  *" cp "*) echo "Error: could not find the file in container: no such file or directory" >&2; exit 1 ;;
 esac
 """)
     sandbox.fake("sleep")  # records the back-off delays without waiting
@@ -62,8 +84,9 @@ def test_pull_and_extract_from_tink_worker_image(sandbox):
     assert pull[0].endswith("pull --quiet 10.0.2.2:5000/tink-agent:v1")
     agent = sandbox.root / "run/captainos/tink-agent"
     assert stat.S_IMODE(agent.stat().st_mode) == 0o755
-    assert "agent" in agent.read_text()
+    assert agent.read_bytes() == Path("/bin/true").read_bytes()
     assert "agent binary extracted" in result.messages("info")
+    assert sorted(p.name for p in (sandbox.root / "run/captainos").iterdir()) == ["tink-agent"]  # no leftovers
     nerd = calls(sandbox, "nerdctl")
     assert any(" create --net none --name tink-agent-extract 10.0.2.2:5000/tink-agent:v1" in c for c in nerd)
     assert nerd[-1].endswith("rm --force tink-agent-extract")  # the helper container is gone
@@ -89,9 +112,10 @@ def test_image_without_agent_fails_clearly(sandbox):
     fake_runtime(sandbox, agent_path="opt/other")
     sandbox.cmdline("tink_worker_image=reg.local/agent:1")
     result = sandbox.run("tink-agent-setup")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert result.messages("error") == ["the agent image has no tink-agent binary"]
     assert not (sandbox.root / "run/captainos/tink-agent").exists()
+    assert calls(sandbox, "sleep") == []
 
 
 def test_pull_retries_with_back_off_until_the_registry_answers(sandbox):
@@ -100,10 +124,104 @@ def test_pull_retries_with_back_off_until_the_registry_answers(sandbox):
     result = sandbox.run("tink-agent-setup")
     assert result.returncode == 0, result.stderr
     assert len(pulls(sandbox)) == 4
+    # A registry that does not answer yet may come: a warning once, then one info line a try.
     retries = [e for e in result.logs() if e["msg"] == "pull failed, retrying"]
-    assert [e["attempt"] for e in retries] == ["1", "2", "3"]
+    assert [e["attempt"] for e in retries] == ["1"]
     assert "connection refused" in retries[0]["error"]
+    assert [e["attempt"] for e in result.logs() if e["msg"] == "pull failed again"] == ["2", "3"]
+    assert result.messages("error") == []
     assert calls(sandbox, "sleep") == ["sleep 2", "sleep 4", "sleep 8"]
+
+
+# Messages of containerd 2.2's resolver and unpacker as nerdctl 2.2.1 prints them.
+@pytest.mark.parametrize(("error", "reason"), [
+    ('time="x" level=fatal msg="failed to resolve reference \\"reg.local/agent:1\\": reg.local/agent:1: not found"',
+     "not found"),
+    ('failed to resolve reference \\"reg.local/agent:1\\": unexpected status from HEAD request to '
+     'https://reg.local/v2/agent/manifests/1: 401 Unauthorized', "unauthorized"),
+    ("failed to extract layer: no match for platform in manifest: not found", "no variant for this machine"),
+    ("tls: failed to verify certificate: x509: certificate signed by unknown authority", "certificate"),
+])
+def test_permanent_pull_errors_are_errors_once_per_change_and_on_the_console(sandbox, error, reason):
+    fake_runtime(sandbox, fail_pulls=4, pull_errors=(error,))
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr  # it healed: the image appeared on the 5th try
+    errors = [e for e in result.logs() if e["level"] == "error"]
+    assert len(errors) == 1 and reason in errors[0]["msg"]
+    assert errors[0]["msg"].startswith("cannot pull the agent image: ")
+    assert [e["attempt"] for e in result.logs() if e["msg"] == "pull failed again"] == ["2", "3", "4"]
+    console = (sandbox.tmp / "console").read_text().splitlines()
+    assert len(console) == 2 and reason in console[0] and "pulled reg.local/agent:1 after 5 attempts" in console[1]
+
+
+def test_a_new_reason_is_logged_again(sandbox):
+    fake_runtime(sandbox, fail_pulls=3, pull_errors=("reg.local/agent:1: not found", "reg.local/agent:1: not found",
+                                                      "dial tcp: connection refused"))
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    levels = [(e["level"], e["msg"]) for e in result.logs() if e["msg"].startswith(("cannot pull", "pull failed"))]
+    assert levels == [("error", "cannot pull the agent image: the image does not exist on the registry (not found)"),
+                      ("info", "pull failed again"), ("warning", "pull failed, retrying")]
+
+
+def test_failures_after_the_pull_are_retried(sandbox):
+    fake_runtime(sandbox, fail_creates=2, fail_copies=1)
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    retries = [e for e in result.logs() if e["msg"] == "extracting the agent failed, retrying"]
+    assert [e["attempt"] for e in retries] == ["1", "2", "3"]
+    assert "creating the helper container" in retries[0]["error"]
+    assert "no space left on device" in retries[2]["error"]
+    assert calls(sandbox, "sleep") == ["sleep 2", "sleep 4", "sleep 8"]
+    assert (sandbox.root / "run/captainos/tink-agent").read_bytes() == Path("/bin/true").read_bytes()
+    assert sorted(p.name for p in (sandbox.root / "run/captainos").iterdir()) == ["tink-agent"]
+
+
+def unusable(sandbox: Sandbox, source: Path) -> Result:
+    fake_runtime(sandbox, agent_source=str(source))
+    sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+    return sandbox.run("tink-agent-setup")
+
+
+def assert_refused(sandbox: Sandbox, result: Result, why: str) -> None:
+    assert result.returncode == 2, result.stderr
+    errors = result.messages("error")
+    assert len(errors) == 1 and why in errors[0], errors
+    assert list((sandbox.root / "run/captainos").iterdir()) == []  # nothing installed, nothing left
+    assert calls(sandbox, "sleep") == []  # no loop
+    assert "refusing the agent image reg.local/agent:1" in (sandbox.tmp / "console").read_text()
+
+
+def test_an_agent_for_another_architecture_is_refused(sandbox):
+    other = sandbox.tmp / "arm64-agent"
+    other.write_bytes(ELF_ARM64)
+    assert_refused(sandbox, unusable(sandbox, other), "built for another architecture")
+
+
+def test_a_script_is_not_an_agent(sandbox):
+    script = sandbox.tmp / "script"
+    script.write_text("#!/bin/sh\necho agent\n")
+    assert_refused(sandbox, unusable(sandbox, script), "not a 64-bit little-endian ELF executable")
+
+
+def test_a_directory_is_refused(sandbox):
+    folder = sandbox.tmp / "folder"
+    folder.mkdir()
+    (folder / "x").write_text("x")
+    assert_refused(sandbox, unusable(sandbox, folder), "a directory")
+
+
+def test_a_symlink_is_refused_and_its_target_untouched(sandbox):
+    host_file = sandbox.tmp / "shadow"
+    host_file.write_text("root:*:1::::::\n")
+    host_file.chmod(0o600)
+    link = sandbox.tmp / "link"
+    link.symlink_to(host_file)
+    assert_refused(sandbox, unusable(sandbox, link), "symbolic link")
+    assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
 
 
 def test_back_off_is_capped_and_never_gives_up(sandbox):
@@ -152,18 +270,39 @@ def test_insecure_registries_get_hosts_toml(sandbox):
     assert "--insecure-registry" in pulls(sandbox)[0]
 
 
+def test_insecure_registries_glob_writes_nothing(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("tink_worker_image=10.0.2.2:5000/agent:1 insecure_registries=*,[e]tc")
+    result = sandbox.run("tink-agent-setup", timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert not (sandbox.root / "etc/containerd/certs.d").exists()
+    assert len(result.messages("error")) == 2
+    assert "--insecure-registry" not in pulls(sandbox)[0]
+
+
+def test_docker_registry_glob_is_refused_at_once(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("docker_registry=sys/*/*/*/*/*/*/*/*")
+    result = sandbox.run("tink-agent-setup", timeout=5)
+    assert result.returncode != 0
+    assert len(result.messages("error")) == 1
+    assert pulls(sandbox) == []
+
+
 def test_credentials_go_to_a_private_file_for_their_registry_only(sandbox):
     fake_runtime(sandbox)
     sandbox.cmdline(f"docker_registry=reg.local:5000 registry_username=admin registry_password={PASSWORD}\n")
     result = sandbox.run("tink-agent-setup")
     assert result.returncode == 0, result.stderr
     auth_dir = sandbox.root / "run/captainos/registry-auth"
-    config = auth_dir / "config.json"
-    assert stat.S_IMODE(auth_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE(config.stat().st_mode) == 0o600
-    auth = json.loads(config.read_text())["auths"]["reg.local:5000"]["auth"]
+    # What the pull saw: a private directory and file...
+    assert f"auth 700 {auth_dir}" in sandbox.call_lines()
+    assert f"auth 600 {auth_dir}/config.json" in sandbox.call_lines()
+    auth = json.loads((sandbox.tmp / "seen-auth.json").read_text())["auths"]["reg.local:5000"]["auth"]
     assert base64.b64decode(auth).decode() == f"admin:{PASSWORD}"
     assert f"env DOCKER_CONFIG={auth_dir}" in sandbox.call_lines()
+    # ...deleted once the agent is in place.
+    assert not auth_dir.exists()
     everything_visible = result.stderr + result.stdout + "\n".join(sandbox.call_lines())
     assert PASSWORD not in everything_visible
     assert "admin" not in result.stderr
@@ -185,7 +324,29 @@ def test_credentials_follow_the_image_host_without_docker_registry(sandbox):
     fake_runtime(sandbox)
     sandbox.cmdline(f"tink_worker_image=reg.local/agent:1 registry_username=u registry_password={PASSWORD}")
     assert sandbox.run("tink-agent-setup").returncode == 0
-    assert (sandbox.root / "run/captainos/registry-auth/config.json").is_file()
+    assert (sandbox.tmp / "seen-auth.json").is_file()
+    assert not (sandbox.root / "run/captainos/registry-auth").exists()
+
+
+def test_a_password_with_a_quote_is_refused_not_changed(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline('tink_worker_image=reg.local/agent:1 registry_username=u registry_password=pa"ss word" x=1')
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr  # the pull goes on without credentials
+    assert not (sandbox.tmp / "seen-auth.json").exists()
+    errors = result.messages("error")
+    assert len(errors) == 1 and "double quote" in errors[0]
+    assert "ss word" not in result.stderr
+
+
+def test_credentials_are_deleted_when_the_setup_fails(sandbox):
+    script = sandbox.tmp / "script"
+    script.write_text("#!/bin/sh\n")
+    fake_runtime(sandbox, agent_source=str(script))
+    sandbox.cmdline(f"tink_worker_image=reg.local/agent:1 registry_username=u registry_password={PASSWORD}")
+    assert sandbox.run("tink-agent-setup").returncode == 2
+    assert (sandbox.tmp / "seen-auth.json").is_file()
+    assert not (sandbox.root / "run/captainos/registry-auth").exists()
 
 
 def test_proxies_reach_the_pull(sandbox):
@@ -249,6 +410,16 @@ def test_agent_refuses_to_start_without_server_or_id(sandbox, cmdline, why):
     assert result.returncode == 2
     assert len(result.messages("error")) == 1 and why in result.messages("error")[0]
     assert not (sandbox.tmp / "argv").exists()
+
+
+def test_agent_start_deletes_leftover_credentials(sandbox):
+    fake_agent(sandbox)
+    auth = sandbox.root / "run/captainos/registry-auth"
+    auth.mkdir()
+    (auth / "config.json").write_text("{}")
+    sandbox.cmdline("grpc_authority=t:1 worker_id=x")
+    assert sandbox.run("tink-agent-start").returncode == 0
+    assert not auth.exists()
 
 
 def test_agent_start_without_binary_says_setup_did_not_run(sandbox):

@@ -7,12 +7,19 @@
 #   ROOT          prefix for every file a program reads or writes (default: the real root)
 #   CAP_PROGRAM   the "prog" field of log lines (default: the script's file name)
 
+# Values from the command line and DHCP are split on "," "." ":" in loops; with globbing on,
+# a value like "[b]in" or "*" would be matched against the working directory ("/" under
+# systemd). No program here expands a glob on purpose, so globbing is off everywhere.
+set -o noglob
+
 CMDLINE_FILE=${CMDLINE_FILE:-/proc/cmdline}
 ROOT=${ROOT:-}
 CAP_PROGRAM=${CAP_PROGRAM:-${0##*/}}
 
-# Parameters of the kernel command line, name -> value ("" for a bare word like "quiet").
+# Parameters of the kernel command line, name -> value ("" for a bare word like "quiet"),
+# and name -> the word as written, quotes included.
 declare -gA CAP_PARAMS=()
+declare -gA CAP_RAW=()
 
 # Print $1 as the inside of a JSON string: escape backslash and quote, encode the usual
 # control characters, and replace any other control character by "?".
@@ -39,6 +46,13 @@ cap_log() {
     done
     printf '%s}\n' "$line" >&2
 }
+# cap_console MESSAGE: one plain line on the system console, for the operator watching the
+# machine (the journal has the details). CAP_CONSOLE overrides the device in tests.
+cap_console() {
+    local console=${CAP_CONSOLE:-/dev/console}
+    # A console that cannot be opened (none attached) must not fail the program.
+    { printf 'captainos: %s: %s\n' "$CAP_PROGRAM" "$1" >>"$console"; } 2>/dev/null || return 0
+}
 cap_info() { cap_log info "$@"; }
 cap_warn() { cap_log warning "$@"; }
 cap_error() { cap_log error "$@"; }
@@ -47,8 +61,9 @@ cap_error() { cap_log error "$@"; }
 # quotes are dropped (as the kernel does), each word is split on its FIRST "=" so values may
 # contain "=", a trailing newline is ignored, and the last occurrence of a name wins.
 cap_cmdline_load() {
-    local text word="" in_quote=0 i c
+    local text word="" raw="" in_quote=0 i c
     CAP_PARAMS=()
+    CAP_RAW=()
     if [[ ! -r $CMDLINE_FILE ]]; then
         cap_error "cannot read the kernel command line" file="$CMDLINE_FILE"
         return 1
@@ -58,24 +73,46 @@ cap_cmdline_load() {
         c=${text:i:1}
         if [[ $c == '"' ]]; then
             in_quote=$((1 - in_quote))
+            raw+=$c
         elif [[ $in_quote -eq 0 && ( $c == ' ' || $c == $'\t' || $c == $'\n' ) ]]; then
-            _cap_cmdline_store "$word"
+            _cap_cmdline_store "$word" "$raw"
             word=""
+            raw=""
         else
             word+=$c
+            raw+=$c
         fi
     done
-    _cap_cmdline_store "$word"
+    _cap_cmdline_store "$word" "$raw"
 }
 
 _cap_cmdline_store() {
-    local word=$1
+    local word=$1 raw=$2 name
     [[ -n $word ]] || return 0
+    name=${word%%=*}
     if [[ $word == *=* ]]; then
-        CAP_PARAMS["${word%%=*}"]=${word#*=}
+        CAP_PARAMS["$name"]=${word#*=}
     else
-        CAP_PARAMS["$word"]=""
+        CAP_PARAMS["$name"]=""
     fi
+    CAP_RAW["$name"]=$raw
+}
+
+# cap_param_verbatim NAME: succeed when the value of NAME is exactly what was written: its
+# word holds no double quote, or one pair around the whole word or around the value. Any
+# other quote changes the value on its way through the kernel (it joins words), so a secret
+# holding one cannot be passed on the command line.
+cap_param_verbatim() {
+    local raw=${CAP_RAW["$1"]-}
+    [[ $raw == *'"'* ]] || return 0
+    if [[ ${#raw} -ge 2 && $raw == '"'*'"' ]]; then
+        raw=${raw:1:${#raw}-2}  # "name=value"
+    else
+        raw=${raw#*=}
+        [[ ${#raw} -ge 2 && $raw == '"'*'"' ]] || return 1
+        raw=${raw:1:${#raw}-2}  # name="value"
+    fi
+    [[ $raw != *'"'* ]]
 }
 
 # cap_param NAME: print the value of NAME; fail (status 1, no output) when it is absent.
@@ -149,6 +186,12 @@ cap_is_hostname() {
     for label in $1; do
         [[ $label =~ ^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$ ]] || return 1
     done
+}
+
+# The host name of this machine: a valid host name that the kernel keeps whole (it stores at
+# most 64 bytes and cuts longer names silently).
+cap_is_machine_hostname() {
+    [[ ${#1} -le 64 ]] && cap_is_hostname "$1"
 }
 
 # A TCP/UDP port number.
