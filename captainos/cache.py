@@ -4,12 +4,17 @@ An entry is `<cache>/<stage>/<arch>/<key>/`. It is built in a sibling `*.partial
 directory and renamed when complete, so an interrupted build (Ctrl-C, kill, power loss)
 leaves nothing a later run can mistake for done. The key hashes every input: a bumped pin or
 an edited config file produces a new key and so a rebuild, with no FORCE_* needed.
+
+Builds may share a cache: producing an entry holds an flock on `<key>.lock` beside it, so a
+second build of the same key waits, then uses the entry the first one made. A `.partial-<pid>`
+is removed only once its process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -80,6 +85,36 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def discard(path: Path) -> None:
+    """Remove a leftover that another process may be removing at the same time."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this id exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_partials(directory: Path, name: str) -> list[Path]:
+    """The `<name>.partial-<pid>` files and directories in directory whose process is gone:
+    leftovers of a killed build or download. A running one's stays where it is."""
+    found = []
+    for path in directory.glob(f"{glob.escape(name)}.partial-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            found.append(path)
+    return found
+
+
 @dataclass(frozen=True)
 class Entry:
     """One cached stage result."""
@@ -91,8 +126,20 @@ class Entry:
     def key(self) -> str:
         return self.root.name
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root.with_name(f"{self.root.name}.lock")
+
     def done(self) -> bool:
         return (self.root / STAMP).is_file()
+
+    def stamp_id(self) -> tuple[int, int] | None:
+        """Which completion this is (a rebuilt entry has a new stamp file), None when not done."""
+        try:
+            st = (self.root / STAMP).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
 
 def entry(cache_dir: Path, stage: str, arch: str, parts: dict[str, Any]) -> Entry:
@@ -101,12 +148,15 @@ def entry(cache_dir: Path, stage: str, arch: str, parts: dict[str, Any]) -> Entr
 
 @contextlib.contextmanager
 def building(item: Entry) -> Iterator[Path]:
-    """Yield an empty work dir; on success it becomes the entry, on any failure it is deleted."""
+    """Yield an empty work dir; on success it becomes the entry, on any failure it is deleted.
+    The caller holds the entry's lock (exclusive(item.lock_file)), as cached() does."""
     item.root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in item.root.parent.glob(f"{item.root.name}.partial-*"):
-        log.debug(f"removing interrupted build {stale}")
-        shutil.rmtree(stale, ignore_errors=True)
     work = item.root.with_name(f"{item.root.name}.partial-{os.getpid()}")
+    # Under the lock no other build writes this entry; a live pid's partial is still left
+    # alone (a build of an older CaptainOS takes no lock). Ours is from a process that had our pid.
+    for stale in [*stale_partials(item.root.parent, item.root.name), *([work] if work.exists() else [])]:
+        log.debug(f"removing interrupted build {stale}")
+        discard(stale)
     work.mkdir()
     try:
         yield work
@@ -146,8 +196,15 @@ def cached(cache_dir: Path, stage: str, arch: str, parts: dict[str, Any], *, for
     if item.done() and not force:
         log.info(f"    cached: {stage} {item.key} ({item.root})")
     else:
-        with building(item) as work:
-            produce(work)
+        before = item.stamp_id()
+        item.root.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(item.lock_file):
+            if item.done() and (not force or item.stamp_id() != before):
+                # Another build produced it while this one waited for the lock.
+                log.info(f"    cached: {stage} {item.key} ({item.root}, built meanwhile by another build)")
+            else:
+                with building(item) as work:
+                    produce(work)
     record_last(cache_dir, stage, arch, item)
     return item.root
 

@@ -3,7 +3,8 @@
 - `probe(url)`: does the host answer at all (a quick HEAD)?
 - `download(url, dest, sha256)`: stream to a temp file beside dest with progress, refuse a
   short body (fewer bytes than Content-Length) and a digest mismatch, then rename into place.
-  A dest that already has the digest is reused without touching the network.
+  A dest that already has the digest is reused without touching the network. The temp file
+  is `.<name>.partial-<pid>`; those of killed downloads are removed, a running one's is kept.
 - `safe_extract(archive, dest, keep)`: unpack regular files of a tar archive after checking
   every member: no absolute paths, no `..`, no device nodes, no link pointing outside the
   archive. Links are never created, so nothing written can escape dest.
@@ -53,6 +54,9 @@ def download(url: str, dest: Path, sha256: str, *, label: str | None = None, tim
         log.debug(f"already downloaded: {dest}")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in cache.stale_partials(dest.parent, f".{dest.name}"):
+        log.debug(f"removing interrupted download {stale}")
+        cache.discard(stale)
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
         digest, done, total = _stream(url, tmp, label or dest.name, timeout)
@@ -106,7 +110,7 @@ def _stream(url: str, sink_path: Path, label: str, timeout: float) -> tuple[str,
 
 def parse_sha256sums(text: str) -> dict[str, str]:
     """name -> sha256 from a sha256sum-format list (kernel.org's sha256sums.asc: only the
-    signed body of the clearsigned file; upstream release lists such as runc.sha256sum)."""
+    signed body of the clearsigned file)."""
     body = text.split("-----BEGIN PGP SIGNATURE-----")[0]
     return {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})\s+\*?(\S+)\s*$", body, re.MULTILINE)}
 

@@ -1,5 +1,6 @@
-"""The Go toolchain as the build uses it: one environment (caches under our cache dir, no
-toolchain downloads, static cross builds), `go mod download` parsing and go.sum verification.
+"""The Go toolchain as the build uses it: the pinned Go only, one environment (caches under our
+cache dir, no toolchain downloads, the checksum database always on, static cross builds),
+`go mod download` parsing and go.sum verification.
 Shared by the tools stage (containerd, runc, nerdctl, CNI) and the tink-agent build."""
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def installed_version(binary: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def go_binary() -> str:
-    """The first `go` (PATH, then /usr/local/go) at least as new as the pinned modules need."""
-    need = pins.GO_TOOLCHAIN.minimum
+    """The first `go` (PATH, then /usr/local/go) that is the pinned version: another compiler,
+    even a newer one, would build other bytes from the same pinned sources."""
+    need = pins.GO_TOOLCHAIN.version
     seen = []
     for candidate in (shutil.which("go"), str(GO_FALLBACK) if GO_FALLBACK.is_file() else None):
         if candidate and candidate not in seen:
             seen.append(candidate)
-            if version_tuple(installed_version(candidate)) >= version_tuple(need):
+            if version_tuple(installed_version(candidate)) == version_tuple(need):
                 return candidate
     found = ", ".join(f"{c} is {installed_version(c) or 'not runnable'}" for c in seen) or "no go on PATH"
-    raise CaptainError(f"Go >= {need} is needed to build from Go modules ({found})",
-                       "run './build.py setup' (installs the pinned Go into /usr/local/go)")
+    raise CaptainError(f"Go {need} (pinned) is needed to build from Go modules ({found})",
+                       f"run './build.py setup' (installs Go {need} into {GO_ROOT})")
 
 
 def _reports(go: Path, version: str) -> bool:
@@ -95,11 +97,22 @@ def install_toolchain(arch: Arch, cache_dir: Path, target: Path = GO_ROOT, proxy
 
 def go_env(cache_dir: Path, arch: Arch) -> dict[str, str]:
     """Environment of every go command: module and build caches under our cache dir, no toolchain
-    downloads, a static cross build for the target architecture."""
+    downloads, a static cross build for the target architecture. Whatever could weaken the
+    module checks is set here, not inherited: no go env file (GOENV=off), no GOFLAGS, every
+    module checked against the checksum database, none exempt, none fetched insecurely.
+    GOPROXY still comes from the host (a site's own proxy): what it serves is checked all the same."""
     go_dir = cache_dir / "go"
     return {
         "GOMODCACHE": str(go_dir / "mod"),
         "GOCACHE": str(go_dir / "build"),
+        "GOENV": "off",
+        "GOFLAGS": "",
+        "GOSUMDB": pins.GO_SUMDB,
+        "GONOSUMDB": "",
+        "GONOSUMCHECK": "",
+        "GOPRIVATE": "",
+        "GONOPROXY": "",
+        "GOINSECURE": "",
         "GOTOOLCHAIN": "local",
         "CGO_ENABLED": "0",
         "GOOS": "linux",

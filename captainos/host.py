@@ -43,7 +43,7 @@ KERNEL_PACKAGES = (Need("dpkg-deb", "unpacking Debian packages", "dpkg"),
                    Need("gpgv", "Debian archive signature check", "gpgv"),
                    Need("depmod", "kernel module index", "kmod"))
 TOOLS_GO = (Need("go", "building containerd/runc/nerdctl/CNI from Go modules", "golang-go",
-                 install=f"./build.py setup (Go {pins.GO_TOOLCHAIN.version} from the Go module proxy; "
+                 install=f"./build.py setup (the pinned Go {pins.GO_TOOLCHAIN.version} from the Go module proxy; "
                          f"Debian's golang-go is older than the {pins.GO_TOOLCHAIN.minimum} the modules need)"),
             Need("gcc", "runc (cgo, libseccomp)", "gcc"), Need("pkg-config", "runc's libseccomp lookup", "pkg-config"))
 INITRAMFS = (Need("python3", "running mkosi", "python3"), Need("zstd", "compressing the initramfs", "zstd"),
@@ -131,7 +131,7 @@ def check(cfg: Config, verb: str) -> None:
     if missing:
         raise CaptainError(f"{len(missing)} prerequisite(s) missing", "or run './build.py setup' as root")
     if any(n.command == "go" for n in wanted):
-        golang.go_binary()  # present, but is it new enough? One line if not.
+        golang.go_binary()  # present, but is it the pinned version? One line if not.
     if verb in ("build", "initramfs", "iso") and cfg.initramfs_mode is StageMode.NATIVE and not mkosi_dir().is_dir():
         raise CaptainError(f"mkosi {pins.MKOSI.version} is not unpacked in {TOOLS_DIR}",
                            "run './build.py setup' (it downloads and verifies Debian's mkosi package)")
@@ -166,13 +166,14 @@ def setup(cfg: Config) -> None:
 
 
 def install_go(cfg: Config) -> None:
-    """The pinned Go toolchain in /usr/local/go, unless a new enough Go is already there:
-    Debian's golang-go (1.19 in bookworm, 1.24 in trixie) is older than the modules need."""
+    """The pinned Go toolchain in /usr/local/go, unless a `go` of the pinned version is already
+    there: builds use no other (Debian's golang-go, 1.19 in bookworm and 1.24 in trixie, is
+    older than the modules need anyway)."""
     from captainos import golang
 
     try:
         found = golang.go_binary()
-        log.info(f"    {found} is Go {golang.installed_version(found)}: new enough")
+        log.info(f"    {found} is Go {golang.installed_version(found)}: the pinned version")
         return
     except CaptainError:
         pass

@@ -2,8 +2,8 @@
 
 Four sources (config.KernelSource), every one verified before use:
 - local:         a kernel tree (KERNEL_SRC), copied into build/ so it is never modified;
-- kernel-org:    the release tarball, checked against pins.KERNEL_ORG_SHA256 or kernel.org's
-                 sha256sums.asc;
+- kernel-org:    the release tarball, checked against pins.KERNEL_ORG_SHA256 (the default
+                 version is pinned) or, for another version, kernel.org's sha256sums.asc;
 - debian-source: Debian's linux-source-<series> package (archive signatures, see debian.py);
 - debian-image:  Debian's signed prebuilt image, nothing compiled, modules trimmed to
                  kernel/debian-modules.txt plus their dependencies.
@@ -35,6 +35,12 @@ REQUIRED = KERNEL_DIR / "required.txt"
 DEBIAN_MODULES = KERNEL_DIR / "debian-modules.txt"
 RECIPE = 1  # bump when the build steps change what an entry contains
 COMMAND_LINE_SIZE = 4096  # Smee's ISO patcher writes command lines longer than 2048 bytes
+# Linux hands /init every unknown "name=value" word as an environment variable and panics at
+# boot past CONFIG_INIT_ENV_ARG_LIMIT (32, with HOME and TERM). The symbol has no prompt, so
+# a config fragment cannot set it: the default in init/Kconfig is patched instead.
+INIT_ENV_ARG_LIMIT = 128
+_INIT_ENV_DEFAULT = re.compile(r"^(config INIT_ENV_ARG_LIMIT\n(?:[ \t].*\n|\n)*?[ \t]+default[ \t]+)([0-9]+)"
+                               r"([ \t]+if[ \t]+!UML)$", re.MULTILINE)
 PROBE_TIMEOUT = 3.0
 _VERSION = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?$")
 # Where each architecture defines COMMAND_LINE_SIZE (the first file that defines it wins).
@@ -153,6 +159,8 @@ def kernel_org_sha256(version: str, cache_dir: Path, base: str = pins.KERNEL_ORG
     if found is None:
         raise CaptainError(f"unknown kernel version {version}: {name} is not listed in {sums_url}",
                            "choose a released version (see https://kernel.org)")
+    log.warn(f"{name} has no sha256 in pins.py: checked against {sums_url}, from the same server "
+             "(pin it in KERNEL_ORG_SHA256)")
     return found
 
 
@@ -238,6 +246,20 @@ def patch_command_line_size(tree: Path, arch: Arch, size: int = COMMAND_LINE_SIZ
             return header
     raise CaptainError(f"no '#define COMMAND_LINE_SIZE' in {' or '.join(_SETUP_H[arch])} of {tree}",
                        "the kernel moved it; update kernel._SETUP_H")
+
+
+def patch_init_env_limit(tree: Path, limit: int = INIT_ENV_ARG_LIMIT) -> Path:
+    """Set the non-UML default of INIT_ENV_ARG_LIMIT in init/Kconfig; fail loudly if it moved."""
+    kconfig = tree / "init" / "Kconfig"
+    text = kconfig.read_text() if kconfig.is_file() else ""
+    found = _INIT_ENV_DEFAULT.findall(text)
+    if len(found) != 1:
+        raise CaptainError(f"{kconfig}: {len(found)} non-UML defaults of INIT_ENV_ARG_LIMIT, expected 1",
+                           "the kernel changed it; update kernel.patch_init_env_limit")
+    if int(found[0][1]) != limit:
+        cache.atomic_write(kconfig, _INIT_ENV_DEFAULT.sub(rf"\g<1>{limit}\g<3>", text))
+        log.info(f"    patched INIT_ENV_ARG_LIMIT {found[0][1]} -> {limit} in init/Kconfig")
+    return kconfig
 
 
 def bzimage_cmdline_size(image: Path) -> int:
@@ -389,7 +411,8 @@ def compile_parts(arch: Arch, source: Source, fragments: Sequence[Path], compile
     """Every input of a compiled kernel: the cache key is a digest of this."""
     return {
         "recipe": RECIPE, "arch": arch.value, "source": source.kind.value, "version": source.version,
-        "source_id": source.identity, "command_line_size": COMMAND_LINE_SIZE, "compiler": compiler,
+        "source_id": source.identity, "command_line_size": COMMAND_LINE_SIZE,
+        "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "compiler": compiler,
         "fragments": {f"{p.parent.name}/{p.name}": cache.sha256_file(p) for p in fragments},
     }
 
@@ -473,9 +496,18 @@ def _make(runner: Runner, tree: Path, argv: list[str], log_file: Path, env: dict
 
 def _compile(cfg: Config, runner: Runner, source: Source, fragments: list[Path], parts: dict[str, Any],
              work: Path) -> None:
+    # One compile at a time per build dir: another build of other inputs waits here instead of
+    # swapping the source or object tree under this one.
+    with cache.exclusive(cfg.build_dir / "kernel.lock"):
+        _compile_in_build_dir(cfg, runner, source, fragments, parts, work)
+
+
+def _compile_in_build_dir(cfg: Config, runner: Runner, source: Source, fragments: list[Path],
+                          parts: dict[str, Any], work: Path) -> None:
     tree, obj, logs = _work_dirs(cfg)
     _prepare_tree(cfg, runner, source, tree)
     patch_command_line_size(tree, cfg.arch)
+    patch_init_env_limit(tree)
     # Objects of another tree or compiler are wiped; a changed config is left to kbuild,
     # which rebuilds what it affects.
     stamp = f"{source.identity} {parts['compiler']} {cfg.arch.value}"

@@ -62,6 +62,10 @@ GO_TOOLCHAIN = GoToolchainPin(
             "arm64": "02b36b6787b3ac767668f630e2998df45a3b1f9ffee08d1bf3ef6487cd658d99"},
 )
 GO_PROXY = "https://proxy.golang.org"
+# The checksum database every module of our Go builds is checked against (GOSUMDB): set for
+# each go command, never taken from the host, so GONOSUMDB/GOPRIVATE/GOFLAGS there cannot
+# turn the check off.
+GO_SUMDB = "sum.golang.org"
 
 
 # --- tink-agent (agent.py, e2e harness) --------------------------------------------------
@@ -99,10 +103,10 @@ QUAMINA = GoModulePin("github.com/timbray/quamina", "v1.4.0", "h1:nU2v0Y+mhoL/ny
 # Release digests are the sha256 of the upstream release files as listed by Kubespray
 # (kubernetes-sigs/kubespray, roles/kubespray_defaults/vars/main/checksums.yml at
 # 005bdce7f1867958838a2d0bb4f7e67893d98f64: containerd_archive_checksums, nerdctl_archive_checksums,
-# cni_binary_checksums). No public statement of runc 1.4.0's digests was found here: None, so
-# `auto` builds runc from its Go module (verified by go.sum), and an explicit
-# `--tools-source release` verifies it against the list upstream publishes next to the file
-# (`sums`, as kernel.org's sha256sums for the kernel), saying so in the log.
+# cni_binary_checksums; runc_checksums 1.4.0 from 11a985dcd37c4c78b08664e9161cc7b180fe8121, the same
+# two digests upstream's clearsigned runc.sha256sum of v1.4.0 lists). Every release file is checked
+# against a digest from this table: a list served next to the file, by the same host or mirror,
+# would prove nothing. A component without a digest here is built from its Go module.
 # Module hashes (h1:) are the go.sum hashes of the module zips, as sum.golang.org serves them.
 TOOLS_RELEASE_HOST = "https://github.com"  # replaced by --tools-mirror / TOOLS_MIRROR
 
@@ -127,7 +131,7 @@ class ToolPin:
     version: str  # without the leading v
     release: str  # path of the release file under the release host; {version} and {arch} are filled in
     archive: bool  # the release file is a tar archive (else it is the binary itself)
-    sha256: Mapping[str, str | None]  # release file digest per arch; None: no public digest known
+    sha256: Mapping[str, str | None]  # release file digest per arch; None: not pinned, built from Go
     module_path: str
     module_h1: str  # go.sum hash of the module zip at v<version>
     dest: str  # directory of the binaries in the image tree
@@ -137,7 +141,6 @@ class ToolPin:
     exclude_files: tuple[str, ...] = ()
     drop_requires: tuple[str, ...] = ()
     version_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # default: --version
-    sums: str = ""  # release path of upstream's sha256sum list, used only where sha256 is None
 
     @property
     def module(self) -> GoModulePin:
@@ -149,9 +152,6 @@ class ToolPin:
 
     def release_path(self, arch: str) -> str:
         return self.release.format(version=self.version, arch=arch)
-
-    def sums_path(self) -> str:
-        return self.sums.format(version=self.version)
 
 
 _CONTAINERD_X = "-X github.com/containerd/containerd/v2/version"
@@ -186,8 +186,8 @@ TOOLS: tuple[ToolPin, ...] = (
         version="1.4.0",
         release="opencontainers/runc/releases/download/v{version}/runc.{arch}",
         archive=False,
-        sha256={"amd64": None, "arm64": None},
-        sums="opencontainers/runc/releases/download/v{version}/runc.sha256sum",
+        sha256={"amd64": "c5d4995c5aec204d7e1827d9d9a6b45042602736f7f415f484252e576dcdac28",
+                "arm64": "2adbeed4c751d6f2201c642ed06269ff4370fcc4165abd3f323e19c653716c31"},
         module_path="github.com/opencontainers/runc",
         module_h1="h1:FG1Hw0GBYPsNki+mBz1QOrSzbwbAcerhrAD2r097QCc=",
         dest="usr/bin",
@@ -267,6 +267,10 @@ ISO_MAGIC_SHA256 = "252feaf619f32ca02d967c78c9fa1434c4c70c7774bf038e1de2fafbc5e8
 
 # --- KERNEL (owned by the kernel stage, captainos/kernel.py) ---------------------------------
 KERNEL_ORG_MIRROR = "https://cdn.kernel.org/pub/linux/kernel"
-# sha256 of linux-<version>.tar.xz. A version missing here is checked against kernel.org's
-# published v<major>.x/sha256sums.asc (fetched over HTTPS) instead.
-KERNEL_ORG_SHA256: dict[str, str] = {}
+# sha256 of linux-<version>.tar.xz, as kernel.org's v6.x/sha256sums.asc lists it (6.12.69:
+# copied from Buildroot's linux/before-6.17/linux.hash at 48186093fd355ede91151b2342e222cef303a6ca,
+# "From https://www.kernel.org/pub/linux/kernel/v6.x/sha256sums.asc"). A version missing here
+# is checked against that published list (fetched over HTTPS) instead, and the log says so.
+KERNEL_ORG_SHA256: dict[str, str] = {
+    "6.12.69": "4b493657f218703239c4f22415f027b3644949bf2761abd18b849f0aad5f7665",
+}

@@ -17,11 +17,12 @@ from pathlib import Path
 from captainos import log
 from captainos.errors import CaptainError
 
-# Host variables a child may need; everything else must be passed explicitly.
+# Host variables a child may need; everything else must be passed explicitly. Of Go's, only the
+# proxy: golang.go_env sets the rest (GOFLAGS, GOSUMDB, GONOSUMDB... are never the host's).
 PASSTHROUGH_ENV = (
     "PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-    "GOPROXY", "GOFLAGS", "GOPATH", "GOMODCACHE", "GOCACHE", "GONOSUMDB", "GOSUMDB",
+    "GOPROXY",
 )
 
 

@@ -1,8 +1,10 @@
 """tools stage: containerd, runc, nerdctl and the CNI plugins at the pinned versions, verified.
 
 Each component comes from one of two sources (pins.TOOLS says what and where):
-- release: the upstream release file, sha256-checked against the pin before it is unpacked;
-- go: the pinned Go module (hash-checked against the pin), built with the local Go toolchain
+- release: the upstream release file, sha256-checked against the pin before it is unpacked
+  (only ever against the pin: never against a list served by the release host or mirror, so a
+  plain-HTTP TOOLS_MIRROR can serve nothing but the pinned bytes);
+- go: the pinned Go module (hash-checked against the pin), built with the pinned Go toolchain
   the way the module's own Makefile builds it (tags, -X version flags), stripped.
 `auto` takes the release where the release host answers and a digest is pinned, Go otherwise.
 
@@ -68,14 +70,11 @@ def choose_sources(cfg: Config, table: Iterable[pins.ToolPin] | None = None,
         return dict.fromkeys((t.name for t in tools), ToolsSource.GO)
     unpinned = [f"{t.name} {t.version}" for t in tools if release_digest(t, cfg.arch) is None]
     if cfg.tools_source is ToolsSource.RELEASE:
-        unlisted = [f"{t.name} {t.version}" for t in tools if release_digest(t, cfg.arch) is None and not t.sums]
-        if unlisted:
-            raise CaptainError(f"no pinned sha256 for {', '.join(unlisted)} ({cfg.arch.value}); "
+        if unpinned:
+            raise CaptainError(f"no pinned sha256 for {', '.join(unpinned)} ({cfg.arch.value}); "
                                "use --tools-source go")
         chosen = dict.fromkeys((t.name for t in tools), ToolsSource.RELEASE)
         why = f"release for all (requested, from {release_base(cfg)})"
-        if unpinned:
-            why += f"; {', '.join(unpinned)} verified against upstream's published sha256 list (no pin)"
     else:
         reason = probe(release_base(cfg))
         if reason is not None:
@@ -169,27 +168,18 @@ def check_binary(runner: Runner, path: Path, arch: Arch, pin: pins.ToolPin, bina
 
 # --- source: release -----------------------------------------------------------------------
 
-def expected_digest(cfg: Config, pin: pins.ToolPin) -> tuple[str, str]:
-    """(the release file's sha256, what vouches for it): the pin, else the digest upstream lists
-    in its published sums file, with that file's URL."""
+def expected_digest(cfg: Config, pin: pins.ToolPin) -> str:
+    """The release file's pinned sha256, or a clear error: nothing else vouches for a release file."""
     digest = release_digest(pin, cfg.arch)
-    if digest is not None:
-        return digest, "pin"
-    if not pin.sums:
+    if digest is None:
         raise CaptainError(f"no pinned sha256 for {pin.name} {pin.version} ({cfg.arch.value}); "
                            "use --tools-source go")
-    url = f"{release_base(cfg)}/{pin.sums_path()}"
-    listed = debian.get(url, cfg.cache_dir / "downloads" / "tools" / f"{pin.name}-{pin.version}.sha256sum")
-    name = posixpath.basename(pin.release_path(cfg.arch.value))
-    found = fetch.parse_sha256sums(listed.read_text(errors="replace")).get(name)
-    if found is None:
-        raise CaptainError(f"{url} lists no sha256 for {name}", "use --tools-source go")
-    return found, url
+    return digest
 
 
 def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any]:
     """Download the release file, verify it, keep the pinned binaries."""
-    digest, verified_by = expected_digest(cfg, pin)
+    digest = expected_digest(cfg, pin)
     url = release_url(cfg, pin)
     name = posixpath.basename(pin.release_path(cfg.arch.value))
     file = fetch.download(url, cfg.cache_dir / "downloads" / "tools" / name, digest)
@@ -206,13 +196,13 @@ def from_release(cfg: Config, pin: pins.ToolPin, bin_dir: Path) -> dict[str, Any
                 raise CaptainError(f"{name} {what} {binary}", f"wanted: {', '.join(pin.binaries)}")
             (unpacked / found[0]).replace(bin_dir / binary)
         shutil.rmtree(unpacked)
-    return {"url": url, "sha256": digest, "sha256_from": verified_by}
+    return {"url": url, "sha256": digest}
 
 
 # --- source: go ----------------------------------------------------------------------------
 
 def go_env(cfg: Config) -> dict[str, str]:
-    """agent.go_env (caches under cfg.cache_dir/go, no toolchain downloads, CGO off) + -mod=mod:
+    """golang.go_env (caches under cfg.cache_dir/go, checksum database on, CGO off) + -mod=mod:
     dependencies come from the proxy, checked against the module's own go.sum."""
     return {**golang.go_env(cfg.cache_dir, cfg.arch), "GOFLAGS": "-mod=mod"}
 
@@ -282,7 +272,7 @@ def from_go(cfg: Config, runner: Runner, pin: pins.ToolPin, bin_dir: Path) -> di
     builds: dict[str, list[str]] = {}
     record = {"module": pin.module.query, "module_h1": pin.module_h1, "revision": revision,
               "go_mod_sha256": cache.sha256_file(src / "go.mod"), "go_sum_sha256": cache.sha256_file(src / "go.sum"),
-              "go": golang.go_version(runner, cfg.cache_dir, cfg.arch), "builds": builds,
+              "go": {"version": golang.go_version(runner, cfg.cache_dir, cfg.arch), "path": go}, "builds": builds,
               "excluded": list(pin.exclude_files), "dropped": list(pin.drop_requires)}
     for rel in pin.exclude_files:
         if not (src / rel).is_file():
@@ -295,7 +285,10 @@ def from_go(cfg: Config, runner: Runner, pin: pins.ToolPin, bin_dir: Path) -> di
         build_env = {**env, **(cgo_env(cfg, libseccomp(cfg, runner)) if build.cgo else {})}
         argv = go_build_argv(go, build, pin.version, revision, bin_dir / build.binary, rebuild=cfg.no_cache)
         _run_go_build(cfg, runner, pin, build.binary, argv, build_env, src)
-        builds[build.binary] = argv[1:-3] + argv[-1:]  # without the go path and -o PATH
+        # What was built, not how hard the cache was ignored: without the go path, -o PATH and
+        # NO_CACHE's -a (it rebuilds the same thing), so the manifest is the same either way.
+        recorded = go_build_argv("go", build, pin.version, revision, Path("-"))
+        builds[build.binary] = recorded[1:-3] + recorded[-1:]
     # The module graph the builds used (-mod=mod may have added go.sum lines), kept with the
     # entry so that the same build can be repeated with -mod=readonly from these two files.
     for name in ("go.mod", "go.sum"):
@@ -338,7 +331,7 @@ def component_parts(cfg: Config, pin: pins.ToolPin, source: ToolsSource, go_vers
     parts: dict[str, Any] = {"recipe": RECIPE, "component": pin.name, "version": pin.version,
                              "arch": cfg.arch.value, "source": source.value, "binaries": list(pin.binaries)}
     if source is ToolsSource.RELEASE:
-        parts.update(release=pin.release_path(cfg.arch.value), sha256=expected_digest(cfg, pin)[0])
+        parts.update(release=pin.release_path(cfg.arch.value), sha256=expected_digest(cfg, pin))
     else:
         parts.update(module=pin.module.query, module_h1=pin.module_h1, go=go_version,
                      builds=[dataclasses.asdict(b) for b in pin.builds],

@@ -1,13 +1,19 @@
+import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
-from captainos import cache
+from captainos import cache, fetch
 from captainos.errors import CaptainError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_key_is_stable_and_changes_with_any_input():
@@ -55,7 +61,7 @@ def test_failed_produce_leaves_nothing(tmp_path):
     with pytest.raises(CaptainError):
         cache.cached(tmp_path, "demo", "amd64", {"v": 1}, force=False, produce=produce)
     stage_dir = tmp_path / "demo" / "amd64"
-    assert [p.name for p in stage_dir.iterdir()] == []
+    assert [p.name for p in stage_dir.iterdir() if not p.name.endswith(".lock")] == []
     with pytest.raises(CaptainError, match="no earlier demo build"):
         cache.last(tmp_path, "demo", "amd64")
 
@@ -116,3 +122,105 @@ def test_exclusive_serializes_holders(tmp_path):
         order.append("first done")
     thread.join(5)
     assert order == ["first done", "second"]
+
+
+# --- two builds sharing one cache ----------------------------------------------------------
+
+_PRODUCER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from captainos import cache
+    root = Path(sys.argv[1])
+    def produce(work):
+        with (root / "produced").open("a") as log:
+            log.write(f"{os.getpid()}\\n")
+        (work / "out").write_text("half")
+        deadline = time.monotonic() + 60
+        while not (root / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (work / "out").write_text("whole")
+    entry = cache.cached(root / "cache", "demo", "amd64", {"v": 1}, force=False, produce=produce)
+    print((entry / "out").read_text())
+""")
+
+
+def _producer(root: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _PRODUCER, str(root)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stderr_until(proc: subprocess.Popen[str], text: str, timeout: float = 30.0) -> str:
+    """proc's stderr up to the first line containing text (fails after timeout)."""
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        line = proc.stderr.readline() if ready else ""
+        assert line, f"no {text!r} on stderr within {timeout:.0f}s; got: {seen!r}"
+        seen += line
+    return seen
+
+
+def test_two_processes_building_one_key_both_succeed_and_produce_it_once(tmp_path):
+    first = _producer(tmp_path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "produced").exists():  # the first one is inside produce() ...
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = _producer(tmp_path)  # ... when the second one asks for the same entry
+    try:
+        waited = _stderr_until(second, "waiting for another build")
+    finally:
+        (tmp_path / "release").touch()  # the first one finishes its entry
+    results = [(*proc.communicate(timeout=60), proc.returncode) for proc in (first, second)]
+    for out, err, code in results:
+        assert code == 0, err
+        assert out.strip() == "whole"
+    assert (tmp_path / "produced").read_text().splitlines() == [str(first.pid)]
+    item = cache.entry(tmp_path / "cache", "demo", "amd64", {"v": 1})
+    assert item.done() and (item.root / "out").read_text() == "whole"
+    assert not list(item.root.parent.glob("*.partial-*"))
+    assert "built meanwhile by another build" in waited + results[1][1]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def live_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_only_partials_of_dead_builds_are_removed(tmp_path, live_pid):
+    item = cache.entry(tmp_path, "demo", "amd64", {"v": 1})
+    item.root.parent.mkdir(parents=True)
+    dead = item.root.with_name(f"{item.key}.partial-{_dead_pid()}")
+    live = item.root.with_name(f"{item.key}.partial-{live_pid}")
+    for path in (dead, live):
+        path.mkdir()
+        (path / "half").write_text("partial")
+    cache.cached(tmp_path, "demo", "amd64", {"v": 1}, force=False, produce=lambda work: (work / "ok").write_text(""))
+    assert item.done()
+    assert not dead.exists()
+    assert (live / "half").read_text() == "partial"  # another build is still writing there
+
+
+def test_a_killed_downloads_leftover_is_removed_a_running_ones_kept(http_root, tmp_path, live_pid):
+    root, url = http_root
+    (root / "file").write_bytes(b"data")
+    dest = tmp_path / "downloads" / "file"
+    dest.parent.mkdir()
+    dead = dest.with_name(f".file.partial-{_dead_pid()}")
+    live = dest.with_name(f".file.partial-{live_pid}")
+    dead.write_bytes(b"da")
+    live.write_bytes(b"d")
+    fetch.download(f"{url}/file", dest, hashlib.sha256(b"data").hexdigest())
+    assert dest.read_bytes() == b"data"
+    assert not dead.exists() and live.read_bytes() == b"d"

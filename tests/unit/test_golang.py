@@ -5,13 +5,17 @@ whole; and the version check that refuses a Go too old for the pinned modules.""
 import dataclasses
 import hashlib
 import io
+import json
+import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from captainos import golang, pins
-from captainos.config import Arch
+from captainos import golang, pins, tools
+from captainos.config import Arch, load
 from captainos.errors import CaptainError
+from captainos.run import Runner
 
 FAKE = "9.9.9"
 
@@ -88,27 +92,72 @@ def test_a_zip_that_climbs_out_is_refused_whole(proxy, tmp_path, monkeypatch):
     assert not (tmp_path / "go").exists() and not (tmp_path / "escape").exists()
 
 
-def test_a_go_too_old_for_the_modules_is_one_clear_error(tmp_path, monkeypatch):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "go").write_text(_fake_go("1.19.8"))
-    (bindir / "go").chmod(0o755)
-    monkeypatch.setenv("PATH", str(bindir))
-    monkeypatch.setattr(golang, "GO_FALLBACK", tmp_path / "none" / "go")
+def _go_dirs(tmp_path: Path, monkeypatch, on_path: str | None, fallback: str | None) -> tuple[Path, Path]:
+    """A fake go of version on_path first on PATH, one of version fallback at GO_FALLBACK."""
+    paths = []
+    for name, version in (("path", on_path), ("fallback", fallback)):
+        binary = tmp_path / name / "bin" / "go"
+        paths.append(binary)
+        if version is not None:
+            binary.parent.mkdir(parents=True)
+            binary.write_text(_fake_go(version))
+            binary.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{paths[0].parent}:/usr/bin:/bin")
+    monkeypatch.setattr(golang, "GO_FALLBACK", paths[1])
+    return paths[0], paths[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_go_binary():
     golang.go_binary.cache_clear()
-    try:
-        with pytest.raises(CaptainError) as err:
-            golang.go_binary()
-    finally:
-        golang.go_binary.cache_clear()
-    assert f"Go >= {pins.GO_TOOLCHAIN.minimum} is needed" in err.value.message
-    assert f"{bindir / 'go'} is 1.19.8" in err.value.message and "setup" in (err.value.hint or "")
+    yield
+    golang.go_binary.cache_clear()
+
+
+def test_a_newer_go_on_path_is_not_taken_for_the_pinned_one(tmp_path, monkeypatch):
+    # Builds are reproducible only with the pinned compiler: a newer `go` first on PATH is passed over.
+    _, pinned = _go_dirs(tmp_path, monkeypatch, on_path="1.27.0", fallback=pins.GO_TOOLCHAIN.version)
+    assert golang.go_binary() == str(pinned)
+
+
+def test_without_the_pinned_go_one_clear_error(tmp_path, monkeypatch):
+    on_path, _ = _go_dirs(tmp_path, monkeypatch, on_path="1.27.0", fallback=None)
+    with pytest.raises(CaptainError) as err:
+        golang.go_binary()
+    assert f"Go {pins.GO_TOOLCHAIN.version} (pinned) is needed" in err.value.message
+    assert f"{on_path} is 1.27.0" in err.value.message and "setup" in (err.value.hint or "")
+
+
+needs_go = pytest.mark.skipif(shutil.which("go") is None and not golang.GO_FALLBACK.is_file(),
+                              reason="needs the Go toolchain")
+
+_WEAKENING = {"GOFLAGS": "-mod=vendor", "GOSUMDB": "off", "GONOSUMDB": "*", "GONOSUMCHECK": "1",
+              "GOPRIVATE": "*", "GONOPROXY": "*", "GOINSECURE": "*", "GOTOOLCHAIN": "auto"}
+
+
+@needs_go
+def test_the_host_environment_cannot_weaken_module_checks(tmp_path, monkeypatch):
+    """What `go env` reports under our environment, with every weakening variable set on the
+    host, both as environment variables and in the user's go env file."""
+    for name, value in _WEAKENING.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "home" / ".config" / "go").mkdir(parents=True)
+    (tmp_path / "home" / ".config" / "go" / "env").write_text(
+        "".join(f"{name}={value}\n" for name, value in _WEAKENING.items() if name != "GONOSUMCHECK"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load(env={}, flags={"cache_dir": str(tmp_path / "cache")})
+    names = ["GOFLAGS", "GOSUMDB", "GONOSUMDB", "GOPRIVATE", "GONOPROXY", "GOINSECURE", "GOTOOLCHAIN"]
+    for env, flags in ((golang.go_env(cfg.cache_dir, cfg.arch), ""), (tools.go_env(cfg), "-mod=mod")):
+        seen = json.loads(Runner().run([golang.go_binary(), "env", "-json", *names], env=env,
+                                       capture=True).stdout)
+        assert seen == {"GOFLAGS": flags, "GOSUMDB": "sum.golang.org", "GONOSUMDB": "", "GOPRIVATE": "",
+                        "GONOPROXY": "", "GOINSECURE": "", "GOTOOLCHAIN": "local"}
+        assert env["GONOSUMCHECK"] == ""
 
 
 def test_versions_compare_as_numbers():
     assert golang.version_tuple("go1.26.10") > golang.version_tuple("1.26.9")
     assert golang.version_tuple("go1.27rc1") >= golang.version_tuple("1.27")
-    assert golang.version_tuple("1.26.3") >= golang.version_tuple(pins.GO_TOOLCHAIN.minimum)
     assert golang.version_tuple(pins.GO_TOOLCHAIN.version) >= golang.version_tuple(pins.GO_TOOLCHAIN.minimum)
 
 

@@ -131,6 +131,24 @@ def test_version_without_config_fails_before_download(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
+# init/Kconfig of Linux 6.12 around the symbol (the real text, tabs included).
+INIT_KCONFIG = """config CC_VERSION_TEXT
+\tstring
+
+config INIT_ENV_ARG_LIMIT
+\tint
+\tdefault 32 if !UML
+\tdefault 128 if UML
+\thelp
+\t  Maximum of each of the number of arguments and environment
+\t  variables passed to init from the kernel command line.
+
+config COMPILE_TEST
+\tbool "Compile also drivers which will not load"
+\tdefault n
+"""
+
+
 def _fake_tree(root: Path, version: str = "6.12.69") -> Path:
     major, minor, sub = version.split(".")
     root.mkdir(parents=True, exist_ok=True)
@@ -139,6 +157,8 @@ def _fake_tree(root: Path, version: str = "6.12.69") -> Path:
     (root / "arch" / "x86" / "include" / "asm").mkdir(parents=True)
     (root / "arch" / "x86" / "include" / "asm" / "setup.h").write_text(
         "#ifndef _ASM_X86_SETUP_H\n#define COMMAND_LINE_SIZE 2048\n#endif\n")
+    (root / "init").mkdir()
+    (root / "init" / "Kconfig").write_text(INIT_KCONFIG)
     return root
 
 
@@ -220,30 +240,39 @@ def test_parse_sha256sums_reads_only_the_signed_body() -> None:
     assert fetch.parse_sha256sums(text) == {"linux-6.12.69.tar.xz": "a" * 64}
 
 
-def test_kernel_org_good_tarball_is_extracted(kernel_org, tmp_path: Path) -> None:
+def test_kernel_org_good_tarball_is_extracted(kernel_org, tmp_path: Path, capsys) -> None:
     root, base = kernel_org
-    data = _tarball("6.12.69")
-    _publish(root, "6.12.69", data)
-    cfg = _cfg(tmp_path, KERNEL_SOURCE="kernel-org", KERNEL_VERSION="6.12.69")
+    data = _tarball("6.12.70")
+    _publish(root, "6.12.70", data)
+    cfg = _cfg(tmp_path, KERNEL_SOURCE="kernel-org", KERNEL_VERSION="6.12.70")
     source = kernel.resolve(cfg, KernelSource.KERNEL_ORG, base=base)
     assert source.identity == hashlib.sha256(data).hexdigest()
-    assert source.url == f"{base}/v6.x/linux-6.12.69.tar.xz"
+    assert source.url == f"{base}/v6.x/linux-6.12.70.tar.xz"
+    # Not pinned: the user is told where the digest came from instead.
+    assert "linux-6.12.70.tar.xz has no sha256 in pins.py" in capsys.readouterr().err
     tree = tmp_path / "build" / "src"
     kernel._prepare_tree(cfg, Runner(), source, tree)
-    assert kernel.tree_version(tree) == "6.12.69"
+    assert kernel.tree_version(tree) == "6.12.70"
     assert (tree / ".captainos-source").read_text().strip() == source.identity
 
 
 def test_kernel_org_tampered_tarball_extracts_nothing(kernel_org, tmp_path: Path) -> None:
     root, base = kernel_org
-    _publish(root, "6.12.69", _tarball("6.12.69") + b"tampered", listed=_tarball("6.12.69"))
-    cfg = _cfg(tmp_path, KERNEL_SOURCE="kernel-org", KERNEL_VERSION="6.12.69")
+    _publish(root, "6.12.70", _tarball("6.12.70") + b"tampered", listed=_tarball("6.12.70"))
+    cfg = _cfg(tmp_path, KERNEL_SOURCE="kernel-org", KERNEL_VERSION="6.12.70")
     source = kernel.resolve(cfg, KernelSource.KERNEL_ORG, base=base)
     tree = tmp_path / "build" / "src"
     with pytest.raises(CaptainError, match="sha256 mismatch"):
         kernel._prepare_tree(cfg, Runner(), source, tree)
     assert not tree.exists()
     assert not list((tmp_path / "cache" / "downloads").rglob("*.tar.xz"))
+
+
+def test_the_default_kernel_needs_no_list_from_kernel_org(kernel_org, tmp_path: Path) -> None:
+    _, base = kernel_org  # serves nothing: the pin alone decides
+    cfg = _cfg(tmp_path, KERNEL_SOURCE="kernel-org")
+    source = kernel.resolve(cfg, KernelSource.KERNEL_ORG, base=base)
+    assert source.identity == pins.KERNEL_ORG_SHA256[cfg.kernel_version]
 
 
 def test_kernel_org_pin_wins_over_the_published_list(kernel_org, tmp_path: Path, monkeypatch) -> None:
@@ -336,6 +365,23 @@ def test_patch_refuses_two_defines(tmp_path: Path) -> None:
     (tree / "arch/x86/include/asm/setup.h").write_text("#define COMMAND_LINE_SIZE 2048\n#define COMMAND_LINE_SIZE 1\n")
     with pytest.raises(CaptainError, match="2 times"):
         kernel.patch_command_line_size(tree, Arch.AMD64)
+
+
+def test_patch_init_env_limit(tmp_path: Path) -> None:
+    tree = _fake_tree(tmp_path / "linux")
+    kconfig = kernel.patch_init_env_limit(tree)
+    text = kconfig.read_text()
+    assert "\tdefault 128 if !UML\n\tdefault 128 if UML\n" in text
+    assert "config COMPILE_TEST\n\tbool" in text and "\tdefault n\n" in text  # nothing else touched
+    kernel.patch_init_env_limit(tree)  # idempotent
+    assert kconfig.read_text() == text
+
+
+def test_patch_init_env_limit_fails_loudly_when_the_symbol_moved(tmp_path: Path) -> None:
+    tree = _fake_tree(tmp_path / "linux")
+    (tree / "init" / "Kconfig").write_text(INIT_KCONFIG.replace("default 32 if !UML", "default 32"))
+    with pytest.raises(CaptainError, match="non-UML defaults of INIT_ENV_ARG_LIMIT"):
+        kernel.patch_init_env_limit(tree)
 
 
 def test_bzimage_cmdline_size(tmp_path: Path) -> None:

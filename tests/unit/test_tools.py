@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import socket
+import sys
 import tarfile
 import threading
 import zipfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, config, fetch, pins, tools
+from captainos import cache, config, fetch, golang, pins, tools
 from captainos.config import Arch, ToolsSource
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -260,7 +261,7 @@ def test_release_source_downloads_verifies_and_keeps_the_listed_binaries(server,
     bin_dir.mkdir(parents=True)
     origin = tools.from_release(cfg, pin, bin_dir)
     assert sorted(p.name for p in bin_dir.iterdir()) == ["containerd", "containerd-shim-runc-v2", "ctr"]
-    assert origin == {"url": tools.release_url(cfg, pin), "sha256": pin.sha256["amd64"], "sha256_from": "pin"}
+    assert origin == {"url": tools.release_url(cfg, pin), "sha256": pin.sha256["amd64"]}
     assert not (tmp_path / "work" / "unpacked").exists()
 
 
@@ -305,41 +306,35 @@ def test_release_of_a_bare_binary_is_copied_as_is(server, tmp_path):
     assert (tmp_path / "bin" / "runc").read_bytes() == fake_elf(62)
 
 
-def test_release_without_a_pin_or_a_sums_list_is_refused_not_trusted(server, tmp_path):
-    cfg = cfg_for(tmp_path, tools_mirror=server.url)
-    server.files["/" + RUNC.release_path("amd64")] = fake_elf(62)
-    (tmp_path / "bin").mkdir()
-    with pytest.raises(CaptainError, match=r"no pinned sha256 for runc 1.4.0 \(amd64\); use --tools-source go"):
-        tools.from_release(cfg, dataclasses.replace(RUNC, sums=""), tmp_path / "bin")
-    assert server.requests == []
+UNPINNED_RUNC = dataclasses.replace(RUNC, sha256={"amd64": None, "arm64": None})
+RUNC_SUMS = "/opencontainers/runc/releases/download/v1.4.0/runc.sha256sum"
 
 
-def test_release_without_a_pin_is_verified_against_upstreams_published_list(server, tmp_path):
+def test_a_digest_listed_beside_the_file_is_never_trusted(server, tmp_path):
+    # The release host (or a mirror) serving both the file and its digest proves nothing.
     cfg = cfg_for(tmp_path, tools_mirror=server.url)
     binary = fake_elf(62)
     server.files["/" + RUNC.release_path("amd64")] = binary
-    server.files["/" + RUNC.sums_path()] = (f"{sha(fake_elf(183))}  runc.arm64\n{sha(binary)}  runc.amd64\n").encode()
+    server.files[RUNC_SUMS] = f"{sha(binary)}  runc.amd64\n".encode()
     (tmp_path / "bin").mkdir()
-    origin = tools.from_release(cfg, RUNC, tmp_path / "bin")
-    assert (tmp_path / "bin" / "runc").read_bytes() == binary
-    assert origin["sha256"] == sha(binary) and origin["sha256_from"] == f"{server.url}/{RUNC.sums_path()}"
+    with pytest.raises(CaptainError) as err:
+        tools.from_release(cfg, UNPINNED_RUNC, tmp_path / "bin")
+    assert str(err.value) == "no pinned sha256 for runc 1.4.0 (amd64); use --tools-source go"
+    assert server.requests == [] and list((tmp_path / "bin").iterdir()) == []
 
 
-def test_a_release_file_that_differs_from_upstreams_list_is_refused(server, tmp_path):
-    cfg = cfg_for(tmp_path, tools_mirror=server.url)
-    server.files["/" + RUNC.release_path("amd64")] = fake_elf(62) + b"tampered"
-    server.files["/" + RUNC.sums_path()] = f"{sha(fake_elf(62))}  runc.amd64\n".encode()
-    (tmp_path / "bin").mkdir()
-    with pytest.raises(CaptainError, match="sha256 mismatch"):
-        tools.from_release(cfg, RUNC, tmp_path / "bin")
-    assert list((tmp_path / "bin").iterdir()) == []
-
-
-def test_a_sums_list_without_the_file_is_one_clear_error(server, tmp_path):
-    cfg = cfg_for(tmp_path, tools_mirror=server.url)
-    server.files["/" + RUNC.sums_path()] = f"{sha(b'x')}  runc.arm64\n".encode()
-    with pytest.raises(CaptainError, match=r"runc.sha256sum lists no sha256 for runc.amd64"):
-        tools.from_release(cfg, RUNC, tmp_path / "bin")
+def test_a_plain_http_mirror_gets_no_request_for_an_unpinned_file(server, tmp_path, monkeypatch):
+    binary = fake_elf(62)
+    server.files["/" + RUNC.release_path("amd64")] = binary
+    server.files[RUNC_SUMS] = f"{sha(binary)}  runc.amd64\n".encode()
+    monkeypatch.setattr(pins, "TOOLS", (UNPINNED_RUNC,))
+    cfg = cfg_for(tmp_path, tools_source="release", tools_mirror=server.url)
+    assert cfg.tools_mirror.startswith("http://")
+    with pytest.raises(CaptainError) as err:
+        tools.build(cfg, Runner())
+    assert str(err.value) == "no pinned sha256 for runc 1.4.0 (amd64); use --tools-source go"
+    assert server.requests == []
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*runc*"))
 
 
 # --- source choice -------------------------------------------------------------------------
@@ -355,25 +350,24 @@ def test_auto_falls_back_to_go_when_the_host_refuses(tmp_path, capsys):
 
 def test_auto_takes_releases_where_digests_are_pinned(server, tmp_path, capsys):
     chosen = tools.choose_sources(cfg_for(tmp_path, tools_mirror=server.url))
-    assert chosen == {"containerd": ToolsSource.RELEASE, "runc": ToolsSource.GO,
-                      "nerdctl": ToolsSource.RELEASE, "cni-plugins": ToolsSource.RELEASE}
-    line = capsys.readouterr().err.strip()
-    assert "\n" not in line and "go for runc 1.4.0 (no pinned sha256)" in line
+    assert set(chosen.values()) == {ToolsSource.RELEASE}
+    chosen = tools.choose_sources(cfg_for(tmp_path, tools_mirror=server.url), (UNPINNED_RUNC, CONTAINERD))
+    assert chosen == {"runc": ToolsSource.GO, "containerd": ToolsSource.RELEASE}
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "go for runc 1.4.0 (no pinned sha256)" in line
 
 
 def test_release_source_refuses_unverifiable_components_before_any_download(tmp_path):
     cfg = cfg_for(tmp_path, tools_source="release", tools_mirror=closed_port_url())
-    table = [dataclasses.replace(RUNC, sums=""), CONTAINERD]
     with pytest.raises(CaptainError) as err:
-        tools.choose_sources(cfg, table)
+        tools.choose_sources(cfg, [UNPINNED_RUNC, CONTAINERD])
     assert str(err.value) == "no pinned sha256 for runc 1.4.0 (amd64); use --tools-source go"
 
 
-def test_release_source_says_which_components_rest_on_upstreams_list(tmp_path, capsys):
+def test_release_source_takes_every_pinned_component(tmp_path, capsys):
     chosen = tools.choose_sources(cfg_for(tmp_path, tools_source="release", tools_mirror=closed_port_url()))
     assert set(chosen.values()) == {ToolsSource.RELEASE}
-    line = capsys.readouterr().err.strip()
-    assert "runc 1.4.0 verified against upstream's published sha256 list (no pin)" in line
+    assert "release for all (requested" in capsys.readouterr().err
 
 
 def test_go_source_needs_no_network(tmp_path):
@@ -581,7 +575,7 @@ def test_nothing_partial_enters_the_cache_when_a_component_fails(server, tmp_pat
     with pytest.raises(CaptainError, match="has no ctr"):
         tools.build_component(cfg, Runner(), pin, ToolsSource.RELEASE, "")
     stage = tmp_path / "cache" / "tools-containerd" / "amd64"
-    assert [p.name for p in stage.iterdir()] == []
+    assert [p.name for p in stage.iterdir() if p.suffix != ".lock"] == []
 
 
 # --- the whole stage through the release source (fake arm64 binaries, never run) -----------
@@ -682,7 +676,7 @@ needs_go = pytest.mark.skipif(shutil.which("go") is None and not Path("/usr/loca
 def test_go_source_refuses_a_module_whose_hash_is_not_the_pinned_one(server, tmp_path, monkeypatch):
     server.files.update(fake_module_files("example.com/fake", "v1.0.0"))
     monkeypatch.setenv("GOPROXY", server.url)
-    monkeypatch.setenv("GONOSUMDB", "example.com")
+    monkeypatch.setattr(pins, "GO_SUMDB", "off")  # sum.golang.org knows no example.com module
     pin = dataclasses.replace(NERDCTL, name="fake", version="1.0.0", module_path="example.com/fake",
                               module_h1="h1:" + "A" * 43 + "=")
     (tmp_path / "w" / "bin").mkdir(parents=True)
@@ -699,6 +693,44 @@ def test_go_source_with_an_unreachable_proxy_is_one_clear_error(tmp_path, monkey
         tools.from_go(cfg_for(tmp_path), Runner(), NERDCTL, tmp_path / "w" / "bin")
 
 
+def fake_go(tmp_path: Path, pin: pins.ToolPin) -> Path:
+    """A `go` that serves pin's module from a local directory and "builds" a file per binary."""
+    module = tmp_path / "module"
+    module.mkdir()
+    (module / "go.mod").write_text(f"module {pin.module_path}\n")
+    (module / "go.sum").write_text("")
+    download = json.dumps({"Path": pin.module_path, "Version": pin.module.version, "Sum": pin.module_h1,
+                           "Dir": str(module), "Origin": {"Hash": "c0ffee"}})
+    go = tmp_path / "toolchain" / "bin" / "go"
+    go.parent.mkdir(parents=True)
+    go.write_text(f"""#!{sys.executable}
+import sys
+args = sys.argv[1:]
+if args[:2] == ["env", "GOVERSION"]:
+    print("go{pins.GO_TOOLCHAIN.version}")
+elif args[:3] == ["mod", "download", "-json"]:
+    print({download!r})
+elif args[:1] == ["build"]:
+    open(args[args.index("-o") + 1], "wb").write(b"built")
+else:
+    sys.exit("unexpected: " + " ".join(args))
+""")
+    go.chmod(0o755)
+    return go
+
+
+def test_the_manifest_names_the_go_that_built_and_ignores_no_cache(tmp_path, monkeypatch):
+    go = fake_go(tmp_path, CONTAINERD)
+    monkeypatch.setattr(golang, "go_binary", lambda: str(go))
+    records = []
+    for no_cache in ("0", "1"):
+        bin_dir = tmp_path / f"work-{no_cache}" / "bin"
+        bin_dir.mkdir(parents=True)
+        records.append(tools.from_go(cfg_for(tmp_path, no_cache=no_cache), Runner(), CONTAINERD, bin_dir))
+    assert records[0]["go"] == {"version": f"go{pins.GO_TOOLCHAIN.version}", "path": str(go)}
+    assert records[0] == records[1]  # NO_CACHE rebuilds (go build -a), the same thing
+
+
 @pytest.mark.skipif(not Arch.AMD64.is_host(), reason="uses the host's dynamically linked /bin/true")
 def test_a_dynamically_linked_go_build_is_refused(tmp_path, monkeypatch):
     def dynamic_build(cfg, runner, pin, bin_dir):
@@ -710,4 +742,4 @@ def test_a_dynamically_linked_go_build_is_refused(tmp_path, monkeypatch):
     assert not tools.is_static(Path("/bin/true"))
     with pytest.raises(CaptainError, match="runc: runc was built dynamically linked"):
         tools.build_component(cfg_for(tmp_path), Runner(), RUNC, ToolsSource.GO, "go1.26.8")
-    assert list((tmp_path / "cache" / "tools-runc" / "amd64").iterdir()) == []
+    assert [p for p in (tmp_path / "cache" / "tools-runc" / "amd64").iterdir() if p.suffix != ".lock"] == []
