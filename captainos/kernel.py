@@ -36,8 +36,9 @@ DEBIAN_MODULES = KERNEL_DIR / "debian-modules.txt"
 RECIPE = 1  # bump when the build steps change what an entry contains
 COMMAND_LINE_SIZE = 4096  # Smee's ISO patcher writes command lines longer than 2048 bytes
 # Linux hands /init every unknown "name=value" word as an environment variable and panics at
-# boot past CONFIG_INIT_ENV_ARG_LIMIT (32, with HOME and TERM). The symbol has no prompt, so
-# a config fragment cannot set it: the default in init/Kconfig is patched instead.
+# boot ("Too many boot env vars") at the 32nd with CONFIG_INIT_ENV_ARG_LIMIT 32 (measured on
+# Debian's 6.12). The symbol has no prompt, so a config fragment cannot set it: the default
+# in init/Kconfig is patched instead.
 INIT_ENV_ARG_LIMIT = 128
 _INIT_ENV_DEFAULT = re.compile(r"^(config INIT_ENV_ARG_LIMIT\n(?:[ \t].*\n|\n)*?[ \t]+default[ \t]+)([0-9]+)"
                                r"([ \t]+if[ \t]+!UML)$", re.MULTILINE)
@@ -547,7 +548,8 @@ def _compile_in_build_dir(cfg: Config, runner: Runner, source: Source, fragments
     _write_json(work, {"version": release, "source": source.kind.value, "source_version": source.version,
                        "source_id": source.identity, "url": source.url or str(source.path or ""),
                        "arch": cfg.arch.value, "command_line_size": COMMAND_LINE_SIZE,
-                       "fragments": sorted(parts["fragments"]), "compiler": parts["compiler"]}, modules, release)
+                       "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "fragments": sorted(parts["fragments"]),
+                       "compiler": parts["compiler"]}, modules, release)
 
 
 def _finish_modules(runner: Runner, modules: Path, release: str) -> None:

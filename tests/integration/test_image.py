@@ -103,9 +103,9 @@ def test_static_ipam_without_dhcp(kernel: Path, initramfs: Path, tmp_path: Path)
 
 def test_a_maximal_smee_command_line_boots(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
     """Every parameter Smee and CaptainOS know, with proxies, ipam= and credentials, plus
-    operator extras up to the kernel's limit: 30 words that Linux hands /init as environment
-    variables (CONFIG_INIT_ENV_ARG_LIMIT 32 less HOME and TERM; one more panics Debian's
-    kernel). The system boots and our programs read their values."""
+    operator extras up to the kernel's limit: 31 words that Linux hands /init as environment
+    variables (one more panics Debian's kernel: tests/integration/test_kernel.py). The system
+    boots and our programs read their values."""
     ipam = f"ipam={MAC.replace(':', '-')}::10.0.2.50:255.255.255.0:10.0.2.2:captest:10.0.2.3:lab.example:10.0.2.2"
     words = ["facility=onprem", "syslog_host=10.0.2.2", "syslog_port=5514", "grpc_authority=10.0.2.2:42113",
              "tinkerbell_tls=false", "tinkerbell_insecure_tls=false", f"worker_id={MAC}", f"hw_addr={MAC}",
@@ -114,7 +114,7 @@ def test_a_maximal_smee_command_line_boots(kernel: Path, initramfs: Path, tmp_pa
              "insecure_registries=10.0.2.2:5000", "HTTP_PROXY=http://10.0.2.2:3128",
              "HTTPS_PROXY=http://10.0.2.2:3128", "NO_PROXY=10.0.0.0/8,.example", "vlan_id=42", ipam,
              "interface=enp0s2"]
-    words += [f"extra{i}=x" for i in range(30 - len(words))]
+    words += [f"extra{i}=x" for i in range(31 - len(words))]
     append = " ".join(["intel_iommu=on", "iommu=pt", "console=tty0", *words, "console=ttyS0"])
     with qemu.Guest(machine(kernel, initramfs, append), workdir=tmp_path) as guest:
         verdict, info, logs = selftest(guest)

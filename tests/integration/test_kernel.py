@@ -28,6 +28,7 @@ INIT = """#!/bin/busybox sh
 /bin/busybox mount -t sysfs sys /sys
 echo "UNAME: $(/bin/busybox uname -r)"
 echo "CMDLINE-LEN: $(/bin/busybox wc -c < /proc/cmdline)"
+echo "ENV-COUNT: $(/bin/busybox env | /bin/busybox grep -c '^capenv')"
 if [ -r /proc/config.gz ]; then
   echo "IKCONFIG: $(/bin/busybox zcat /proc/config.gz | /bin/busybox grep -c '^CONFIG_IKCONFIG_PROC=y')"
 fi
@@ -39,6 +40,11 @@ fi
 echo "BOOT-DONE"
 /bin/busybox reboot -f
 """
+
+
+def env_words(count: int) -> str:
+    """Parameters the kernel does not know, with "=" and no ".": each becomes a variable of /init."""
+    return " ".join(f"capenv{i}=x" for i in range(count))
 
 
 def busybox_initramfs(entry: Path, dest: Path, busybox: Path = BUSYBOX) -> Path:
@@ -79,7 +85,7 @@ def boot(entry: Path, tmp_path: Path, append: str = "", arch: Arch = Arch.AMD64,
         guest.wait_for(r"^BOOT-DONE", timeout=600 if arch is Arch.ARM64 else 240)
         text = guest.serial()
     return dict(line.split(": ", 1) for line in text.replace("\r", "").splitlines()
-                if line.split(": ", 1)[0] in {"UNAME", "CMDLINE-LEN", "IKCONFIG", "MODULE"})
+                if line.split(": ", 1)[0] in {"UNAME", "CMDLINE-LEN", "ENV-COUNT", "IKCONFIG", "MODULE"})
 
 
 def _cfg(source: str, arch: Arch = Arch.AMD64) -> Config:
@@ -105,9 +111,23 @@ def test_debian_image_amd64(tmp_path: Path) -> None:
     assert {"overlay", "br_netfilter", "bridge", "virtio_net", "nf_tables", "dummy"} <= kept
     assert "snd" not in kept and "amdgpu" not in kept  # trimmed: no sound, no GPU
     assert (moddir / "modules.dep").is_file()
-    seen = boot(entry, tmp_path)
+    seen = boot(entry, tmp_path, append=env_words(31))
     assert seen["UNAME"] == info["version"]
     assert seen["MODULE"] == "loaded", seen
+    assert seen["ENV-COUNT"] == "31", seen  # the most Debian's kernel takes (README)
+
+
+@pytest.mark.integration
+@needs_tools
+def test_debian_kernel_panics_past_31_boot_env_vars(tmp_path: Path) -> None:
+    """The limit the README states for Debian's kernel is real: one more word is a panic."""
+    entry = kernel.build(_cfg("debian-image"), Runner())
+    initrd = busybox_initramfs(entry, tmp_path / "initramfs.cpio.zst")
+    machine = Machine(Arch.AMD64, kernel=entry / "vmlinuz", initrd=initrd, append=f"panic=-1 {env_words(32)}",
+                      mem="512M", smp=1, accel=Accel.TCG)
+    with Guest(machine, workdir=tmp_path / "qemu") as guest:
+        guest.wait_for(r"Too many boot env vars|^BOOT-DONE", timeout=240)
+        assert "Too many boot env vars" in guest.serial(), guest.tail()
 
 
 @pytest.mark.kernel_compile
@@ -122,9 +142,11 @@ def test_compile_from_debian_source_amd64(tmp_path: Path) -> None:
     assert resolved["CONFIG_IKCONFIG_PROC"] == "y" and resolved["CONFIG_RD_ZSTD"] == "y"
     assert [resolved.get(o, "n") for o in ("CONFIG_DRM", "CONFIG_SOUND", "CONFIG_WLAN")] == ["n", "n", "n"]
     assert (entry / "vmlinuz").stat().st_size < 16 * 1024 * 1024
-    seen = boot(entry, tmp_path, append=PAD)
+    assert info["init_env_arg_limit"] == 128
+    seen = boot(entry, tmp_path, append=f"{PAD} {env_words(60)}")
     assert seen["UNAME"] == info["version"]
     assert int(seen["CMDLINE-LEN"]) > len(PAD), seen  # nothing cut at 2048
+    assert seen["ENV-COUNT"] == "60", seen  # past Debian's 31: INIT_ENV_ARG_LIMIT is patched
     assert seen["IKCONFIG"] == "1"
     assert seen["MODULE"] == "loaded", seen
 
