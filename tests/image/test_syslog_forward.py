@@ -81,6 +81,24 @@ def test_a_failed_send_is_sent_again_not_skipped(sandbox):
     assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["one"]
 
 
+def test_a_stop_during_a_send_saves_the_cursor_first(sandbox):
+    """systemd's SIGTERM (KillMode=mixed: the forwarder alone) while logger is sending: the
+    round completes, the cursor is saved, and a restart sends nothing again."""
+    fake_tools(sandbox)
+    logger = sandbox.bin / "logger"
+    logger.write_text(logger.read_text().replace("\nsed ", '\nkill -TERM "$PPID"; sleep 0.3\nsed ', 1))
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    journal(sandbox, "one", "two")
+    sandbox.env["ROUNDS"] = "0"  # forever, unless the stop request ends it
+    result = sandbox.run("syslog-forward", "tink-agent", timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert (sandbox.root / "run/captainos/syslog/tink-agent.cursor").read_text() == "s=abc;i=2\n"
+    fake_tools(sandbox)
+    sandbox.env["ROUNDS"] = "1"
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["one", "two"]
+
+
 def test_an_unknown_cursor_starts_over_instead_of_stalling(sandbox):
     fake_tools(sandbox)
     sandbox.cmdline("syslog_host=10.0.2.2")

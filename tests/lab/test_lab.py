@@ -197,9 +197,10 @@ def test_an_action_that_fills_the_disk_fails_alone(real_lab, runs):
     assert "probe oom_score_adj=1000 cmdline=[]" in text, explain(real_lab, out)
     assert FILL_SECRET not in "\n".join(m.raw for m in out.syslog)
     assert not re.search(r"Out of memory|oom-kill|invoked oom-killer", text), explain(real_lab, out)
-    # The agent reported the failure after the disk was full: it was alive.
+    # The agent reported the failure after the disk was full: it was alive. (v0.25.0 logs the
+    # state it reports in lower case: "running", "success", "failure".)
     reports = [obj for _, obj in out.agent_lines() if obj.get("msg") == "reported action status"]
-    assert any(obj.get("state") == "FAILED" for obj in reports), explain(real_lab, out)
+    assert any(obj.get("state") == "failure" for obj in reports), explain(real_lab, out)
 
 
 # --- the ISO as Smee patches it ----------------------------------------------------------------------
