@@ -22,6 +22,7 @@ from captainos.lab import oci, registry
 from captainos.lab.oci import Credentials, Image, Member
 from captainos.run import Runner
 from tests.image.conftest import LIB, PROGRAMS, Result
+from tests.image.test_tink_agent import ELF_ARM64
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,7 +32,6 @@ pytestmark = [
 ]
 
 CREDS = Credentials("captain", "setup-pw-4711")
-ELF_ARM64 = b"\x7fELF\x02\x01\x01" + bytes(11) + b"\xb7\x00" + bytes(44)
 
 
 @pytest.fixture(scope="module")
