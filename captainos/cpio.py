@@ -96,14 +96,17 @@ class Writer:
         self.offset += len(chunk) + len(padding)
 
 
-def write_tree(tree: Path, out: BinaryIO, *, mtime: int, first: Sequence[str] = ()) -> list[str]:
+def write_tree(tree: Path, out: BinaryIO, *, mtime: int, first: Sequence[str] = (),
+               leave_out: Sequence[str] = ()) -> list[str]:
     """Archive a directory tree (directories, regular files, symlinks) with paths relative to
     it, directories first, then files and links sorted by path except that those named in
-    `first` lead, and return the member names. Owner, mtime and inode numbers are fixed: the
-    same tree gives the same bytes."""
+    `first` lead, and return the member names; files named in `leave_out` are not archived.
+    Owner, mtime and inode numbers are fixed: the same tree gives the same bytes."""
     dirs, others = [], []
     for path in sorted(tree.rglob("*")):
         rel = str(path.relative_to(tree))
+        if rel in leave_out:
+            continue
         if path.is_symlink() or path.is_file():
             others.append(rel)
         elif path.is_dir():

@@ -2,8 +2,9 @@
 tools follow it as a second archive (segments.py), and both are zstd-compressed.
 
 The image tree (image/) holds everything that does not change per build; this module adds
-what does, on mkosi's command line: the architecture, the extra trees (kernel modules, extra
-CA certificates, a build manifest), the OS version, the profiles and the source date epoch.
+what does, on mkosi's command line: the architecture, the extra trees (kernel modules, their
+firmware (firmware.py), extra CA certificates, a build manifest), the OS version, the
+profiles and the source date epoch.
 vmlinuz never goes into the initramfs: it is published next to it by the kernel stage.
 
 mkosi's output directory is persistent (build/<arch>/mkosi) because mkosi keeps its Debian
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cache, host, log, pins, segments
+from captainos import __version__, cache, firmware, host, log, pins, segments
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -33,6 +34,7 @@ MANIFEST = Path("usr/share/captainos/image.json")
 KERNEL_REQUIRED = REPO / "kernel" / "required.txt"
 KERNEL_CHECKER = REPO / "kernel" / "check-kernel-config.sh"
 PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+TEST_PROFILE = "test"
 
 
 def mkosi_command() -> list[str]:
@@ -105,7 +107,8 @@ def stage_ca_tree(paths: Sequence[Path], tree: Path) -> None:
 
 def stage_captainos_tree(cfg: Config, kernel_entry: Path, tools_entry: Path, tree: Path) -> None:
     """The build's own files: the manifest, the kernel's config next to its modules (for
-    check-kernel-config, since /proc/config.gz may be absent) and the kernel option checker."""
+    check-kernel-config, since /proc/config.gz may be absent), the kernel option checker, and
+    for the test profile the tools the shipped image leaves out."""
     cache.atomic_write(tree / MANIFEST,
                        json.dumps(manifest(cfg, kernel_entry, tools_entry), indent=1, sort_keys=True) + "\n")
     version = manifest(cfg, kernel_entry, tools_entry)["kernel"]
@@ -113,6 +116,9 @@ def stage_captainos_tree(cfg: Config, kernel_entry: Path, tools_entry: Path, tre
         cache.atomic_copy(kernel_entry / "config", tree / "usr/lib/modules" / version / "config")
     if KERNEL_REQUIRED.is_file():
         cache.atomic_copy(KERNEL_REQUIRED, tree / "usr/lib/captainos/kernel-required.txt")
+    if TEST_PROFILE in cfg.profiles:  # the self-test drives containerd with ctr, which segments.py leaves out
+        for rel in segments.TOOLS_LEFT_OUT:
+            cache.atomic_copy(tools_entry / "tree" / rel, tree / rel)
     if KERNEL_CHECKER.is_file():
         cache.atomic_copy(KERNEL_CHECKER, tree / "usr/lib/captainos/check-kernel-config")
         (tree / "usr/lib/captainos/check-kernel-config").chmod(0o755)
@@ -128,13 +134,15 @@ def manifest(cfg: Config, kernel_entry: Path, tools_entry: Path) -> dict[str, An
             "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs]}
 
 
-def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> dict[str, Any]:
+def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path, firmware_entry: Path | None = None
+           ) -> dict[str, Any]:
     """Everything the image depends on: a change to any of these builds a new entry."""
     return {
         "arch": cfg.arch.value,
         "version": __version__,
         "image_tree": cache.hash_tree(IMAGE_DIR),
         "kernel": kernel_entry.name,
+        "firmware": firmware_entry.name if firmware_entry else None,
         "tools": tools_entry.name,
         "profiles": list(cfg.profiles),
         "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs],
@@ -164,13 +172,14 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
     modules = _check_entries(kernel_entry, tools_entry)
     output_dir, mkosi_cache = mkosi_dirs(cfg)
     tools_segment = segments.tools_segment(cfg, runner, tools_entry)
+    firmware_entry = firmware.build(cfg, runner, kernel_entry)
 
     def produce(work: Path) -> None:
         staging = work / "staging"
         ca_tree, own_tree = staging / "ca", staging / "captainos"
         stage_ca_tree(cfg.extra_ca_certs, ca_tree)
         stage_captainos_tree(cfg, kernel_entry, tools_entry, own_tree)
-        trees = [modules, own_tree, *([ca_tree] if cfg.extra_ca_certs else [])]
+        trees = [modules, firmware_entry / "tree", own_tree, *([ca_tree] if cfg.extra_ca_certs else [])]
         output_dir.mkdir(parents=True, exist_ok=True)
         mkosi_cache.mkdir(parents=True, exist_ok=True)
         argv = mkosi_argv(cfg.arch, output_dir=output_dir, cache_dir=mkosi_cache, extra_trees=trees,
@@ -201,4 +210,4 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
                  f"tools {log.human_bytes(sizes['tools'])})")
 
     return cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value,
-                        inputs(cfg, kernel_entry, tools_entry), force=cfg.no_cache, produce=produce)
+                        inputs(cfg, kernel_entry, tools_entry, firmware_entry), force=cfg.no_cache, produce=produce)

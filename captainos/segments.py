@@ -5,8 +5,10 @@ prepends CPU microcode to an initrd), so the image is built as two segments:
 
 1. the OS: mkosi's cpio (Debian trixie, image/, the kernel modules, CA certificates and the
    build manifest), compressed on every image build;
-2. the container tools: the tools stage's tree (containerd, ctr, runc, nerdctl, the CNI
-   plugins and their manifest), archived here and compressed once per tools entry.
+2. the container tools: the tools stage's tree (containerd, runc, nerdctl, the CNI plugins
+   and their manifest), archived here and compressed once per tools entry. `ctr` is left out:
+   nothing in the shipped image runs it and it costs 2.5 MB (the test profile adds it back
+   for the self-test, see image.py).
 
 The split keeps a rebuild after a change in image/ to recompressing the OS (~80 MB
 uncompressed) instead of the whole ~220 MB, and lets the tools, which change only with a pin
@@ -32,8 +34,9 @@ OS_ZSTD = ("-19", WINDOW)
 TOOLS_ZSTD = ("--ultra", "-22", "--zstd=wlog=26", WINDOW)
 TOOLS_SEGMENT = "tools.cpio.zst"
 # The binaries built from the containerd module and its users first, next to each other.
-TOOLS_FIRST = ("usr/bin/containerd", "usr/bin/ctr", "usr/bin/nerdctl", "usr/bin/containerd-shim-runc-v2",
-               "usr/bin/runc")
+TOOLS_FIRST = ("usr/bin/containerd", "usr/bin/nerdctl", "usr/bin/containerd-shim-runc-v2", "usr/bin/runc")
+# Built by the tools stage, not shipped: the self-test's low-level client (docs/benchmarks.md).
+TOOLS_LEFT_OUT = ("usr/bin/ctr",)
 
 
 def zstd_argv(options: Sequence[str], src: Path, dest: Path) -> list[str]:
@@ -56,7 +59,8 @@ def tools_segment(cfg: Config, runner: Runner, tools_entry: Path) -> Path:
     def produce(work: Path) -> None:
         raw = work / "tools.cpio"
         with raw.open("wb") as out:
-            cpio.write_tree(tools_entry / "tree", out, mtime=pins.SOURCE_DATE_EPOCH, first=TOOLS_FIRST)
+            cpio.write_tree(tools_entry / "tree", out, mtime=pins.SOURCE_DATE_EPOCH, first=TOOLS_FIRST,
+                            leave_out=TOOLS_LEFT_OUT)
         compress(runner, TOOLS_ZSTD, raw, work / TOOLS_SEGMENT)
 
     return cache.cached(cfg.cache_dir, "initramfs-tools", cfg.arch.value, parts, force=cfg.no_cache,

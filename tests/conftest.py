@@ -75,3 +75,20 @@ def kernel_entry(lab_cfg) -> Path:  # type: ignore[no-untyped-def]
     from captainos import pipeline
 
     return pipeline.build_kernel(lab_cfg)
+
+
+@pytest.fixture(scope="session")
+def arm64(lab_cfg, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(config, vmlinuz, initramfs) of the arm64 test image (built through qemu-user)."""
+    import dataclasses
+
+    from captainos import pipeline
+    from captainos.config import Arch
+
+    binfmt = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if not Arch.ARM64.is_host() and not binfmt.exists():
+        pytest.fail("qemu-aarch64 is not registered in binfmt_misc: run './build.py setup' as root")
+    cfg = dataclasses.replace(lab_cfg, arch=Arch.ARM64, out_dir=tmp_path_factory.mktemp("out-arm64"))
+    kernel_entry = pipeline.build_kernel(cfg)
+    initramfs_entry = pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg))
+    return cfg, kernel_entry, initramfs_entry / "initramfs.cpio.zst"

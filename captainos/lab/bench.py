@@ -71,6 +71,9 @@ def _mib(size: float) -> str:
 
 # --- size --------------------------------------------------------------------------------------
 
+FIRMWARE_DIR = "usr/lib/firmware/"
+
+
 def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -> None:
     """Compressed and uncompressed size, and the largest files and packages."""
     command = f"./build.py bench --only size  # {initramfs.name}"
@@ -88,6 +91,11 @@ def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -
                    command)
     files = [m for m in cpio.members(blob) if m.is_file]
     total = sum(m.size for m in files) or 1
+    # Firmware is stored as .xz, which zstd cannot shrink: its bytes are what it costs.
+    fw = [m for m in files if m.name.startswith(FIRMWARE_DIR)]
+    fw_bytes = sum(m.size for m in fw)
+    report.add("firmware (/usr/lib/firmware, xz)", f"{_mib(fw_bytes)}, {len(fw)} files, "
+               f"{100 * fw_bytes / initramfs.stat().st_size:.1f}% of the initramfs", command)
     largest = sorted(files, key=lambda m: m.size, reverse=True)[:top]
     rows = [f"Largest {top} files ({command}). 'zstd alone' is the file compressed by itself at "
             "level 19: an upper bound, since in the image the 64 MiB window lets the Go binaries "

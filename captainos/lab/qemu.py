@@ -36,6 +36,7 @@ class Machine:
     kernel: Path | None = None  # None: boot from firmware (cdrom/disk)
     initrd: Path | None = None
     append: str = ""  # extra kernel command line, after the console and audit settings
+    default_console: bool = True  # console=<the arch's first serial port> first; False: only append's
     mem: str = "2G"
     smp: int = 2
     accel: Accel = Accel.TCG  # resolve AUTO with probe_accel() first
@@ -56,8 +57,9 @@ class Machine:
 
 
 def kernel_cmdline(machine: Machine) -> str:
-    """console=<serial> and audit=0 always; the caller's append last so it can override."""
-    parts = [f"console={machine.arch.serial_console()}", ALWAYS_APPEND, machine.append.strip()]
+    """console=<serial> (unless default_console is off) and audit=0; the caller's append last."""
+    console = f"console={machine.arch.serial_console()}" if machine.default_console else ""
+    parts = [console, ALWAYS_APPEND, machine.append.strip()]
     return " ".join(p for p in parts if p)
 
 

@@ -11,12 +11,13 @@ import json
 import os
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from captainos import image, log
+from captainos import cpio, firmware, image, log
 from captainos.config import Accel, Arch, Config
 from captainos.lab import qemu
 from captainos.run import Runner
@@ -50,6 +51,87 @@ def initramfs(lab_cfg: Config, kernel: Path, tools_entry: Path) -> Path:
     size = (entry / image.OUTPUT).stat().st_size
     log.info(f"initramfs: {log.human_bytes(size)} ({entry})")
     return entry / image.OUTPUT
+
+
+@pytest.fixture(scope="module")
+def unpacked(initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image's files on disk, both segments, as the kernel unpacks them."""
+    root = tmp_path_factory.mktemp("root")
+    for member in cpio.members(cpio.decompress(initramfs)):
+        path = root / member.name
+        kind = member.mode & 0o170000
+        if kind == 0o040000:
+            path.mkdir(parents=True, exist_ok=True)
+        elif kind == 0o120000:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            path.symlink_to(member.data.decode())
+        elif member.is_file:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(member.data)
+            path.chmod(member.mode & 0o7777)
+    return root
+
+
+def inside(root: Path, path: Path) -> Path | None:
+    """path (absolute inside the image) with the image's own links followed, or None."""
+    current = root
+    for part in path.relative_to("/").parts:
+        current = current / part
+        for _ in range(16):
+            if not current.is_symlink():
+                break
+            target = Path(os.readlink(current))
+            current = root / target.relative_to("/") if target.is_absolute() else current.parent / target
+    return current if current.exists() else None
+
+
+def test_every_elf_file_finds_the_libraries_it_names(unpacked: Path) -> None:
+    """What RemoveFiles takes out (image/mkosi.conf) is never a library that a program or
+    library left in the image links: each DT_NEEDED resolves in the image's own library
+    directories (or the file's RUNPATH)."""
+    dirs = [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib"), Path("/usr/lib64")]
+    broken, checked = [], 0
+    for path in sorted(p for p in unpacked.rglob("*") if p.is_file() and not p.is_symlink()):
+        with path.open("rb") as handle:
+            if handle.read(4) != b"\x7fELF":
+                continue
+        dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True).stdout
+        checked += 1
+        rel = Path("/") / path.relative_to(unpacked)
+        runpaths = [Path(d.replace("$ORIGIN", str(rel.parent))) for m in re.findall(r"R(?:UN)?PATH.*\[(.*)\]", dynamic)
+                    for d in m.split(":")]
+        # A private library (systemd's) is found beside the one that loaded it first.
+        for needed in re.findall(r"\(NEEDED\).*\[(.*)\]", dynamic):
+            if not any(inside(unpacked, d / needed) for d in [*runpaths, rel.parent, *dirs]):
+                broken.append(f"{rel} needs {needed}")
+    assert checked > 100
+    assert not broken, "\n".join(broken)
+
+
+def test_firmware_is_what_the_drivers_declare_and_loads_as_xz(unpacked: Path, kernel: Path) -> None:
+    """Every firmware file a module or built-in driver of the image declares is in
+    /usr/lib/firmware as <name>.xz with a CRC32 check (what the kernel's loader verifies), or
+    skipped in kernel/firmware.txt with a reason; no other file is there."""
+    release = json.loads((kernel / "kernel.json").read_text())["version"]
+    mods = unpacked / "usr/lib/modules" / release
+    declared = {name for names in firmware.builtin_firmware((mods / "modules.builtin.modinfo").read_bytes()).values()
+                for name in names}
+    for ko in mods.rglob("*.ko*"):
+        declared |= set(subprocess.run(["modinfo", "-F", "firmware", str(ko)], capture_output=True, text=True,
+                                       check=True).stdout.split())
+    report = json.loads((unpacked / firmware.REPORT.as_posix()).read_text())
+    skipped = {s["name"] for s in report["skipped"]}
+    fwlist = firmware.read_list()
+    assert all(fwlist.skip_reason(name) for name in skipped)
+    shipped = {str(p.relative_to(unpacked / "usr/lib/firmware")) for p in (unpacked / "usr/lib/firmware").rglob("*")
+               if not p.is_dir()}
+    assert shipped == {f"{name}.xz" for name in declared - skipped}
+    assert "e100/d102e_ucode.bin.xz" in shipped and "tigon/tg3.bin.xz" in shipped
+    for name in shipped:
+        data = (unpacked / "usr/lib/firmware" / name).read_bytes()
+        assert data[6:8] == b"\x00\x01", f"{name}: not an XZ stream with a CRC32 check"
+    subprocess.run(["xz", "-t", *(str(unpacked / "usr/lib/firmware" / n) for n in sorted(shipped))], check=True)
 
 
 def machine(kernel: Path, initramfs: Path, append: str = "", **kwargs: object) -> qemu.Machine:
@@ -202,3 +284,58 @@ def test_remote_syslog_gets_rfc5424_with_the_dhcp_hostname(kernel: Path, initram
     attempts = [match.group(2) for match in parsed if match and '"attempt":' in match.group(2)]
     assert len(attempts) == len(set(attempts)), "a line arrived twice:\n" + "\n".join(attempts)
     assert not [r for r in received if SECRET in r or "admin" in r]
+
+
+# Smee's two console sets (docs: ../shared/reference/kernel-cmdline.md): its iPXE script's and
+# the one its ISO patcher writes (the last, ttyS1 with no baud rate, becomes /dev/console).
+SMEE_NETBOOT_CONSOLES = "console=tty0 console=ttyS1,115200"
+SMEE_ISO_CONSOLES = ("console=tty0 console=ttyS0,115200 console=ttyAMA0 console=ttyS0 console=tty0 console=tty1 "
+                     "console=ttyS1")
+
+
+def console_report(kernel: Path, initramfs: Path, tmp_path: Path, consoles: str, report_tty: str,
+                   serial_ports: int) -> tuple[dict[str, tuple[str, int]], dict[str, str], list[str]]:
+    """Boot with exactly these console= words and this many serial ports; return (getty unit ->
+    (state, restarts), the other report fields, the text each serial port received)."""
+    logs = [tmp_path / "ttyS0.log", tmp_path / "ttyS1.log"][:serial_ports]
+    m = machine(kernel, initramfs, f"{consoles} captainos.selftest=off captainos.test.consoles={report_tty}",
+                default_console=False, serial_log=logs[0], serial2_log=logs[1] if serial_ports > 1 else None)
+    report_log = logs[int(report_tty[-1])]
+    with qemu.Guest(m, workdir=tmp_path / "qemu") as guest:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not report_log.exists() or "CONSOLES: done" not in report_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"no console report within {BOOT_TIMEOUT}s"
+            assert guest.proc is None or guest.proc.poll() is None, "QEMU exited"
+            time.sleep(2)
+        texts = [log.read_text(errors="replace").replace("\r", "") for log in logs]
+    report = texts[int(report_tty[-1])]
+    gettys = {unit: (state, int(n)) for unit, state, n in
+              re.findall(r"^CONSOLES: getty (\S+) (\S+) restarts=(\d+)$", report, re.M)}
+    fields = dict(re.findall(r"^CONSOLES: (active|system)=(.*)$", report, re.M))
+    return gettys, fields, texts
+
+
+def test_smee_netboot_consoles_get_a_root_shell(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
+    """console=tty0 console=ttyS1,115200: a root getty on ttyS1 and on the first VT, nothing
+    on ttyS0, and the boot finishes."""
+    gettys, fields, (ttys0, ttys1) = console_report(kernel, initramfs, tmp_path, SMEE_NETBOOT_CONSOLES, "ttyS1", 2)
+    assert fields["active"].split() == ["tty0", "ttyS1"], fields
+    assert fields["system"] == "running", fields
+    assert sorted(gettys) == ["getty@tty1.service", "serial-getty@ttyS1.service"], gettys
+    assert all(state == "active/running" for state, _ in gettys.values()), gettys
+    assert re.search(r"root@\S+:~#", ttys1), ttys1[-2000:]  # autologin reached a shell on ttyS1
+    assert "Linux version" not in ttys0 and "login" not in ttys0, ttys0[-1000:]  # the firmware's output only
+
+
+def test_smee_iso_consoles_with_missing_ones_do_not_stall(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
+    """The ISO set on a machine with one serial port: ttyS0 without a baud rate gets a getty,
+    ttyAMA0 (not on amd64) and ttyS1 (no UART here, yet the last console=) get none and
+    stall nothing."""
+    gettys, fields, (ttys0,) = console_report(kernel, initramfs, tmp_path, SMEE_ISO_CONSOLES, "ttyS0", 1)
+    assert fields["system"] == "running", fields
+    assert sorted(gettys) == ["getty@tty1.service", "serial-getty@ttyS0.service"], gettys
+    # Running, and not in a restart loop (agetty on ttyS0 was seen restarting once, in one
+    # boot of three, while the kernel was still printing to that port).
+    assert all(state == "active/running" and restarts <= 1 for state, restarts in gettys.values()), gettys
+    assert "ttyAMA0" not in fields["active"]
+    assert re.search(r"root@\S+:~#", ttys0), ttys0[-2000:]

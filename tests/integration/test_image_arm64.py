@@ -4,36 +4,23 @@ AAVMF (the UEFI firmware of Debian's qemu-efi-aarch64). Slow: outside the defaul
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from captainos import iso, pipeline
+from captainos import iso
 from captainos.config import Accel, Arch, Config
 from captainos.lab import qemu
 from captainos.run import Runner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 AAVMF = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")
 VERDICT = r"CAPTAINOS-SELFTEST: (PASS|FAIL.*)"
 
 
-@pytest.fixture(scope="module")
-def arm64(lab_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path, Path]:
-    """(config, vmlinuz, initramfs) of the arm64 test image."""
-    if not Arch.ARM64.is_host() and not BINFMT.exists():
-        pytest.fail("qemu-aarch64 is not registered in binfmt_misc: run './build.py setup' as root")
-    cfg = dataclasses.replace(lab_cfg, arch=Arch.ARM64, out_dir=tmp_path_factory.mktemp("out-arm64"))
-    kernel_entry = pipeline.build_kernel(cfg)
-    initramfs_entry = pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg))
-    return cfg, kernel_entry / "vmlinuz", initramfs_entry / "initramfs.cpio.zst"
-
-
 def test_arm64_image_boots_to_selftest_pass(arm64: tuple[Config, Path, Path], tmp_path: Path) -> None:
-    _, vmlinuz, initramfs = arm64
-    machine = qemu.Machine(Arch.ARM64, kernel=vmlinuz, initrd=initramfs, accel=Accel.TCG)
+    _, kernel, initramfs = arm64
+    machine = qemu.Machine(Arch.ARM64, kernel=kernel / "vmlinuz", initrd=initramfs, accel=Accel.TCG)
     with qemu.Guest(machine, workdir=tmp_path / "qemu") as guest:
         verdict = guest.wait_for(VERDICT, timeout=2400).group(1)
         assert verdict == "PASS", guest.tail()
@@ -43,8 +30,8 @@ def test_arm64_image_boots_to_selftest_pass(arm64: tuple[Config, Path, Path], tm
 @pytest.mark.skipif(not AAVMF.is_file(), reason="needs qemu-efi-aarch64")
 def test_arm64_iso_boots_under_aavmf_to_selftest_pass(arm64: tuple[Config, Path, Path], tmp_path: Path) -> None:
     """GRUB (arm64-efi) from the ISO as a CD-ROM, no -kernel: the firmware's boot path."""
-    cfg, vmlinuz, initramfs = arm64
-    image = iso.build(cfg, Runner(), vmlinuz, initramfs) / "captainos.iso"
+    cfg, kernel, initramfs = arm64
+    image = iso.build(cfg, Runner(), kernel / "vmlinuz", initramfs) / "captainos.iso"
     machine = qemu.Machine(Arch.ARM64, firmware=AAVMF, cdrom=image, accel=Accel.TCG)
     with qemu.Guest(machine, workdir=tmp_path / "qemu") as guest:
         guest.wait_for(r"console=ttyAMA0,115200", timeout=600)  # the kernel started from GRUB's entry

@@ -1,5 +1,6 @@
 """Smoke test of the benchmark command on a tiny image, and the cpio reader it relies on."""
 
+import re
 import subprocess
 
 import pytest
@@ -15,6 +16,8 @@ def _tiny_image(tmp_path, name="initramfs-amd64.cpio.zst", payload=b"x" * 5000):
     (root / "usr/bin/big").write_bytes(payload)
     (root / "etc").mkdir()
     (root / "etc/small").write_text("hello\n")
+    (root / "usr/lib/firmware/vendor").mkdir(parents=True)
+    (root / "usr/lib/firmware/vendor/nic.bin.xz").write_bytes(b"f" * 3000)
     (root / "var/lib/dpkg/info").mkdir(parents=True)
     (root / "var/lib/dpkg/info/demo:amd64.list").write_text("/usr\n/usr/bin\n/usr/bin/big\n")
     names = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
@@ -47,6 +50,8 @@ def test_bench_size_prints_figures_and_tables(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "| initramfs (zstd) |" in printed and "| rootfs uncompressed |" in printed
     assert "`/usr/bin/big` | 5,000 |" in printed
+    assert re.search(r"\| firmware \(/usr/lib/firmware, xz\) \| 0\.0 MB \(3,000 bytes\), 1 files, "
+                     r"\d+\.\d% of the initramfs \|", printed), printed
     assert "| demo | 5,000 |" in printed  # bytes per package from dpkg's lists
     assert output.read_text() == printed.rstrip("\n") + "\n" or output.read_text().strip() == printed.strip()
 

@@ -93,6 +93,8 @@ def entries(tmp_path):
     (tools / "tree/usr/bin").mkdir(parents=True)
     (tools / "tree/usr/bin/containerd").write_text("containerd-binary")
     (tools / "tree/usr/bin/containerd").chmod(0o755)
+    (tools / "tree/usr/bin/ctr").write_text("ctr-binary")
+    (tools / "tree/usr/bin/ctr").chmod(0o755)
     return kernel, tools
 
 
@@ -106,7 +108,8 @@ def test_inputs_change_with_every_input(tmp_path, entries):
                 image.inputs(Config(extra_ca_certs=(pem,)), kernel, tools),
                 image.inputs(Config(arch=Arch.ARM64), kernel, tools),
                 image.inputs(Config(), kernel.with_name("k2"), tools),
-                image.inputs(Config(), kernel, tools.with_name("t2"))]
+                image.inputs(Config(), kernel, tools.with_name("t2")),
+                image.inputs(Config(), kernel, tools, tmp_path / "firmware" / "f1")]
     assert all(v != base for v in variants)
 
 
@@ -151,7 +154,7 @@ def test_build_produces_an_entry_and_reuses_it(tmp_path, entries, monkeypatch):
     assert meta["segments"]["os"] + meta["segments"]["tools"] == meta["size"]
     assert sorted(p.name for p in entry.iterdir()) == [".captainos-complete.json", "image.json", "initramfs.cpio.zst"]
     trees = [a for a in fake.calls[0] if a.startswith("--extra-tree=")]
-    assert trees[0].endswith("k1/modules") and len(trees) == 2
+    assert trees[0].endswith("k1/modules") and "/firmware/amd64/" in trees[1] and len(trees) == 3
     assert not any(t.endswith("t1/tree") for t in trees)  # the tools come as their own segment
     assert f"--source-date-epoch={pins.SOURCE_DATE_EPOCH}" in fake.calls[0]
     assert "--profile=test" in fake.calls[0]
@@ -175,3 +178,12 @@ def test_entries_without_modules_or_tools_are_refused(tmp_path, entries):
         image.build(Config(cache_dir=tmp_path), FakeMkosi(), tmp_path / "nokernel", tools)
     with pytest.raises(CaptainError, match="containerd"):
         image.build(Config(cache_dir=tmp_path), FakeMkosi(), kernel, tmp_path / "notools")
+
+
+def test_only_the_test_profile_gets_the_tools_the_shipped_image_leaves_out(tmp_path, entries):
+    kernel, tools = entries
+    image.stage_captainos_tree(Config(), kernel, tools, tmp_path / "shipped")
+    image.stage_captainos_tree(Config(profiles=("test",)), kernel, tools, tmp_path / "test")
+    assert not (tmp_path / "shipped/usr/bin/ctr").exists()
+    assert (tmp_path / "test/usr/bin/ctr").read_text() == "ctr-binary"
+    assert (tmp_path / "test/usr/bin/ctr").stat().st_mode & 0o777 == 0o755

@@ -40,6 +40,13 @@ def test_write_tree_orders_dirs_first_then_the_named_leaders(tmp_path):
     assert {m.mtime for m in members.values()} == {1234}
 
 
+def test_write_tree_leaves_out_what_it_is_told(tmp_path):
+    out = io.BytesIO()
+    names = cpio.write_tree(tree(tmp_path), out, mtime=1, leave_out=("usr/bin/ctr", "usr/bin/absent"))
+    assert "usr/bin/ctr" not in names and "usr/bin/runc" in names
+    assert [m.name for m in cpio.members(out.getvalue())] == names
+
+
 def test_write_tree_is_deterministic(tmp_path):
     root = tree(tmp_path)
     first, second = io.BytesIO(), io.BytesIO()
@@ -85,7 +92,8 @@ def test_tools_segment_is_cached_by_the_tools_entry(tmp_path):
     assert segments.tools_segment(cfg, runner, entry) == segment
     assert len(runner.calls) == 1
     members = {m.name: m for m in cpio.members(cpio.decompress(segment))}
-    assert members["usr/bin/ctr"].data == b"ctr" and members["usr/bin/ctr"].mtime == pins.SOURCE_DATE_EPOCH
+    assert members["usr/bin/runc"].data == b"runc" and members["usr/bin/runc"].mtime == pins.SOURCE_DATE_EPOCH
+    assert "usr/bin/ctr" not in members  # built by the tools stage, not shipped (TOOLS_LEFT_OUT)
     assert not list(segment.parent.glob("*.cpio"))  # the uncompressed archive is gone
 
 
