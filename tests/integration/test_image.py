@@ -294,12 +294,14 @@ SMEE_ISO_CONSOLES = ("console=tty0 console=ttyS0,115200 console=ttyAMA0 console=
 
 
 def console_report(kernel: Path, initramfs: Path, tmp_path: Path, consoles: str, report_tty: str,
-                   serial_ports: int) -> tuple[dict[str, tuple[str, int]], dict[str, str], list[str]]:
+                   serial_ports: int, extra: tuple[str, ...] = ()
+                   ) -> tuple[dict[str, tuple[str, int]], dict[str, str], list[str]]:
     """Boot with exactly these console= words and this many serial ports; return (getty unit ->
     (state, restarts), the other report fields, the text each serial port received)."""
     logs = [tmp_path / "ttyS0.log", tmp_path / "ttyS1.log"][:serial_ports]
     m = machine(kernel, initramfs, f"{consoles} captainos.selftest=off captainos.test.consoles={report_tty}",
-                default_console=False, serial_log=logs[0], serial2_log=logs[1] if serial_ports > 1 else None)
+                default_console=False, serial_log=logs[0], serial2_log=logs[1] if serial_ports > 1 else None,
+                extra=extra)
     report_log = logs[int(report_tty[-1])]
     with qemu.Guest(m, workdir=tmp_path / "qemu") as guest:
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -339,3 +341,17 @@ def test_smee_iso_consoles_with_missing_ones_do_not_stall(kernel: Path, initramf
     assert all(state == "active/running" and restarts <= 1 for state, restarts in gettys.values()), gettys
     assert "ttyAMA0" not in fields["active"]
     assert re.search(r"root@\S+:~#", ttys0), ttys0[-2000:]
+
+
+def test_a_usb_serial_console_gets_a_root_shell(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
+    """console=ttyUSB0 on a USB serial adapter (QEMU's usb-serial, an FTDI: ftdi_sio): the
+    port appears after the getty generator ran, and the udev rule starts its getty."""
+    usb_log = tmp_path / "ttyUSB0.log"
+    extra = ("-device", "qemu-xhci,id=ux", "-chardev", f"file,id=us0,path={usb_log}",
+             "-device", "usb-serial,chardev=us0,bus=ux.0")
+    gettys, fields, _ = console_report(kernel, initramfs, tmp_path, "console=ttyS0 console=ttyUSB0,115200", "ttyS0",
+                                       1, extra)
+    assert fields["system"] == "running", fields
+    assert gettys.get("serial-getty@ttyUSB0.service", ("absent", 0))[0] == "active/running", gettys
+    assert gettys.get("serial-getty@ttyS0.service", ("absent", 0))[0] == "active/running", gettys
+    assert re.search(r"root@\S+:~#", usb_log.read_text(errors="replace")), usb_log.read_text(errors="replace")[-2000:]

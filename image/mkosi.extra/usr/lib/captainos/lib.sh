@@ -20,6 +20,7 @@ CAP_PROGRAM=${CAP_PROGRAM:-${0##*/}}
 # and name -> the word as written, quotes included.
 declare -gA CAP_PARAMS=()
 declare -gA CAP_RAW=()
+declare -ga CAP_CONSOLES=()
 
 # Print $1 as the inside of a JSON string: escape backslash and quote, encode the usual
 # control characters, and replace any other control character by "?".
@@ -57,13 +58,15 @@ cap_info() { cap_log info "$@"; }
 cap_warn() { cap_log warning "$@"; }
 cap_error() { cap_log error "$@"; }
 
-# Read the command line into CAP_PARAMS. Words are split on blanks outside double quotes,
-# quotes are dropped (as the kernel does), each word is split on its FIRST "=" so values may
-# contain "=", a trailing newline is ignored, and the last occurrence of a name wins.
+# Read the command line into CAP_PARAMS, and every console= value into CAP_CONSOLES. Words
+# are split on blanks outside double quotes, quotes are dropped (as the kernel does), each
+# word is split on its FIRST "=" so values may contain "=", a trailing newline is ignored,
+# and the last occurrence of a name wins.
 cap_cmdline_load() {
     local text word="" raw="" in_quote=0 i c
     CAP_PARAMS=()
     CAP_RAW=()
+    CAP_CONSOLES=()  # every console= value, in order (the name keeps only the last one)
     if [[ ! -r $CMDLINE_FILE ]]; then
         cap_error "cannot read the kernel command line" file="$CMDLINE_FILE"
         return 1
@@ -96,6 +99,7 @@ _cap_cmdline_store() {
         CAP_PARAMS["$name"]=""
     fi
     CAP_RAW["$name"]=$raw
+    [[ $name != console || $word != *=* ]] || CAP_CONSOLES+=("${word#*=}")
 }
 
 # cap_param_verbatim NAME: succeed when the value of NAME is exactly what was written: its
