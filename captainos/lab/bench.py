@@ -12,6 +12,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections import defaultdict
@@ -163,30 +164,34 @@ def busybox_initramfs(output: Path, script: str) -> Path:
     return output
 
 
-# One more task after the benchmark's workflow: `systemd-analyze blame` from the VM, written
-# into its disk, where the harness reads it after the run. Actions run privileged; the host's
-# root, /run and /proc are bind-mounted for a chroot, and the action shares the host's PID
-# namespace (without it sd-bus cannot identify its peer: "No data available").
-BLAME_OFFSET = 8 << 20
+# One more task after the benchmark's workflow: `systemd-analyze blame`, `critical-chain` and
+# `plot` (an SVG of every unit's start) from the VM, packed as a tar into its disk, where the
+# harness reads them after the run. Actions run privileged; the host's root, /run and /proc
+# are bind-mounted for a chroot, and the action shares the host's PID namespace (without it
+# sd-bus cannot identify its peer: "No data available").
+ANALYSIS_OFFSET = 8 << 20
 BLAME_LINES = 15
-BLAME_TASK = {
-    "name": "benchmark-blame",
+ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg")
+ANALYSIS_TASK = {
+    "name": "benchmark-boot-analysis",
     "actions": [{
-        "name": "boot-blame",
+        "name": "boot-analysis",
         "image": "{{ action_image }}",
         "timeout": 120,
         "volumes": ["/dev:/dev", "/:/host", "/run:/host/run", "/proc:/host/proc"],
         "namespaces": {"pid": "host"},
         "command": ["/bin/sh", "-c",
-                    f"chroot /host /usr/bin/systemd-analyze blame --no-pager | head -n {BLAME_LINES} >/tmp/blame"
-                    f" && test -s /tmp/blame && dd if=/tmp/blame of=/dev/vda bs=512 seek={BLAME_OFFSET // 512}"
-                    " conv=notrunc,fsync"],
+                    "cd /tmp && sa='chroot /host /usr/bin/systemd-analyze'"
+                    f" && $sa blame --no-pager | head -n {BLAME_LINES} >blame && test -s blame"
+                    " && $sa critical-chain --no-pager >critical-chain && $sa plot >plot.svg"
+                    f" && tar -cf analysis.tar {' '.join(ANALYSIS_FILES)}"
+                    f" && dd if=analysis.tar of=/dev/vda bs=512 seek={ANALYSIS_OFFSET // 512} conv=notrunc,fsync"],
     }],
 }
 
 
-def with_blame(workflow_file: Path, dest: Path) -> Path:
-    """A copy of the workflow with the blame task appended."""
+def with_analysis(workflow_file: Path, dest: Path) -> Path:
+    """A copy of the workflow with the boot-analysis task appended."""
     import yaml
 
     try:
@@ -195,28 +200,37 @@ def with_blame(workflow_file: Path, dest: Path) -> Path:
         raise CaptainError(f"cannot read workflow {workflow_file}: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
         raise CaptainError(f"workflow {workflow_file} has no 'tasks' list")
-    doc["tasks"].append(BLAME_TASK)
+    doc["tasks"].append(ANALYSIS_TASK)
     cache.atomic_write(dest, yaml.safe_dump(doc, sort_keys=False))
     return dest
 
 
-def read_blame(disk: Path) -> list[str]:
-    """The blame lines the last task wrote into the VM's disk ([] if it wrote none)."""
+def read_analysis(disk: Path) -> dict[str, bytes]:
+    """The files the last task wrote into the VM's disk, by name ({} if it wrote none)."""
     with disk.open("rb") as handle:
-        handle.seek(BLAME_OFFSET)
-        data = handle.read(64 * BLAME_LINES).split(b"\0", 1)[0]
-    return [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+        handle.seek(ANALYSIS_OFFSET)
+        try:
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
+                found = {}
+                for member in tar.getmembers():
+                    extracted = tar.extractfile(member) if member.isfile() else None
+                    if member.name in ANALYSIS_FILES and extracted is not None:
+                        found[member.name] = extracted.read()
+                return found
+        except tarfile.ReadError:
+            return {}
 
 
 def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int, workdir: Path,
-         workflow_file: Path) -> None:
+         workflow_file: Path, artifacts_dir: Path) -> None:
     """Median of N end-to-end runs: milestones from serial/server timestamps, and the kernel
-    floor; `systemd-analyze blame` of the last run."""
+    floor; `systemd-analyze blame` and `critical-chain` of the last run in the report, its
+    `plot` as boot-plot.svg in artifacts_dir."""
     from captainos.lab import e2e
 
     marks: dict[str, list[float]] = defaultdict(list)
-    workflow_file = with_blame(workflow_file, workdir / "bench-workflow.yaml")
-    blame: list[str] = []
+    workflow_file = with_analysis(workflow_file, workdir / "bench-workflow.yaml")
+    analysis: dict[str, bytes] = {}
     for number in range(runs):
         plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs)
         with e2e.Lab(cfg, plan, workdir=workdir / f"boot-{number}") as lab:
@@ -226,7 +240,7 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
         for label, mark in result.timeline:
             if mark is not None:
                 marks[label].append(mark)
-        blame = read_blame(result.disk)
+        analysis = read_analysis(result.disk)
     floors = [kernel_floor(cfg, vmlinuz, workdir / f"floor-{n}") for n in range(runs)]
     floor = statistics.median(floors)
     command = f"./build.py bench --only boot --runs {runs}"
@@ -237,9 +251,15 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
         median = statistics.median(values)
         report.add(f"boot: {label} (median of {len(values)})", f"{median:.1f} s ({median / floor:.1f}x floor)",
                    command)
-    report.tables.append(f"`systemd-analyze blame` in the VM, top {BLAME_LINES}, last run ({command}; the "
-                         "workflow's last task writes it to the VM's disk):\n\n```\n"
-                         + ("\n".join(blame) or "(the guest wrote nothing)") + "\n```")
+    for name, title in (("blame", f"`systemd-analyze blame`, top {BLAME_LINES}"),
+                        ("critical-chain", "`systemd-analyze critical-chain`")):
+        text = analysis.get(name, b"").decode(errors="replace").strip()
+        report.tables.append(f"{title} in the VM, last run ({command}; the workflow's last task writes it to "
+                             "the VM's disk):\n\n```\n" + (text or "(the guest wrote nothing)") + "\n```")
+    if "plot.svg" in analysis:
+        plot = artifacts_dir / "boot-plot.svg"
+        cache.atomic_write(plot, analysis["plot.svg"])
+        report.tables.append(f"`systemd-analyze plot` of the last run (every unit's start and end): {plot}")
 
 
 def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file: Path) -> None:
@@ -386,6 +406,8 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
     if needs_image and not initramfs.is_file():
         raise CaptainError(f"{initramfs} does not exist", "build first: ./build.py")
     report = Report()
+    # Files a section makes besides its numbers (the boot plot) go next to --output.
+    artifacts_dir = output.parent if output is not None else cfg.build_dir / "bench"
     with tempfile.TemporaryDirectory(prefix="captainos-bench-") as tmp:
         workdir = Path(tmp)
         for section in only:
@@ -393,7 +415,7 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                 if section == "size":
                     size(report, initramfs, vmlinuz)
                 elif section == "boot":
-                    boot(report, cfg, vmlinuz, initramfs, runs, workdir, workflow_file)
+                    boot(report, cfg, vmlinuz, initramfs, runs, workdir, workflow_file, artifacts_dir)
                 elif section == "netboot":
                     netboot(report, cfg, runs, workdir, workflow_file)
                 elif section == "ram":

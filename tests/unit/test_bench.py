@@ -108,34 +108,45 @@ def test_diff_archives_reports_mtime_only_changes(tmp_path):
     assert bench.diff_archives(tmp_path / "a" / "x.cpio", tmp_path / "b" / "x.cpio") == ["etc/small (mtime only)"]
 
 
-def test_the_boot_workflow_gets_the_blame_task_and_still_parses(tmp_path):
+def test_the_boot_workflow_gets_the_analysis_task_and_still_parses(tmp_path):
     from captainos.config import REPO
     from captainos.lab import workflow
 
-    out = bench.with_blame(REPO / "examples" / "workflow.yaml", tmp_path / "wf.yaml")
+    out = bench.with_analysis(REPO / "examples" / "workflow.yaml", tmp_path / "wf.yaml")
     variables = {"worker_id": "52:54:00:12:34:56", "device_1": "52:54:00:12:34:56", "registry": "10.0.2.2:5000",
                  "action_image": "10.0.2.2:5000/actions/busybox:e2e"}
     parsed = workflow.load(out, variables)
-    assert [t.name for t in parsed.tasks] == ["provision", "benchmark-blame"]
-    blame = parsed.tasks[-1].actions[0]
-    assert blame.image == "10.0.2.2:5000/actions/busybox:e2e"
-    assert "/:/host" in blame.volumes and "seek=16384" in blame.command[-1]
-    assert blame.pid_ns == "host"
+    assert [t.name for t in parsed.tasks] == ["provision", "benchmark-boot-analysis"]
+    task = parsed.tasks[-1].actions[0]
+    assert task.image == "10.0.2.2:5000/actions/busybox:e2e"
+    assert "/:/host" in task.volumes and "seek=16384" in task.command[-1]
+    for word in ("blame", "critical-chain", "plot >plot.svg", "tar -cf analysis.tar blame critical-chain plot.svg"):
+        assert word in task.command[-1]
+    assert task.pid_ns == "host"
     assert len(parsed.tasks[0].actions) == 3  # the original workflow is untouched
 
 
-def test_with_blame_refuses_a_workflow_without_tasks(tmp_path):
+def test_with_analysis_refuses_a_workflow_without_tasks(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\n")
     with pytest.raises(CaptainError, match="no 'tasks' list"):
-        bench.with_blame(bad, tmp_path / "out.yaml")
+        bench.with_analysis(bad, tmp_path / "out.yaml")
 
 
-def test_read_blame_takes_the_lines_up_to_the_first_nul(tmp_path):
+def test_read_analysis_takes_the_files_of_the_tar_at_the_offset(tmp_path):
     disk = tmp_path / "disk.img"
-    disk.write_bytes(b"\0" * (bench.BLAME_OFFSET + 4096))
-    assert bench.read_blame(disk) == []
+    disk.write_bytes(b"\0" * (bench.ANALYSIS_OFFSET + 65536))
+    assert bench.read_analysis(disk) == {}  # nothing written: no files, no error
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "blame").write_text("5.1s containerd.service\n")
+    (files / "critical-chain").write_text("multi-user.target @20s\n")
+    (files / "plot.svg").write_text("<svg/>")
+    (files / "other").write_text("not ours")
+    archive = subprocess.run(["tar", "-cf", "-", "-C", str(files), "blame", "critical-chain", "plot.svg", "other"],
+                             capture_output=True, check=True).stdout
     with disk.open("r+b") as handle:
-        handle.seek(bench.BLAME_OFFSET)
-        handle.write(b"5.1s containerd.service\n  900ms systemd-udevd.service\n")
-    assert bench.read_blame(disk) == ["5.1s containerd.service", "900ms systemd-udevd.service"]
+        handle.seek(bench.ANALYSIS_OFFSET)
+        handle.write(archive)
+    assert bench.read_analysis(disk) == {"blame": b"5.1s containerd.service\n",
+                                         "critical-chain": b"multi-user.target @20s\n", "plot.svg": b"<svg/>"}
