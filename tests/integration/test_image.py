@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from captainos import cpio, firmware, image, log
-from captainos.config import Accel, Arch, Config
+from captainos.config import REPO, Accel, Arch, Config
 from captainos.lab import qemu
 from captainos.run import Runner
 
@@ -132,6 +132,11 @@ def test_firmware_is_what_the_drivers_declare_and_loads_as_xz(unpacked: Path, ke
         data = (unpacked / "usr/lib/firmware" / name).read_bytes()
         assert data[6:8] == b"\x00\x01", f"{name}: not an XZ stream with a CRC32 check"
     subprocess.run(["xz", "-t", *(str(unpacked / "usr/lib/firmware" / n) for n in sorted(shipped))], check=True)
+    # docs/firmware-map.tsv, the page's map, says the same: every declared name, its package.
+    rows = [line.split("\t") for line in (REPO / "docs/firmware-map.tsv").read_text().splitlines()[1:]]
+    assert {row[1] for row in rows} == declared
+    packages = {f["name"]: f["package"] for f in report["files"]}
+    assert {row[1]: row[2] for row in rows if row[1] in packages} == packages
 
 
 def machine(kernel: Path, initramfs: Path, append: str = "", **kwargs: object) -> qemu.Machine:
