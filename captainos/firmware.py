@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, debian, log
+from captainos import cache, debian, kernel, log
 from captainos.config import REPO, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -92,7 +92,7 @@ def declared(runner: Runner, kernel_entry: Path) -> dict[str, list[str]]:
     for ko in sorted(mods.rglob("*.ko*")):
         names = runner.run(["modinfo", "-F", "firmware", ko], capture=True).stdout.split()
         if names:
-            found[ko.name.split(".ko")[0].replace("-", "_")] = names
+            found[kernel.module_name(ko.name)] = names
     return found
 
 
@@ -164,7 +164,7 @@ def install(chosen: dict[str, tuple[str, Path, list[str]]], tree: Path) -> list[
     return records
 
 
-def inputs(cfg: Config, kernel_entry: Path, fwlist: FirmwareList, packages: list[debian.Package],
+def inputs(kernel_entry: Path, fwlist: FirmwareList, packages: list[debian.Package],
            wanted: dict[str, list[str]]) -> dict[str, Any]:
     return {"recipe": RECIPE, "kernel": kernel_entry.name, "declared": wanted,
             "packages": [[p.name, p.version, p.sha256] for p in packages],
@@ -204,4 +204,4 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, archive: debian.Archi
                  f"{len(skipped)} declared files skipped (reasons in {fwlist_path.name})")
 
     return cache.cached(cfg.cache_dir, "firmware", cfg.arch.value,
-                        inputs(cfg, kernel_entry, fwlist, packages, wanted), force=cfg.no_cache, produce=produce)
+                        inputs(kernel_entry, fwlist, packages, wanted), force=cfg.no_cache, produce=produce)
