@@ -9,7 +9,7 @@ RUN apt-get update \
       make gcc flex bison bc perl kmod xz-utils libelf-dev libssl-dev \
       gcc-aarch64-linux-gnu libc6-dev-arm64-cross pkg-config golang-go qemu-user-static \
       xorriso mtools grub-common grub-efi-amd64-bin \
-      ca-certificates curl file git \
+      ca-certificates curl file git skopeo \
  && rm -rf /var/lib/apt/lists/*
 
 # The pinned stack and tink-agent need a newer Go than trixie ships: take the Go toolchain

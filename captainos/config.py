@@ -148,6 +148,10 @@ class Config:
     profiles: tuple[str, ...] = _opt((), "comma-separated mkosi profiles (e.g. test)", metavar="LIST")
     extra_ca_certs: tuple[Path, ...] = _opt((), "comma-separated PEM files added to the image's trust store",
                                            metavar="FILES")
+    embed_images: Path | None = _opt(None, "file of container images to embed, one 'SOURCE [TARGET]' a line: "
+                                     "pulled at build time, imported at boot (air-gapped sites)", metavar="FILE")
+    ssh_authorized_keys: Path | None = _opt(None, "authorized_keys file: the image runs an SSH server (keys only) "
+                                            "that accepts these keys", metavar="FILE")
     iso_cmdline: str = _opt("", "kernel parameters baked into the ISO's boot entry (e.g. a static ipam=)")
     secure_boot: bool = _opt(False, "ISO boots through Debian's signed shim and GRUB (needs --kernel-source "
                              "debian-image for a signed kernel)")

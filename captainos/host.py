@@ -69,6 +69,8 @@ APT_PACKAGES = (
     "xorriso", "mtools", "grub-common", "grub-efi-amd64-bin", "grub-efi-arm64-bin", "ovmf", "qemu-efi-aarch64",
     "qemu-system-x86", "qemu-system-arm", "qemu-utils", "openssl", "skopeo", "docker-registry",
     "apache2-utils", "busybox-static", "shellcheck", "file", "curl", "ca-certificates", "iproute2",
+    # ssh, ssh-keygen and ssh-keyscan: the SSH tests log into a VM.
+    "openssh-client",
     # Runs the other architecture's binaries for the tools stage's --version checks.
     "qemu-user-static",
 )
@@ -97,6 +99,8 @@ def needs(cfg: Config, verb: str) -> list[Need]:
             found += TOOLS_GO
         elif stage == "initramfs":
             found += INITRAMFS
+            if cfg.embed_images is not None:
+                found.append(Need("skopeo", "pulling the embedded images (--embed-images)", "skopeo"))
         elif stage == "iso":
             found += ISO
         elif stage == "qemu-test":
@@ -118,6 +122,10 @@ def check(cfg: Config, verb: str) -> None:
         # Debian's signed GRUB boots only a kernel Debian signed: anything else fails at boot.
         raise CaptainError(f"--secure-boot needs Debian's signed kernel, not kernel source "
                            f"{cfg.kernel_source.value}", "add --kernel-source debian-image")
+    if verb in ("build", "initramfs", "iso") and cfg.initramfs_mode is not StageMode.SKIP:
+        from captainos import site
+
+        site.check(cfg)  # a bad list or key file: one line, before anything is built
     if needs_root(cfg, verb) and os.geteuid() != 0:
         raise CaptainError(f"'{verb}' in native mode must run as root (mkosi builds the image as root)",
                            "run it with sudo, or use --initramfs-mode docker")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cache, firmware, host, log, pins, segments
+from captainos import __version__, cache, firmware, host, log, pins, segments, site
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -63,8 +63,12 @@ def mkosi_argv(
     `-f` replaces the previous output in the persistent output dir; `-ff` (rebuild_caches)
     also drops mkosi's incremental and package caches.
     """
+    # mkosi keeps one incremental cache per distribution, release and architecture, whatever
+    # the profiles: images with other profiles (test, ssh) get their own, or each would evict
+    # the other's and every alternate build would start from nothing.
+    incremental = cache_dir / "incremental" / ("+".join(sorted(profiles)) or "default")
     argv = [*mkosi_command(), "-C", str(image_dir), f"--architecture={arch.mkosi_arch()}",
-            f"--output-dir={output_dir}", f"--cache-directory={cache_dir / 'incremental'}",
+            f"--output-dir={output_dir}", f"--cache-directory={incremental}",
             f"--package-cache-directory={cache_dir / 'packages'}", "--incremental=yes",
             f"--image-version={version}", f"--source-date-epoch={pins.SOURCE_DATE_EPOCH}"]
     argv += [f"--extra-tree={tree}" for tree in extra_trees]
@@ -77,7 +81,7 @@ def summary_argv(cfg: Config) -> list[str]:
     """`mkosi summary` for this configuration (used by `./build.py summary`)."""
     argv = [*mkosi_command(), "-C", str(IMAGE_DIR), f"--architecture={cfg.arch.mkosi_arch()}",
             f"--image-version={__version__}"]
-    argv += [f"--profile={profile}" for profile in cfg.profiles]
+    argv += [f"--profile={profile}" for profile in site.profiles(cfg)]
     return [*argv, "summary"]
 
 
@@ -130,7 +134,7 @@ def manifest(cfg: Config, kernel_entry: Path, tools_entry: Path) -> dict[str, An
     kernel = json.loads(kernel_json.read_text()) if kernel_json.is_file() else {}
     return {"name": "CaptainOS", "version": __version__, "arch": cfg.arch.value,
             "kernel": kernel.get("version", ""), "kernel_entry": kernel_entry.name,
-            "tools_entry": tools_entry.name, "profiles": list(cfg.profiles),
+            "tools_entry": tools_entry.name, "profiles": list(site.profiles(cfg)),
             "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs]}
 
 
@@ -144,7 +148,7 @@ def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path, firmware_entry: P
         "kernel": kernel_entry.name,
         "firmware": firmware_entry.name if firmware_entry else None,
         "tools": tools_entry.name,
-        "profiles": list(cfg.profiles),
+        "profiles": list(site.profiles(cfg)),
         "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs],
         "mkosi": pins.MKOSI.version,
         # how the extra trees are staged and the segments compressed
@@ -167,8 +171,9 @@ def _check_entries(kernel_entry: Path, tools_entry: Path) -> Path:
 
 def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) -> Path:
     """Build (or reuse) the initramfs entry for these kernel and tools entries."""
-    check_profiles(cfg.profiles)
+    check_profiles(site.profiles(cfg))
     check_ca_certs(cfg.extra_ca_certs)
+    site.check(cfg)
     modules = _check_entries(kernel_entry, tools_entry)
     output_dir, mkosi_cache = mkosi_dirs(cfg)
     tools_segment = segments.tools_segment(cfg, runner, tools_entry)
@@ -183,7 +188,7 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
         output_dir.mkdir(parents=True, exist_ok=True)
         mkosi_cache.mkdir(parents=True, exist_ok=True)
         argv = mkosi_argv(cfg.arch, output_dir=output_dir, cache_dir=mkosi_cache, extra_trees=trees,
-                          profiles=cfg.profiles, version=__version__, rebuild_caches=cfg.no_cache)
+                          profiles=site.profiles(cfg), version=__version__, rebuild_caches=cfg.no_cache)
         mkosi_log = cfg.build_dir / "mkosi.log"  # outside the entry: kept when the build fails
         # One mkosi at a time per output dir: a second build of the same arch waits here
         # instead of overwriting the first one's output.
@@ -209,5 +214,6 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
         log.info(f"    {OUTPUT}: {log.human_bytes(size)} (os {log.human_bytes(sizes['os'])}, "
                  f"tools {log.human_bytes(sizes['tools'])})")
 
-    return cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value,
-                        inputs(cfg, kernel_entry, tools_entry, firmware_entry), force=cfg.no_cache, produce=produce)
+    entry = cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value,
+                         inputs(cfg, kernel_entry, tools_entry, firmware_entry), force=cfg.no_cache, produce=produce)
+    return site.build(cfg, runner, entry) if site.wanted(cfg) else entry

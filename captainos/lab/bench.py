@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from captainos import artifacts, cache, cpio, log, segments
+from captainos import artifacts, cache, cpio, log, segments, site
 from captainos.config import REPO, Accel, Config
 from captainos.errors import CaptainError
 from captainos.lab import qemu
@@ -90,6 +90,14 @@ def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -
         where = next((m.name for m in members if m.is_file), "?")
         report.add(f"segment {number} (from /{where})", f"{_mib(len(frame))}, {len(members)} entries",
                    command)
+        embedded = {m.name: m for m in members if m.name in (str(site.EMBED_ARCHIVE), str(site.EMBED_LIST))}
+        if str(site.EMBED_ARCHIVE) in embedded:
+            # Layers are already gzip: the archive costs about its own size, compressed or not.
+            count = len(embedded[str(site.EMBED_LIST)].data.splitlines()) if str(site.EMBED_LIST) in embedded else 0
+            report.add("embedded images (--embed-images)",
+                       f"{count} images, {_mib(embedded[str(site.EMBED_ARCHIVE)].size)} archive, "
+                       f"{100 * len(frame) / initramfs.stat().st_size:.1f}% of the initramfs (segment {number})",
+                       command)
     files = [m for m in cpio.members(blob) if m.is_file]
     total = sum(m.size for m in files) or 1
     # Firmware is stored as .xz, which zstd cannot shrink: its bytes are what it costs.

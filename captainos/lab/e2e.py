@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -67,7 +68,11 @@ class Plan:
     fail_patterns: tuple[str, ...] = (r"Dependency failed for tink-agent\.service", r"Kernel panic - not syncing")
     insecure: bool = False  # add insecure_registries=<registry> (for images that do not trust the CA)
     mac: str = qemu.DEFAULT_MAC
-    append: str = ""
+    append: str = ""  # extra kernel parameters; "{registry}" becomes the open registry's guest address
+    agent_image: str = ""  # tink_worker_image= instead of the open registry's agent (same placeholder)
+    forward_ssh: int = 0  # host port forwarded to the guest's port 22 (127.0.0.1 only)
+    # Called with the Lab once the workflow is final, before the power-off (the VM still runs).
+    on_done: Callable[[Lab], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -355,7 +360,7 @@ class Lab:
     def cmdline(self) -> Cmdline:
         assert self.server is not None and self.syslog is not None and self.open_registry is not None
         grpc, port = f"{GUEST_HOST}:{self.server.port}", self.syslog.port
-        extra = self.plan.append
+        extra = self.plan.append.replace("{registry}", self.open_registry.guest_address)
         if self.plan.insecure:
             extra = f"{extra} insecure_registries={','.join(r.guest_address for r in self.registries)}".strip()
         if self.auth_registry is not None:
@@ -365,12 +370,15 @@ class Lab:
             extra = f"loglevel=4 {extra}".strip()
             return Cmdline(grpc, self.plan.mac, port, docker_registry=self.auth_registry.guest_address,
                            username=self.plan.username, password=self.password, extra=extra)
-        return Cmdline(grpc, self.plan.mac, port, agent_image=f"{self.open_registry.guest_address}/{AGENT_REPO}:"
-                       f"{AGENT_TAG}", extra=extra)
+        agent_image = (self.plan.agent_image.replace("{registry}", self.open_registry.guest_address)
+                       or f"{self.open_registry.guest_address}/{AGENT_REPO}:{AGENT_TAG}")
+        return Cmdline(grpc, self.plan.mac, port, agent_image=agent_image, extra=extra)
 
     def machine(self) -> qemu.Machine:
         accel = qemu.resolve_accel(self.cfg.arch, self.cfg.qemu_accel, self.plan.kernel)
+        forward = f",hostfwd=tcp:127.0.0.1:{self.plan.forward_ssh}-:22" if self.plan.forward_ssh else ""
         return qemu.Machine(self.cfg.arch, kernel=self.plan.kernel, initrd=self.plan.initrd,
+                            netdev=f"user,id=net0{forward}",
                             append=self.cmdline().render(), mem=self.cfg.qemu_mem, smp=self.cfg.qemu_smp,
                             accel=accel, serial_log=self.workdir / "serial.log", mac=self.plan.mac,
                             disks=(self.disk,), monitor=self.workdir / "monitor.sock")
@@ -405,6 +413,8 @@ class Lab:
             state = self.server.wait_done(self.wf.id, 2.0)
             seen = self._progress(seen, started)
         log.info(f"    workflow {self.wf.id}: {state} after {time.time() - started:.0f}s")
+        if self.plan.on_done is not None:
+            self.plan.on_done(self)
         time.sleep(self.plan.settle)
         self.power_off()
         self.console.stop()

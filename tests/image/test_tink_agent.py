@@ -88,7 +88,11 @@ def test_pull_and_extract_from_tink_worker_image(sandbox):
     assert "agent binary extracted" in result.messages("info")
     assert sorted(p.name for p in (sandbox.root / "run/captainos").iterdir()) == ["tink-agent"]  # no leftovers
     nerd = calls(sandbox, "nerdctl")
-    assert any(" create --net none --name tink-agent-extract 10.0.2.2:5000/tink-agent:v1" in c for c in nerd)
+    # The helper container uses the pull's registry settings; a pulled image may be looked up.
+    create = [c for c in nerd if " create " in c]
+    assert len(create) == 1 and "--hosts-dir" in create[0], create
+    assert create[0].endswith(" create --pull missing --net none --name tink-agent-extract "
+                              "10.0.2.2:5000/tink-agent:v1 /tink-agent")
     assert nerd[-1].endswith("rm --force tink-agent-extract")  # the helper container is gone
 
 
@@ -240,8 +244,7 @@ def test_setup_waits_for_containerd_before_pulling(sandbox):
     assert calls(sandbox, "sleep") == [f"sleep {s}" for s in (1, 2, 4, 8, 10)]  # capped at 10 s
     lines = sandbox.call_lines()
     first_pull = next(i for i, line in enumerate(lines) if " pull " in line)
-    assert [line for line in lines[:first_pull] if line.startswith("nerdctl")] == [
-        line for line in lines[:first_pull] if line.startswith("nerdctl") and " version" in line]
+    assert [line.split()[-1] for line in lines[:first_pull] if line.startswith("nerdctl")] == ["version"] * 6
 
 
 @pytest.mark.parametrize("cmdline", ['tink_worker_image="reg.local/tink agent:1"', "tink_worker_image=",
@@ -427,3 +430,95 @@ def test_agent_start_without_binary_says_setup_did_not_run(sandbox):
     result = sandbox.run("tink-agent-start")
     assert result.returncode == 1
     assert result.messages("error") == ["no agent binary; tink-agent-setup has not run"]
+
+
+# --- registry mirrors --------------------------------------------------------------------------------
+
+def hosts_toml(sandbox: Sandbox, registry: str) -> str:
+    return (sandbox.root / "etc/containerd/certs.d" / registry / "hosts.toml").read_text()
+
+
+def setup_ok(sandbox: Sandbox, cmdline: str) -> Result:
+    """tink-agent-setup with the fake runtime on cmdline; it must succeed."""
+    fake_runtime(sandbox)
+    sandbox.cmdline(cmdline)
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_registry_mirrors_become_hosts_toml_in_order(sandbox):
+    result = setup_ok(sandbox, "tink_worker_image=quay.io/tinkerbell/tink-agent:v1 registry_mirrors=docker.io="
+                              "https://m1.example:5000,quay.io=http://10.0.0.9:5000/quay,docker.io=https://m2.example")
+    hub = hosts_toml(sandbox, "docker.io")
+    assert 'server = "https://registry-1.docker.io"' in hub
+    assert hub.index('[host."https://m1.example:5000"]') < hub.index('[host."https://m2.example"]')
+    assert "skip_verify" not in hub
+    quay = hosts_toml(sandbox, "quay.io")
+    assert 'server = "https://quay.io"' in quay and '[host."http://10.0.0.9:5000/quay"]' in quay
+    assert 'capabilities = ["pull", "resolve"]' in quay
+    assert result.messages("error") == []
+    # nerdctl reads the same directory: the pull goes through the mirror.
+    assert "--hosts-dir" in pulls(sandbox)[0] and str(sandbox.root / "etc/containerd/certs.d") in pulls(sandbox)[0]
+
+
+def test_an_insecure_mirror_is_not_verified_and_an_insecure_registry_keeps_its_own_hosts(sandbox):
+    setup_ok(sandbox, "tink_worker_image=10.0.2.2:5000/agent:1 registry_mirrors=10.0.2.2:5000=https://mirror.local:443 "
+                      "insecure_registries=mirror.local:443,10.0.2.2:5000")
+    text = hosts_toml(sandbox, "10.0.2.2:5000")
+    mirror, own = text.index('[host."https://mirror.local:443"]'), text.index('[host."https://10.0.2.2:5000"]')
+    assert mirror < own < text.index('[host."http://10.0.2.2:5000"]')
+    assert text.count("skip_verify = true") == 2
+    assert "skip_verify = true" in hosts_toml(sandbox, "mirror.local:443")  # pulls naming the mirror itself
+
+
+@pytest.mark.parametrize("entry", ["docker.io", "docker.io=", "docker.io=ftp://m.example", "=https://m.example",
+                                   "docker.io=https://user:pw@m.example", "bad/name=https://m.example",
+                                   "docker.io=https://*", "docker.io=https://m.example/a b"])
+def test_a_bad_mirror_entry_is_one_error_and_writes_nothing(sandbox, entry):
+    result = setup_ok(sandbox, f'tink_worker_image=10.0.2.2:5000/agent:1 "registry_mirrors={entry}"')
+    assert len(result.messages("error")) == 1, result.stderr
+    assert "registry_mirrors" in result.messages("error")[0]
+    assert not (sandbox.root / "etc/containerd/certs.d").exists()
+    assert "user:pw" not in result.stderr  # a password in a refused URL is not logged either
+
+
+def test_an_agent_image_not_embedded_is_pulled_even_when_the_list_exists(sandbox):
+    listed = sandbox.root / "run/captainos/embedded-images"
+    listed.parent.mkdir(parents=True)
+    listed.write_text("10.0.2.2:1/tink-agent:v1\n")
+    setup_ok(sandbox, "tink_worker_image=10.0.2.2:2/tink-agent:v1")  # same path and tag, other registry
+    assert len(pulls(sandbox)) == 1
+
+
+@pytest.mark.parametrize(("ref", "full"), [
+    ("alpine", "docker.io/library/alpine:latest"), ("alpine:3", "docker.io/library/alpine:3"),
+    ("tinkerbell/tink-agent", "docker.io/tinkerbell/tink-agent:latest"),
+    ("docker.io/alpine", "docker.io/library/alpine:latest"),
+    ("index.docker.io/library/alpine:3", "docker.io/library/alpine:3"),
+    ("quay.io/tinkerbell/actions/image2disk:v1", "quay.io/tinkerbell/actions/image2disk:v1"),
+    ("10.0.2.2:5000/a/b", "10.0.2.2:5000/a/b:latest"), ("localhost/x", "localhost/x:latest"),
+    ("ghcr.io/x/y@sha256:" + "a" * 64, "ghcr.io/x/y@sha256:" + "a" * 64),
+])
+def test_image_names_are_written_out_as_the_build_writes_them(sandbox, ref, full):
+    """lib.sh's cap_image_full and site.normalize agree (the build lists names one way, the
+    setup looks them up the other)."""
+    from captainos import site
+
+    result = sandbox.bash(f'cap_image_full "{ref}"')
+    assert result.stdout == full == site.normalize(ref)
+
+
+def test_an_embedded_agent_image_is_used_without_a_pull(sandbox):
+    # import-images loaded it: the list holds its full name (the command line may be short).
+    listed = sandbox.root / "run/captainos/embedded-images"
+    listed.parent.mkdir(parents=True)
+    listed.write_text("10.0.2.2:1/other:v1\ndocker.io/tinkerbell/tink-agent:latest\n")
+    result = setup_ok(sandbox, "tink_worker_image=tinkerbell/tink-agent")
+    assert pulls(sandbox) == []
+    assert "the agent image is already here (embedded), not pulling it" in result.messages("info")
+    assert (sandbox.root / "run/captainos/tink-agent").is_file()
+    # ... and the helper container never asks a registry (there may be none).
+    assert [c for c in calls(sandbox, "nerdctl") if " create --pull never " in c]
+    # ... and the helper container never asks a registry (there may be none).
+    assert [c for c in calls(sandbox, "nerdctl") if " create --pull never " in c]

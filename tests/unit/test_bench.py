@@ -56,6 +56,20 @@ def test_bench_size_prints_figures_and_tables(tmp_path, capsys, monkeypatch):
     assert output.read_text() == printed.rstrip("\n") + "\n" or output.read_text().strip() == printed.strip()
 
 
+def test_bench_size_reports_what_embedded_images_cost(tmp_path, capsys, monkeypatch):
+    image = _tiny_image(tmp_path)
+    listing = "quay.io/a/b:1 sha256:" + "1" * 64 + "\ndocker.io/library/c:2 sha256:" + "2" * 64 + "\n"
+    segment = cpio.write([("usr/share/captainos/embedded/images.tar", 0o100644, b"t" * 7000),
+                          ("usr/share/captainos/embedded/images.list", 0o100644, listing.encode())])
+    with image.open("ab") as out:  # a site segment after the image, as site.py appends it
+        out.write(subprocess.run(["zstd", "-q", "-c"], input=segment, capture_output=True, check=True).stdout)
+    monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
+    assert cli.main(["bench", "--only", "size"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\| embedded images \(--embed-images\) \| 2 images, 0\.0 MB \(7,000 bytes\) archive, "
+                     r"\d+\.\d% of the initramfs \(segment 2\) \|", printed), printed
+
+
 def test_bench_refuses_unknown_sections_and_missing_image(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OUT_DIR", str(tmp_path / "nothing"))
     assert cli.main(["bench", "--only", "speed"]) == 1

@@ -224,3 +224,22 @@ def test_a_killed_downloads_leftover_is_removed_a_running_ones_kept(http_root, t
     fetch.download(f"{url}/file", dest, hashlib.sha256(b"data").hexdigest())
     assert dest.read_bytes() == b"data"
     assert not dead.exists() and live.read_bytes() == b"d"
+
+
+def test_atomic_write_from_many_threads_of_one_process(tmp_path):
+    """Two threads writing one file (two VMs started side by side record the same stage's
+    `last` pointer) must not share a temp name: one would rename the other's away."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captainos import cache
+
+    target = tmp_path / "last"
+
+    def write(n: int) -> None:
+        for _ in range(200):
+            cache.atomic_write(target, f"{n}\n")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(write, range(4)))  # raises if a rename lost its temp file
+    assert target.read_text() in {f"{n}\n" for n in range(4)}
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]

@@ -68,6 +68,21 @@ def test_bad_input_is_one_line_and_nonzero(argv, env, message, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize(("option", "text", "message"), [
+    ("--embed-images", "quay.io/ok:1\nNot/Valid:ref\n", "images.txt:2: not an image reference: 'Not/Valid:ref'"),
+    ("--ssh-authorized-keys", "ssh-ed25519 notbase64!\n", "images.txt:1: not an SSH public key"),
+])
+def test_a_bad_site_file_stops_the_build_before_any_work(option, text, message, capsys, monkeypatch, tmp_path):
+    listing = tmp_path / "images.txt"
+    listing.write_text(text)
+    out = tmp_path / "out"
+    monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["initramfs", option, str(listing), "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 2, err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 def test_summary_json_is_machine_readable(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ARCH", "arm64")

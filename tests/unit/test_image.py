@@ -28,7 +28,7 @@ def test_mkosi_argv_amd64():
     assert cmd[5:7] == ["-C", str(image.IMAGE_DIR)]
     assert "--architecture=x86-64" in cmd
     assert "--output-dir=/o" in cmd
-    assert "--cache-directory=/c/incremental" in cmd and "--package-cache-directory=/c/packages" in cmd
+    assert "--cache-directory=/c/incremental/default" in cmd and "--package-cache-directory=/c/packages" in cmd
     assert "--incremental=yes" in cmd
     assert "--image-version=9.9.9" in cmd
     assert [a for a in cmd if a.startswith("--extra-tree=")] == ["--extra-tree=/m", "--extra-tree=/t"]
@@ -41,6 +41,14 @@ def test_mkosi_argv_arm64_profiles_and_cache_rebuild():
     assert "--architecture=arm64" in cmd
     assert "--profile=test" in cmd
     assert cmd[-2:] == ["-ff", "build"]
+
+
+def test_each_profile_set_has_its_own_incremental_cache():
+    """mkosi names its cache by distribution and architecture only: alternating profiles must
+    not evict each other's."""
+    assert "--cache-directory=/c/incremental/test" in argv(profiles=("test",))
+    assert "--cache-directory=/c/incremental/ssh+test" in argv(profiles=("test", "ssh"))
+    assert "--cache-directory=/c/incremental/ssh+test" in argv(profiles=("ssh", "test"))
 
 
 def test_mkosi_pythonpath_is_the_pinned_unpacked_package():

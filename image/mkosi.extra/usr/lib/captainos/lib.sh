@@ -244,6 +244,28 @@ cap_image_registry() {
     fi
 }
 
+# A registry mirror URL: http(s)://host[:port][/path], no blanks, no user or password.
+cap_is_mirror_url() {
+    local rest=${1#*://} host
+    [[ $1 =~ ^https?://[^[:space:]@\"]+$ ]] || return 1
+    host=${rest%%/*}
+    cap_is_hostport "$host"
+}
+
+# cap_image_full REF: the fully qualified form of an image reference, as docker and
+# containerd write it (docker.io/library/ for Docker Hub short names, :latest without a tag
+# or digest): the names import-images lists.
+cap_image_full() {
+    local ref=$1 domain rest
+    domain=$(cap_image_registry "$ref")
+    rest=$ref
+    [[ $ref != "$domain"/* ]] || rest=${ref#*/}  # the registry was written out: strip it
+    [[ $domain != index.docker.io ]] || domain=docker.io
+    [[ $domain != docker.io || $rest == */* ]] || rest=library/$rest
+    [[ $rest == *@* || ${rest##*/} == *:* ]] || rest+=:latest
+    printf '%s/%s' "$domain" "$rest"
+}
+
 # A proxy URL: scheme://[user:pass@]host[:port][/], no blanks.
 cap_is_proxy() {
     [[ $1 =~ ^(https?|socks5)://[^[:space:]/]+/?$ ]]
@@ -258,4 +280,15 @@ cap_write_file() {
     chmod "$mode" "$tmp"
     cat >"$tmp"
     mv -f "$tmp" "$path"
+}
+
+# cap_wait_containerd SOCKET: return once containerd answers on SOCKET (our units are ordered
+# after containerd.service, but a restarting containerd must not fail them).
+cap_wait_containerd() {
+    local delay=1
+    until nerdctl --address "$1" version >/dev/null 2>&1; do
+        cap_info "waiting for containerd" socket="$1"
+        sleep "$delay"
+        delay=$((delay * 2 > 10 ? 10 : delay * 2))  # 1, 2, 4, 8, then every 10 s
+    done
 }
