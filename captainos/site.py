@@ -24,6 +24,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -179,8 +180,6 @@ def copy_argv(cfg: Config, source: str, layout: Path, tag: str) -> list[str]:
 
 
 def _skopeo_env() -> dict[str, str]:
-    import os
-
     # The containers auth file an operator may point at; never on the command line.
     return {k: os.environ[k] for k in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG") if k in os.environ}
 
