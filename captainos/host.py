@@ -122,9 +122,13 @@ def check(cfg: Config, verb: str) -> None:
         # Debian's signed GRUB boots only a kernel Debian signed: anything else fails at boot.
         raise CaptainError(f"--secure-boot needs Debian's signed kernel, not kernel source "
                            f"{cfg.kernel_source.value}", "add --kernel-source debian-image")
-    if verb in ("build", "initramfs", "iso") and cfg.initramfs_mode is not StageMode.SKIP:
+    if verb in ("build", "initramfs", "iso"):
         from captainos import site
 
+        if cfg.initramfs_mode is StageMode.SKIP and site.wanted(cfg):
+            # skip reuses the last image, which may have other images and keys, or none.
+            raise CaptainError("--embed-images and --ssh-authorized-keys need the initramfs stage to run",
+                               "drop --initramfs-mode skip, or drop the option")
         site.check(cfg)  # a bad list or key file: one line, before anything is built
     if needs_root(cfg, verb) and os.geteuid() != 0:
         raise CaptainError(f"'{verb}' in native mode must run as root (mkosi builds the image as root)",

@@ -47,6 +47,7 @@ SSH_PROFILE = "ssh"
 IMAGE_NAME = "io.containerd.image.name"  # the name containerd's import gives a manifest
 REF_NAME = "org.opencontainers.image.ref.name"
 HUB = "docker.io"
+CPIO_MAX_FILE = 1 << 32  # newc stores a file's size in 8 hex digits
 
 # The distribution reference grammar (github.com/distribution/reference), as regexes.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -103,6 +104,9 @@ def parse_embed_list(path: Path) -> list[Embed]:
             source, target = normalize(words[0]), normalize(words[-1])
         except CaptainError as exc:
             raise CaptainError(f"{where}: {exc.message}", exc.hint) from None
+        if "@" in source and ":" in source.split("@")[0].rsplit("/", 1)[-1]:
+            raise CaptainError(f"{where}: {words[0]} has both a tag and a digest", "skopeo pulls by one of them: "
+                               "keep the digest, and give the tag in TARGET")
         if target in seen:
             raise CaptainError(f"{where}: {target} is already embedded by line {seen[target]}",
                                "each target name once")
@@ -238,6 +242,10 @@ def stage_embedded(cfg: Config, runner: Runner, embeds: Sequence[Embed], tree: P
         log.info(f"    embedding {item.source} as {item.target}")
         runner.run(copy_argv(cfg, item.source, layout, f"embed{number}"), env=_skopeo_env(), capture=True)
     named = name_manifests(layout, embeds)
+    total = sum(p.stat().st_size for p in layout.rglob("*") if p.is_file())
+    if total >= CPIO_MAX_FILE:
+        raise CaptainError(f"the embedded images take {total:,} bytes; one initramfs file holds less than 4 GiB",
+                           "embed fewer or smaller images")
     cache.atomic_write(tree / EMBED_ARCHIVE, tar_layout(layout))
     shutil.rmtree(layout)
     cache.atomic_write(tree / EMBED_LIST, "".join(f"{target} {digest}\n" for target, digest in named))
@@ -252,7 +260,9 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
     embeds = parse_embed_list(cfg.embed_images) if cfg.embed_images is not None else []
     keys = parse_authorized_keys(cfg.ssh_authorized_keys) if cfg.ssh_authorized_keys is not None else []
     check(cfg)
-    digests = source_digests(runner, embeds)
+    # skopeo runs on this host in every stage mode: the trust and auth it reads are the host's.
+    host = Runner()
+    digests = source_digests(host, embeds)
     parts = {"base": base_entry.name, "arch": cfg.arch.value,
              "embed": [[e.source, e.target, d] for e, d in zip(embeds, digests, strict=True)],
              "ssh_keys": hashlib.sha256("\n".join(keys).encode()).hexdigest() if keys else None,
@@ -263,7 +273,7 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
         tree = work / "tree"
         record: dict[str, Any] = {"embedded_images": [], "ssh_keys": len(keys)}
         if embeds:
-            record["embedded_images"] = stage_embedded(cfg, runner, embeds, tree, work)
+            record["embedded_images"] = stage_embedded(cfg, host, embeds, tree, work)
         if keys:
             cache.atomic_write(tree / SSH_KEYS, "".join(f"{key}\n" for key in keys))
         raw = work / "site.cpio"

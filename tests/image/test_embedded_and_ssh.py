@@ -136,6 +136,19 @@ def test_a_bad_key_on_the_command_line_is_one_error_and_left_out(sandbox, bad):
     assert result.returncode == 0, result.stderr
     assert len(result.messages("error")) == 1, result.stderr
     assert (sandbox.root / "root/.ssh/authorized_keys").read_text().splitlines() == [ssh_key()]
+    error = next(e for e in result.logs() if e["level"] == "error")
+    assert error["entry"] == "1" and error["type"] in ("ssh-dss", "ssh-ed25519", "ssh-rsa", "?"), error
+    assert "BEGIN OPENSSH" not in result.stderr  # a pasted private key is never echoed
+
+
+def test_a_host_key_that_cannot_be_made_is_one_error_and_no_server(sandbox):
+    fake_dropbear(sandbox)
+    sandbox.fake("dropbearkey", 'echo "Failed to open /run: read-only file system" >&2; exit 1')
+    sandbox.cmdline(f'"ssh_authorized_keys={ssh_key()}"')
+    result = sandbox.run("ssh-setup")
+    assert result.returncode == 1
+    assert result.messages("error") == ["cannot make the SSH host key"], result.stderr
+    assert not [line for line in sandbox.call_lines() if line.startswith("dropbear ")]
 
 
 def test_only_bad_keys_means_no_server(sandbox):

@@ -474,13 +474,16 @@ def test_an_insecure_mirror_is_not_verified_and_an_insecure_registry_keeps_its_o
 
 @pytest.mark.parametrize("entry", ["docker.io", "docker.io=", "docker.io=ftp://m.example", "=https://m.example",
                                    "docker.io=https://user:pw@m.example", "bad/name=https://m.example",
-                                   "docker.io=https://*", "docker.io=https://m.example/a b"])
+                                   "docker.io=https://*", "docker.io=https://m.example/a b",
+                                   'docker.io=https://m.example/a\\"b', "docker.io=https://me@corp.com:pw@m.example"])
 def test_a_bad_mirror_entry_is_one_error_and_writes_nothing(sandbox, entry):
     result = setup_ok(sandbox, f'tink_worker_image=10.0.2.2:5000/agent:1 "registry_mirrors={entry}"')
     assert len(result.messages("error")) == 1, result.stderr
     assert "registry_mirrors" in result.messages("error")[0]
     assert not (sandbox.root / "etc/containerd/certs.d").exists()
-    assert "user:pw" not in result.stderr  # a password in a refused URL is not logged either
+    # Only the entry's position: a refused URL's password is not logged (it goes to syslog).
+    assert "pw" not in result.stderr and "m.example" not in result.stderr, result.stderr
+    assert result.logs()[0]["entry"] == "1"
 
 
 def test_an_agent_image_not_embedded_is_pulled_even_when_the_list_exists(sandbox):
@@ -507,6 +510,12 @@ def test_image_names_are_written_out_as_the_build_writes_them(sandbox, ref, full
 
     result = sandbox.bash(f'cap_image_full "{ref}"')
     assert result.stdout == full == site.normalize(ref)
+
+
+def test_a_mirror_for_index_docker_io_is_written_for_docker_io(sandbox):
+    setup_ok(sandbox, "tink_worker_image=alpine registry_mirrors=index.docker.io=https://m.example")
+    assert '[host."https://m.example"]' in hosts_toml(sandbox, "docker.io")
+    assert not (sandbox.root / "etc/containerd/certs.d/index.docker.io").exists()
 
 
 def test_an_embedded_agent_image_is_used_without_a_pull(sandbox):

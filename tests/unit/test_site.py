@@ -61,6 +61,7 @@ def test_embed_list_sources_targets_and_comments(tmp_path):
     ("alpine\ndocker.io/library/alpine:latest\n", r"list.txt:2: docker.io/library/alpine:latest is already "
                                                     r"embedded by line 1"),
     ("# nothing\n\n", "names no image"),
+    (f"quay.io/a:1@{DIGEST}\n", r"list.txt:1: quay.io/a:1@sha256:.* has both a tag and a digest"),
 ])
 def test_embed_list_errors_name_file_and_line(tmp_path, text, message):
     with pytest.raises(CaptainError, match=message):
@@ -178,3 +179,18 @@ def test_the_key_checker_is_not_fooled_by_a_renamed_blob():
     assert site.key_line_ok(f"ssh-ed25519 {blob} c")
     assert not site.key_line_ok(f"ecdsa-sha2-nistp256 {blob} c")
     assert not site.key_line_ok("ssh-ed25519 AAAA")
+
+
+def test_skip_mode_refuses_site_options(tmp_path):
+    from captainos import host
+    from captainos.config import StageMode
+
+    keys = tmp_path / "keys"
+    keys.write_text(real_key(tmp_path) + "\n")
+    with pytest.raises(CaptainError, match="need the initramfs stage to run"):
+        host.check(Config(ssh_authorized_keys=keys, initramfs_mode=StageMode.SKIP), "build")
+
+
+def test_a_source_with_only_a_digest_is_fine(tmp_path):
+    assert site.parse_embed_list(write(tmp_path, f"quay.io/a@{DIGEST} quay.io/a:1\n")) == [
+        site.Embed(f"quay.io/a@{DIGEST}", "quay.io/a:1")]

@@ -244,10 +244,12 @@ cap_image_registry() {
     fi
 }
 
-# A registry mirror URL: http(s)://host[:port][/path], no blanks, no user or password.
+# A registry mirror URL: http(s)://host[:port][/path], no user or password, and only
+# characters that need no quoting in hosts.toml (letters, digits, . _ ~ / : % -; so no IPv6
+# address).
 cap_is_mirror_url() {
     local rest=${1#*://} host
-    [[ $1 =~ ^https?://[^[:space:]@\"]+$ ]] || return 1
+    [[ $1 =~ ^https?://[A-Za-z0-9._~/:%-]+$ ]] || return 1
     host=${rest%%/*}
     cap_is_hostport "$host"
 }
