@@ -202,14 +202,27 @@ def source_digests(runner: Runner, embeds: Sequence[Embed]) -> list[str]:
     return digests
 
 
-def name_manifests(layout: Path, embeds: Sequence[Embed]) -> list[tuple[str, str]]:
+def check_architecture(layout: Path, descriptor: dict[str, Any], item: Embed, arch: str) -> None:
+    """The pulled manifest's config is for arch: skopeo takes a single-platform image of any
+    architecture, and the machine would refuse it only at boot."""
+    def blob(digest: str) -> dict[str, Any]:
+        return dict(json.loads((layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_text()))
+
+    found = blob(blob(descriptor["digest"])["config"]["digest"]).get("architecture", "?")
+    if found != arch:
+        raise CaptainError(f"the embedded image {item.source} is for {found}, not {arch}",
+                           "embed an image (or an index) that has this architecture")
+
+
+def name_manifests(layout: Path, embeds: Sequence[Embed], arch: str) -> list[tuple[str, str]]:
     """Give each manifest of the layout its target name (replacing the temporary tags), in list
-    order; return (target, manifest digest) pairs."""
+    order, each checked for arch; return (target, manifest digest) pairs."""
     index = json.loads((layout / "index.json").read_text())
     by_tag = {m.get("annotations", {}).get(REF_NAME): m for m in index["manifests"]}
     manifests, named = [], []
     for number, item in enumerate(embeds):
         descriptor = dict(by_tag[f"embed{number}"])
+        check_architecture(layout, descriptor, item, arch)
         descriptor["annotations"] = {IMAGE_NAME: item.target, REF_NAME: item.target}
         manifests.append(descriptor)
         named.append((item.target, descriptor["digest"]))
@@ -241,7 +254,7 @@ def stage_embedded(cfg: Config, runner: Runner, embeds: Sequence[Embed], tree: P
     for number, item in enumerate(embeds):
         log.info(f"    embedding {item.source} as {item.target}")
         runner.run(copy_argv(cfg, item.source, layout, f"embed{number}"), env=_skopeo_env(), capture=True)
-    named = name_manifests(layout, embeds)
+    named = name_manifests(layout, embeds, cfg.arch.go_arch())
     total = sum(p.stat().st_size for p in layout.rglob("*") if p.is_file())
     if total >= CPIO_MAX_FILE:
         raise CaptainError(f"the embedded images take {total:,} bytes; one initramfs file holds less than 4 GiB",

@@ -169,3 +169,11 @@ def test_setup_uses_an_embedded_agent_image_without_a_registry(trusted, containe
     assert "the agent image is already here (embedded), not pulling it" in result.messages("info")
     assert "pulling the agent image" not in result.messages("info")
     assert setup.agent.read_bytes() == Path("/bin/true").read_bytes()
+
+
+def test_a_single_platform_image_of_another_architecture_is_refused_at_build_time(trusted, tmp_path):
+    """skopeo copies a single-manifest arm64 image into an amd64 build without a word; the
+    build refuses it (the machine would fail to load it at boot)."""
+    cfg = embed_list(tmp_path, [ref(trusted, "arm64-single")])
+    with pytest.raises(site.CaptainError, match=r"agent-arm64-single:v1 is for arm64, not amd64"):
+        stage(cfg, tmp_path)

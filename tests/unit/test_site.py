@@ -107,13 +107,18 @@ def test_check_fails_before_any_work(tmp_path):
     site.check(Config())  # nothing asked, nothing checked
 
 
-def layout(tmp_path: Path, tags: list[str]) -> Path:
+def layout(tmp_path: Path, tags: list[str], arch: str = "amd64") -> Path:
+    """A layout whose manifests (digests 1..., 2...) each point at a config for arch."""
     root = tmp_path / "layout"
-    (root / "blobs" / "sha256").mkdir(parents=True)
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
     (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (blobs / ("c" * 64)).write_text(json.dumps({"architecture": arch, "os": "linux"}))
     manifests = [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 1,
                   "digest": "sha256:" + f"{n:x}" * 64, "annotations": {site.REF_NAME: tag}}
                  for n, tag in enumerate(tags, 1)]
+    for n in range(1, len(tags) + 1):
+        (blobs / (f"{n:x}" * 64)).write_text(json.dumps({"config": {"digest": "sha256:" + "c" * 64}}))
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": manifests}))
     return root
 
@@ -121,12 +126,18 @@ def layout(tmp_path: Path, tags: list[str]) -> Path:
 def test_manifests_get_their_target_names_in_list_order(tmp_path):
     root = layout(tmp_path, ["embed1", "embed0"])  # skopeo appends; a retry may reorder
     embeds = [site.Embed("a:1", "docker.io/library/a:1"), site.Embed("b:1", "quay.io/b:1")]
-    named = site.name_manifests(root, embeds)
+    named = site.name_manifests(root, embeds, "amd64")
     assert named == [("docker.io/library/a:1", "sha256:" + "2" * 64), ("quay.io/b:1", "sha256:" + "1" * 64)]
     index = json.loads((root / "index.json").read_text())
     assert [m["annotations"] for m in index["manifests"]] == [
         {site.IMAGE_NAME: "docker.io/library/a:1", site.REF_NAME: "docker.io/library/a:1"},
         {site.IMAGE_NAME: "quay.io/b:1", site.REF_NAME: "quay.io/b:1"}]
+
+
+def test_an_image_for_another_architecture_is_refused(tmp_path):
+    root = layout(tmp_path, ["embed0"], arch="amd64")
+    with pytest.raises(CaptainError, match=r"the embedded image quay\.io/a:1 is for amd64, not arm64"):
+        site.name_manifests(root, [site.Embed("quay.io/a:1", "quay.io/a:1")], "arm64")
 
 
 def test_layout_tar_is_reproducible_and_fixed(tmp_path):
@@ -137,8 +148,8 @@ def test_layout_tar_is_reproducible_and_fixed(tmp_path):
     assert site.tar_layout(root) == first
     with tarfile.open(fileobj=__import__("io").BytesIO(first)) as tar:
         members = tar.getmembers()
-    assert [m.name for m in members] == ["blobs", "blobs/sha256", f"blobs/sha256/{'1' * 64}", "index.json",
-                                         "oci-layout"]
+    assert [m.name for m in members] == ["blobs", "blobs/sha256", f"blobs/sha256/{'1' * 64}",
+                                         f"blobs/sha256/{'c' * 64}", "index.json", "oci-layout"]
     assert {(m.uid, m.gid, m.uname) for m in members} == {(0, 0, "")}
 
 
