@@ -47,7 +47,7 @@ def link_smee_names(out_dir: Path, arch: Arch) -> None:
         path = out_dir / link
         if not (out_dir / target).exists():
             continue
-        tmp = out_dir / f".{link}.tmp-{os.getpid()}"
+        tmp = cache.temp_beside(path)
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target)
         os.replace(tmp, path)

@@ -63,7 +63,7 @@ def hash_tree(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
     """A temp name beside path that no other process or thread uses (two threads of one
     process may write the same file, e.g. a stage's `last` pointer)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -72,7 +72,7 @@ def _temp_beside(path: Path) -> Path:
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write to a temp file beside path and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
@@ -80,7 +80,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 def atomic_copy(src: Path, dst: Path) -> None:
     """Copy a file (mode included) so that dst is either the old or the whole new file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(dst)
+    tmp = temp_beside(dst)
     shutil.copy2(src, tmp)
     os.replace(tmp, dst)
 

@@ -90,12 +90,13 @@ def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -
         where = next((m.name for m in members if m.is_file), "?")
         report.add(f"segment {number} (from /{where})", f"{_mib(len(frame))}, {len(members)} entries",
                    command)
-        embedded = {m.name: m for m in members if m.name in (str(site.EMBED_ARCHIVE), str(site.EMBED_LIST))}
-        if str(site.EMBED_ARCHIVE) in embedded:
+        named = {m.name: m for m in members}
+        archive, listing = named.get(str(site.EMBED_ARCHIVE)), named.get(str(site.EMBED_LIST))
+        if archive is not None:
             # Layers are already gzip: the archive costs about its own size, compressed or not.
-            count = len(embedded[str(site.EMBED_LIST)].data.splitlines()) if str(site.EMBED_LIST) in embedded else 0
+            count = len(listing.data.splitlines()) if listing is not None else 0
             report.add("embedded images (--embed-images)",
-                       f"{count} images, {_mib(embedded[str(site.EMBED_ARCHIVE)].size)} archive, "
+                       f"{count} images, {_mib(archive.size)} archive, "
                        f"{100 * len(frame) / initramfs.stat().st_size:.1f}% of the initramfs (segment {number})",
                        command)
     files = [m for m in cpio.members(blob) if m.is_file]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captainos import cache
+from captainos import cache, site
 from captainos.config import Arch
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -30,7 +30,7 @@ MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-REF_NAME = "org.opencontainers.image.ref.name"
+REF_NAME = site.REF_NAME
 EPOCH = 0  # mtime of every tar member and of the gzip header
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # Applets the action images expose as /bin/<name> (the scenarios use only these).
