@@ -21,6 +21,7 @@ VERBS: dict[str, str] = {
     "initramfs": "assemble the initramfs with mkosi (needs the kernel and tools stages)",
     "iso": "build the UEFI-bootable ISO from the kernel and initramfs",
     "checksums": "write out/sha256sums-<arch>.txt (or check it with --verify)",
+    "publish": "out/ as an OCI image (files at its root) in a local layout (--oci-dir) and/or a registry (--to)",
     "qemu-test": "boot out/ artifacts in QEMU (serial console on this terminal; Ctrl-A X quits)",
     "shell": "open a shell in the builder container (docker mode) or with the build environment",
     "clean": "remove out/ and build/ (with --all also the caches and the local mkosi)",
@@ -53,7 +54,12 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line plus a hint, not a usage dump."""
+    """argparse that reports a bad flag as one line plus a hint, not a usage dump, and takes
+    no abbreviations (publish's --to would otherwise be an ambiguous --tools-...)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CaptainError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
@@ -75,6 +81,11 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print the configuration as JSON on stdout")
         if verb == "checksums":
             sub.add_argument("--verify", action="store_true", help="check out/ against the sums file")
+        if verb == "publish":
+            sub.add_argument("--oci-dir", metavar="DIR", help="write the image as an OCI layout at DIR (replaced)")
+            sub.add_argument("--to", metavar="REGISTRY/REPO:TAG",
+                             help="push it there; credentials from the usual auth file (REGISTRY_AUTH_FILE, "
+                                  "containers/auth.json, ~/.docker/config.json), never from this command line")
         if verb == "clean":
             sub.add_argument("--all", action="store_true", help="also remove caches and the local mkosi")
         if verb == "iso":
@@ -194,6 +205,16 @@ def _checksums(cfg: Config, args: argparse.Namespace) -> None:
     sys.stdout.write(path.read_text())
 
 
+def _publish(cfg: Config, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from captainos import host, publish
+
+    if args.to:
+        host.check(cfg, "publish")
+    print(publish.run(cfg.out_dir, Path(args.oci_dir) if args.oci_dir else None, args.to))
+
+
 def _summary(cfg: Config, args: argparse.Namespace) -> None:
     from captainos import summary
 
@@ -263,6 +284,7 @@ HANDLERS: dict[str, Callable[[Config, Any], None]] = {
     "initramfs": _stage_verb("initramfs"),
     "iso": _stage_verb("iso"),
     "checksums": _checksums,
+    "publish": _publish,
     "qemu-test": _qemu_test,
     "shell": _shell,
     "clean": _clean,

@@ -83,7 +83,7 @@ def builtin_firmware(modinfo: bytes) -> dict[str, list[str]]:
 
 def declared(runner: Runner, kernel_entry: Path) -> dict[str, list[str]]:
     """module -> the firmware names it declares, for every module and built-in driver of the entry."""
-    release = json.loads((kernel_entry / "kernel.json").read_text())["version"]
+    release = kernel.release(kernel_entry)
     mods = kernel_entry / "modules" / "usr" / "lib" / "modules" / release
     found: dict[str, list[str]] = {}
     builtin = mods / "modules.builtin.modinfo"

@@ -103,6 +103,8 @@ def needs(cfg: Config, verb: str) -> list[Need]:
                 found.append(Need("skopeo", "pulling the embedded images (--embed-images)", "skopeo"))
         elif stage == "iso":
             found += ISO
+        elif stage == "publish":
+            found.append(Need("skopeo", "pushing the image (publish --to)", "skopeo"))
         elif stage == "qemu-test":
             found.append(QEMU[cfg.arch])
         elif stage == "lab":

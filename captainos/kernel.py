@@ -552,6 +552,11 @@ def _compile_in_build_dir(cfg: Config, runner: Runner, source: Source, fragments
                        "compiler": parts["compiler"]}, modules, release)
 
 
+def release(entry: Path) -> str:
+    """`uname -r` of the kernel an entry of this stage holds."""
+    return str(json.loads((entry / "kernel.json").read_text())["version"])
+
+
 def _finish_modules(runner: Runner, modules: Path, release: str) -> None:
     """Drop the links into the build tree and (re)build the module indexes."""
     kdir = modules / "lib" / "modules" / release
@@ -578,9 +583,8 @@ def _debian_image(cfg: Config, runner: Runner, source: Source) -> Path:
              "modules_list": cache.sha256_file(DEBIAN_MODULES)}
     entry = cache.cached(cfg.cache_dir, "kernel", cfg.arch.value, parts, force=cfg.force_kernel or cfg.no_cache,
                          produce=lambda work: _unpack_image(cfg, runner, source, work))
-    info = json.loads((entry / "kernel.json").read_text())
     kept = {module_name(p.name) for p in (entry / "modules").rglob("*.ko*")}
-    builtin = (entry / "modules" / "usr" / "lib" / "modules" / info["version"] / "modules.builtin")
+    builtin = (entry / "modules" / "usr" / "lib" / "modules" / release(entry) / "modules.builtin")
     kept |= {module_name(p) for p in builtin.read_text().split()} if builtin.is_file() else set()
     check_required(entry / "config", kept)
     return entry

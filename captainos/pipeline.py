@@ -45,6 +45,8 @@ def build_kernel(cfg: Config) -> Path:
     with log.stage("kernel", f"{cfg.arch.value}, source {cfg.kernel_source.value}"):
         entry = kernel.build(cfg, runner)
         artifacts.publish(cfg.out_dir, entry / "vmlinuz", artifacts.vmlinuz_name(cfg.arch))
+        artifacts.link_versioned(cfg.out_dir, cfg.arch, artifacts.vmlinuz_name(cfg.arch),
+                                 kernel.release(entry))
         artifacts.publish(cfg.out_dir, entry / "config", f"kernel-config-{cfg.arch.value}")
     return entry
 
@@ -66,6 +68,8 @@ def build_initramfs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> Path:
     with log.stage("initramfs", f"mkosi, Debian trixie, {cfg.arch.value}"):
         entry = image.build(cfg, runner, kernel_entry, tools_entry)
         artifacts.publish(cfg.out_dir, entry / "initramfs.cpio.zst", artifacts.initramfs_name(cfg.arch))
+        artifacts.link_versioned(cfg.out_dir, cfg.arch, artifacts.initramfs_name(cfg.arch),
+                                 kernel.release(kernel_entry))
         artifacts.link_smee_names(cfg.out_dir, cfg.arch)
     return entry
 
@@ -78,6 +82,8 @@ def build_iso(cfg: Config, kernel_entry: Path, initramfs_entry: Path) -> Path | 
     with log.stage("iso", f"UEFI hybrid ISO, {cfg.arch.value}"):
         entry = iso.build(cfg, runner, kernel_entry / "vmlinuz", initramfs_entry / "initramfs.cpio.zst")
         artifacts.publish(cfg.out_dir, entry / "captainos.iso", artifacts.iso_name(cfg.arch))
+        artifacts.link_versioned(cfg.out_dir, cfg.arch, artifacts.iso_name(cfg.arch),
+                                 kernel.release(kernel_entry))
     return entry
 
 

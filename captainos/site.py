@@ -24,7 +24,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, cpio, log, pins, segments
+from captainos import cache, cpio, log, oci, pins, segments
 from captainos.config import Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
@@ -45,7 +44,7 @@ EMBED_LIST = EMBED_DIR / "images.list"  # TARGET DIGEST per line, read by import
 SSH_KEYS = Path("usr/lib/captainos/ssh/authorized_keys")
 SSH_PROFILE = "ssh"
 IMAGE_NAME = "io.containerd.image.name"  # the name containerd's import gives a manifest
-REF_NAME = "org.opencontainers.image.ref.name"
+REF_NAME = oci.REF_NAME
 HUB = "docker.io"
 CPIO_MAX_FILE = 1 << 32  # newc stores a file's size in 8 hex digits
 
@@ -183,17 +182,12 @@ def copy_argv(cfg: Config, source: str, layout: Path, tag: str) -> list[str]:
     return [*argv, f"docker://{source}", f"oci:{layout}:{tag}"]
 
 
-def _skopeo_env() -> dict[str, str]:
-    # The containers auth file an operator may point at; never on the command line.
-    return {k: os.environ[k] for k in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG") if k in os.environ}
-
-
 def source_digests(runner: Runner, embeds: Sequence[Embed]) -> list[str]:
     """sha256 of each source's manifest (or index) as the registry serves it now: a changed tag
     gives a new key, an unchanged one a cache hit without pulling anything."""
     digests = []
     for item in embeds:
-        raw = runner.run(inspect_argv(item.source), capture=True, env=_skopeo_env(), check=False)
+        raw = runner.run(inspect_argv(item.source), capture=True, env=oci.auth_env(), check=False)
         if raw.returncode != 0:
             raise CaptainError(f"cannot read the embedded image {item.source} from its registry",
                                "the registry must be reachable at build time; trust and auth come from "
@@ -253,7 +247,7 @@ def stage_embedded(cfg: Config, runner: Runner, embeds: Sequence[Embed], tree: P
     layout = work / "layout"
     for number, item in enumerate(embeds):
         log.info(f"    embedding {item.source} as {item.target}")
-        runner.run(copy_argv(cfg, item.source, layout, f"embed{number}"), env=_skopeo_env(), capture=True)
+        runner.run(copy_argv(cfg, item.source, layout, f"embed{number}"), env=oci.auth_env(), capture=True)
     named = name_manifests(layout, embeds, cfg.arch.go_arch())
     total = sum(p.stat().st_size for p in layout.rglob("*") if p.is_file())
     if total >= CPIO_MAX_FILE:

@@ -10,10 +10,8 @@ and gzip carries no name or time, so the same inputs always give the same digest
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
-import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,17 +19,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captainos import cache, site
 from captainos.config import Arch
 from captainos.errors import CaptainError
+from captainos.oci import (
+    EPOCH,
+    MEDIA_CONFIG,
+    MEDIA_INDEX,
+    MEDIA_MANIFEST,
+    REF_NAME,
+    Layout,
+    canonical_json,
+    copy_argv,
+    descriptor,
+    digest,
+)
+from captainos.oci import MEDIA_LAYER_GZIP as MEDIA_LAYER
 from captainos.run import Runner
 
-MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-REF_NAME = site.REF_NAME
-EPOCH = 0  # mtime of every tar member and of the gzip header
+__all__ = ["MEDIA_INDEX", "MEDIA_MANIFEST", "REF_NAME", "Image", "Member", "push", "write_layout"]
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # Applets the action images expose as /bin/<name> (the scenarios use only these).
 BUSYBOX_APPLETS = ("[", "cat", "cmp", "dd", "echo", "env", "false", "grep", "head", "hexdump", "id", "ls",
@@ -118,18 +123,6 @@ def gzip_bytes(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _json(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _descriptor(media: str, data: bytes) -> dict[str, object]:
-    return {"mediaType": media, "digest": _digest(data), "size": len(data)}
-
-
 def image_blobs(image: Image) -> tuple[bytes, bytes, bytes]:
     """(layer.tar.gz, config, manifest) of the image."""
     tar = layer_tar(image.members)
@@ -143,38 +136,25 @@ def image_blobs(image: Image) -> tuple[bytes, bytes, bytes]:
         settings["Labels"] = dict(image.labels)
     config: dict[str, object] = {
         "architecture": image.arch.go_arch(), "os": "linux", "config": settings,
-        "rootfs": {"type": "layers", "diff_ids": [_digest(tar)]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(tar)]},
         "history": [{"created_by": "captainos.oci", "comment": "written by CaptainOS"}],
     }
     if image.arch is Arch.ARM64:
         config["variant"] = "v8"
-    config_blob = _json(config)
-    manifest = _json({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
-                      "config": _descriptor(MEDIA_CONFIG, config_blob),
-                      "layers": [_descriptor(MEDIA_LAYER, layer)]})
+    config_blob = canonical_json(config)
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
+                               "config": descriptor(MEDIA_CONFIG, config_blob),
+                               "layers": [descriptor(MEDIA_LAYER, layer)]})
     return layer, config_blob, manifest
 
 
 def write_layout(image: Image, dest: Path, tag: str) -> str:
     """Write an OCI image layout at dest (replacing it atomically); return the manifest digest."""
     layer, config_blob, manifest = image_blobs(image)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        blobs = work / "blobs" / "sha256"
-        blobs.mkdir(parents=True)
-        for blob in (layer, config_blob, manifest):
-            (blobs / _digest(blob).split(":", 1)[1]).write_bytes(blob)
-        (work / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
-        index = {"schemaVersion": 2, "mediaType": MEDIA_INDEX,
-                 "manifests": [{**_descriptor(MEDIA_MANIFEST, manifest), "annotations": {REF_NAME: tag}}]}
-        (work / "index.json").write_bytes(_json(index))
-        cache.remove(dest)
-        work.rename(dest)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
-    return _digest(manifest)
+    with Layout(dest) as layout:
+        layout.blob(MEDIA_LAYER, layer)
+        layout.blob(MEDIA_CONFIG, config_blob)
+        return layout.finish(layout.blob(MEDIA_MANIFEST, manifest), tag)
 
 
 @dataclass(frozen=True)
@@ -206,19 +186,9 @@ def auth_file(registry: str, creds: Credentials | None) -> Iterator[Path | None]
         yield path
 
 
-def push_argv(layout: Path, tag: str, dest_ref: str, *, cert_dir: Path | None, auth: Path | None) -> list[str]:
-    """skopeo copy from the OCI layout to a registry; TLS verified against cert_dir when given."""
-    argv = ["skopeo", "copy", "--quiet", "--preserve-digests"]
-    if cert_dir is not None:
-        argv += ["--dest-cert-dir", str(cert_dir), "--dest-tls-verify=true"]
-    if auth is not None:
-        argv += ["--dest-authfile", str(auth)]
-    return [*argv, f"oci:{layout}:{tag}", f"docker://{dest_ref}"]
-
-
 def push(runner: Runner, layout: Path, tag: str, dest_ref: str, *, cert_dir: Path | None = None,
          creds: Credentials | None = None) -> None:
     registry = dest_ref.split("/", 1)[0]
     with auth_file(registry, creds) as auth:
-        runner.run(push_argv(layout, tag, dest_ref, cert_dir=cert_dir, auth=auth),
+        runner.run(copy_argv(layout, tag, dest_ref, cert_dir=cert_dir, auth=auth),
                    secret=(creds.password,) if creds else (), capture=True)

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,6 +85,16 @@ def inside(root: Path, path: Path) -> Path | None:
             target = Path(os.readlink(current))
             current = root / target.relative_to("/") if target.is_absolute() else current.parent / target
     return current if current.exists() else None
+
+
+def test_os_release_carries_the_release_version(unpacked: Path) -> None:
+    """The image says which CaptainOS it is, the version `captainos --version` prints."""
+    from captainos import __version__
+
+    fields = dict(line.split("=", 1) for line in (unpacked / "usr/lib/os-release").read_text().splitlines() if line)
+    assert fields["IMAGE_VERSION"].strip('"') == __version__ == fields["VERSION_ID"].strip('"')
+    printed = subprocess.run([sys.executable, str(REPO / "build.py"), "--version"], capture_output=True, text=True)
+    assert printed.stdout.strip() == f"captainos {__version__}"
 
 
 def test_every_elf_file_finds_the_libraries_it_names(unpacked: Path) -> None:

@@ -8,7 +8,7 @@ from captainos.config import Arch
 
 def test_verbs_cover_the_interface():
     assert set(cli.VERBS) == {"build", "kernel", "tools", "initramfs", "iso", "checksums", "qemu-test",
-                              "shell", "clean", "summary", "setup", "bench", "lab"}
+                              "shell", "clean", "summary", "setup", "bench", "lab", "publish"}
     assert set(cli.HANDLERS) == set(cli.VERBS)
 
 

@@ -107,9 +107,9 @@ def test_bad_member_paths_are_refused():
         oci.layer_tar([oci.Member("a", 0o644, b""), oci.Member("a", 0o644, b"")])
 
 
-def test_push_argv_never_holds_credentials(tmp_path):
+def test_copy_argv_never_holds_credentials(tmp_path):
     creds = oci.Credentials("captain", "s3cret-pass")
-    argv = oci.push_argv(tmp_path / "l", "v1", "127.0.0.1:5000/tink-agent:v1", cert_dir=tmp_path / "certs",
+    argv = oci.copy_argv(tmp_path / "l", "v1", "127.0.0.1:5000/tink-agent:v1", cert_dir=tmp_path / "certs",
                          auth=tmp_path / "auth.json")
     assert argv[:2] == ["skopeo", "copy"]
     assert ["--dest-cert-dir", str(tmp_path / "certs")] == argv[argv.index("--dest-cert-dir"):][:2]

@@ -1,0 +1,133 @@
+"""`./build.py publish`: out/ as a real OCI image, the way Tinkerbell's Helm chart mounts it.
+
+The chart mounts the image as a Kubernetes image volume in its nginx pod and serves the files
+at the image's root, so this is a runnable-format image (a config whose `rootfs.diff_ids`
+match its layers), not an artifact. Each file of out/ is one uncompressed tar layer holding
+it under every one of its names (the original name as a regular file, Smee's and the
+versioned names as hard links to it): a layer is shared by every tag whose file is the same,
+and nginx needs no symlinks. The artifacts are compressed already, so gzip would only cost time.
+
+Every arch whose `sha256sums-<arch>.txt` is in out/ goes in, after the sums are checked. With
+two arches the image is an index with one manifest per platform, all listing every layer, so
+a node of either architecture mounts the whole set. Members carry no time, owner or order
+that depends on the machine: the same out/ gives the same digests.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from captainos import __version__, artifacts, log, oci
+from captainos.config import Arch
+from captainos.errors import CaptainError
+from captainos.run import Runner
+
+TITLE = "CaptainOS"
+
+
+@dataclass(frozen=True)
+class File:
+    """One file of out/ and every name it has there (names[0] is the regular file)."""
+
+    path: Path
+    names: tuple[str, ...]
+
+
+def files(out_dir: Path, arch: Arch) -> list[File]:
+    """The checked files of one arch: each artifact with its links, and the sums file."""
+    artifacts.verify_checksums(out_dir, arch)
+    artifacts.release_of(out_dir, arch)  # refuses an out/ whose artifacts come from two kernels
+    sums = artifacts.checksums_name(arch)
+    listed = {line.partition("  ")[2] for line in (out_dir / sums).read_text().splitlines()}
+    if missing := sorted(set(artifacts.checksum_names(out_dir, arch)) - listed):
+        raise CaptainError(f"{sums} does not list {', '.join(missing)}",
+                           f"rewrite it: './build.py checksums' (ARCH={arch.value})")
+    found = [File(out_dir / target, (target, *artifacts.links_to(out_dir, target)))
+             for target in [*artifacts.checksum_targets(out_dir, arch), sums]]
+    return found
+
+
+def built_arches(out_dir: Path) -> list[Arch]:
+    arches = [arch for arch in Arch if (out_dir / artifacts.checksums_name(arch)).is_file()]
+    if not arches:
+        raise CaptainError(f"nothing to publish: {out_dir} has no sha256sums-<arch>.txt",
+                           "build first ('./build.py'), which writes the sums")
+    return arches
+
+
+def _layer(layout: oci.Layout, file: File) -> oci.Descriptor:
+    """A tar of file under each of its names: one regular file, the others hard links to it."""
+    with layout.stream(oci.MEDIA_LAYER_TAR) as stream, \
+            tarfile.open(fileobj=stream.writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        info = tarfile.TarInfo(file.names[0])
+        info.size, info.mode, info.mtime = file.path.stat().st_size, 0o644, oci.EPOCH
+        with file.path.open("rb") as data:
+            tar.addfile(info, data)
+        for name in file.names[1:]:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname, link.mode, link.mtime = tarfile.LNKTYPE, file.names[0], 0o644, oci.EPOCH
+            tar.addfile(link)
+    return stream.descriptor
+
+
+def write(out_dir: Path, dest: Path, tag: str) -> str:
+    """Write the image of out/ as an OCI layout at dest (tag names it); return its digest."""
+    arches = built_arches(out_dir)
+    everything = sorted((f for arch in arches for f in files(out_dir, arch)), key=lambda f: f.names[0])
+    log.info(f"==> publish: {len(everything)} files of {', '.join(a.value for a in arches)} -> {dest}:{tag}")
+    with oci.Layout(dest) as layout:
+        layers = [_layer(layout, f) for f in everything]
+        labels = {"org.opencontainers.image.title": TITLE, "org.opencontainers.image.version": __version__}
+        for arch in arches:
+            if release := artifacts.release_of(out_dir, arch):
+                labels[f"io.captainos.kernel-release.{arch.value}"] = release
+        manifests = []
+        for arch in arches:
+            platform = {"architecture": arch.go_arch(), "os": "linux",
+                        **({"variant": "v8"} if arch is Arch.ARM64 else {})}
+            config = layout.blob(oci.MEDIA_CONFIG, oci.canonical_json({
+                **platform, "config": {"Labels": labels},
+                "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]}}))
+            manifest = layout.blob(oci.MEDIA_MANIFEST, oci.canonical_json({
+                "schemaVersion": 2, "mediaType": oci.MEDIA_MANIFEST, "config": config, "layers": layers,
+                "annotations": {"org.opencontainers.image.title": TITLE,
+                                "org.opencontainers.image.version": __version__}}))
+            manifests.append({**manifest, "platform": platform})
+        if len(manifests) == 1:
+            top = {k: v for k, v in manifests[0].items() if k != "platform"}
+        else:
+            top = layout.blob(oci.MEDIA_INDEX, oci.canonical_json(
+                {"schemaVersion": 2, "mediaType": oci.MEDIA_INDEX, "manifests": manifests}))
+        found = layout.finish(top, tag)
+    log.info(f"    {dest}: {found}")
+    return found
+
+
+def run(out_dir: Path, oci_dir: Path | None, to: str | None) -> str:
+    """The verb: write the layout (kept at oci_dir, or a temp one) and push it when `to` is given."""
+    if oci_dir is None and to is None:
+        raise CaptainError("publish needs somewhere to put the image",
+                           "give --oci-dir DIR (a local OCI layout) and/or --to REGISTRY/REPO:TAG")
+    tag = oci.check_reference(to)[1] if to else __version__
+    if oci_dir is not None:
+        found = write(out_dir, oci_dir, tag)
+        if to:
+            push(oci_dir, tag, to)
+        return found
+    assert to is not None
+    with tempfile.TemporaryDirectory(prefix="captainos-publish-") as tmp:
+        found = write(out_dir, Path(tmp) / "layout", tag)
+        push(Path(tmp) / "layout", tag, to)
+    return found
+
+
+def push(layout: Path, tag: str, to: str) -> None:
+    """skopeo copy, every platform, digests kept. Credentials come from the usual auth files
+    (REGISTRY_AUTH_FILE, ${XDG_RUNTIME_DIR}/containers/auth.json, ~/.docker/config.json), trust
+    from /etc/containers/certs.d: nothing secret is ever on the command line."""
+    log.info(f"==> publish: pushing to {to}")
+    Runner().run(oci.copy_argv(layout, tag, to, all_platforms=True), env=oci.auth_env(), capture=True)
+    log.info(f"    pushed {to}")
