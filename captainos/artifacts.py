@@ -30,6 +30,10 @@ def iso_name(arch: Arch) -> str:
     return f"captainos-{arch.value}.iso"
 
 
+def sbom_name(arch: Arch) -> str:
+    return f"sbom-{arch.value}.spdx.json"
+
+
 def checksums_name(arch: Arch) -> str:
     return f"sha256sums-{arch.value}.txt"
 
@@ -121,7 +125,7 @@ def release_of(out_dir: Path, arch: Arch) -> str | None:
 
 def checksum_targets(out_dir: Path, arch: Arch) -> list[str]:
     """The artifacts of one arch that exist in out/, in a stable order."""
-    names = [vmlinuz_name(arch), initramfs_name(arch), iso_name(arch)]
+    names = [vmlinuz_name(arch), initramfs_name(arch), sbom_name(arch), iso_name(arch)]
     return [n for n in names if (out_dir / n).is_file()]
 
 

@@ -20,13 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cache, firmware, host, log, pins, segments, site
+from captainos import __version__, cache, cpio, firmware, host, log, pins, sbom, segments, site
 from captainos.config import REPO, Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
 
 IMAGE_DIR = REPO / "image"
 OUTPUT = "initramfs.cpio.zst"
+SBOM = "sbom.spdx.json"  # beside OUTPUT in the entry, and inside the image (sbom.SBOM_PATH)
 MKOSI_OUTPUT = "initramfs.cpio"  # Output= in image/mkosi.conf plus the format's suffix (no compression)
 CA_DIR = Path("usr/local/share/ca-certificates")
 MANIFEST = Path("usr/share/captainos/image.json")
@@ -203,10 +204,18 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
                 raise CaptainError(f"mkosi finished but {built} is missing", f"see {mkosi_log}")
             shutil.move(built, work / "os.cpio")
         shutil.rmtree(staging)
+        # The SBOM is read from the two segments' bytes and rides in a third, small one.
+        document = sbom.write((work / "os.cpio").read_bytes() + cpio.decompress(tools_segment), cfg.arch,
+                              kernel_entry)
         segments.compress(runner, segments.OS_ZSTD, work / "os.cpio", work / "os.cpio.zst")
-        segments.concatenate([work / "os.cpio.zst", tools_segment], work / OUTPUT)
-        sizes = {"os": (work / "os.cpio.zst").stat().st_size, "tools": tools_segment.stat().st_size}
-        (work / "os.cpio.zst").unlink()
+        cache.atomic_write(work / SBOM, document)
+        (work / "sbom.cpio").write_bytes(cpio.write([(sbom.SBOM_PATH, 0o100644, document)]))
+        segments.compress(runner, segments.OS_ZSTD, work / "sbom.cpio", work / "sbom.cpio.zst")
+        segments.concatenate([work / "os.cpio.zst", tools_segment, work / "sbom.cpio.zst"], work / OUTPUT)
+        sizes = {"os": (work / "os.cpio.zst").stat().st_size, "tools": tools_segment.stat().st_size,
+                 "sbom": (work / "sbom.cpio.zst").stat().st_size}
+        for part in ("os.cpio.zst", "sbom.cpio.zst"):
+            (work / part).unlink()
         size = (work / OUTPUT).stat().st_size
         cache.atomic_write(work / "image.json", json.dumps({"size": size, "segments": sizes,
                                                            **manifest(cfg, kernel_entry, tools_entry)},

@@ -289,6 +289,8 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
         segments.compress(runner, segments.OS_ZSTD, raw, work / SEGMENT)
         base = base_entry / "initramfs.cpio.zst"
         segments.concatenate([base, work / SEGMENT], work / "initramfs.cpio.zst")
+        # The base image's SBOM (what the site segment adds is in image.json's "site").
+        shutil.copy2(base_entry / "sbom.spdx.json", work / "sbom.spdx.json")
         image = json.loads((base_entry / "image.json").read_text())
         image["segments"]["site"] = (work / SEGMENT).stat().st_size
         image["size"] = (work / "initramfs.cpio.zst").stat().st_size

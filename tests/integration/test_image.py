@@ -97,6 +97,75 @@ def test_os_release_carries_the_release_version(unpacked: Path) -> None:
     assert printed.stdout.strip() == f"captainos {__version__}"
 
 
+def sbom_of(initramfs: Path) -> dict:
+    return json.loads((initramfs.parent / image.SBOM).read_text())
+
+
+def test_the_sbom_passes_the_spdx_validator_and_is_in_the_image(initramfs: Path, unpacked: Path) -> None:
+    path = initramfs.parent / image.SBOM
+    result = subprocess.run(["pyspdxtools", "-i", str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert (unpacked / "usr/share/captainos/sbom.spdx.json").read_bytes() == path.read_bytes()
+
+
+def test_the_sbom_lists_what_dpkg_says_is_installed(initramfs: Path, unpacked: Path) -> None:
+    """dpkg-query on the image's own database is the second opinion: nothing missing, nothing invented."""
+    query = subprocess.run(["dpkg-query", f"--admindir={unpacked / 'var/lib/dpkg'}", "-W", "-f",
+                            "${Package} ${Version} ${Architecture} ${db:Status-Status}\n"],
+                           capture_output=True, text=True, check=True).stdout
+    installed = {tuple(line.split()[:3]) for line in query.splitlines() if line.endswith(" installed")}
+    listed = {(p["name"], p["versionInfo"], p["externalRefs"][0]["referenceLocator"].rsplit("=", 1)[1])
+              for p in sbom_of(initramfs)["packages"] if p["SPDXID"].startswith("SPDXRef-deb-")}
+    assert len(installed) > 100
+    assert listed == installed
+
+
+def test_the_sbom_lists_every_go_binary_and_module_go_version_reports(initramfs: Path, unpacked: Path) -> None:
+    """`go version -m` over the unpacked image is the second opinion for the Go binaries."""
+    from captainos import golang
+
+    report = subprocess.run([golang.go_binary(), "version", "-m", str(unpacked)], capture_output=True, text=True,
+                            check=True).stdout
+    expected: dict[str, set[tuple[str, str]]] = {}
+    current, last = "", ("", "")
+    for line in report.splitlines():
+        words = line.split("\t")
+        if not line.startswith("\t"):
+            current = "/" + str(Path(line.split(":")[0]).relative_to(unpacked))
+            expected[current] = {("stdlib", line.split(": ", 1)[1].strip())}
+        elif words[1] == "dep":
+            last = (words[2], words[3])
+            expected[current].add(last)
+        elif words[1] == "=>":  # the module linked is the replacement
+            expected[current].discard(last)
+            expected[current].add((words[2], words[3]))
+    doc = sbom_of(initramfs)
+    by_id = {p["SPDXID"]: p for p in doc["packages"]}
+    listed: dict[str, set[tuple[str, str]]] = {}
+    for rel in doc["relationships"]:
+        binary = by_id.get(rel["spdxElementId"], {})
+        if rel["relationshipType"] == "CONTAINS" and "packageFileName" in binary:
+            module = by_id[rel["relatedSpdxElement"]]
+            listed.setdefault(binary["packageFileName"], set()).add((module["name"], module["versionInfo"]))
+    assert {"/usr/bin/containerd", "/usr/bin/runc", "/usr/bin/nerdctl", "/opt/cni/bin/bridge"} <= set(expected)
+    assert listed == expected
+
+
+def test_the_sbom_names_the_kernel_and_every_firmware_file(initramfs: Path, unpacked: Path, kernel: Path) -> None:
+    import hashlib
+
+    doc = sbom_of(initramfs)
+    (linux,) = [p for p in doc["packages"] if p["SPDXID"] == "SPDXRef-kernel"]
+    assert [d.name for d in (unpacked / "usr/lib/modules").iterdir()] == [linux["versionInfo"]]
+    assert hashlib.sha256((kernel / "config").read_bytes()).hexdigest() in linux["comment"]
+    info = json.loads((kernel / "kernel.json").read_text())
+    assert info["source_id"] in linux["sourceInfo"] and linux["downloadLocation"] == info["url"]
+    shipped = {f"./{p.relative_to(unpacked)}": hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in (unpacked / "usr/lib/firmware").rglob("*") if p.is_file() and not p.is_symlink()}
+    listed = {f["fileName"]: f["checksums"][1]["checksumValue"] for f in doc["files"]}
+    assert shipped and listed == shipped
+
+
 def test_every_elf_file_finds_the_libraries_it_names(unpacked: Path) -> None:
     """What RemoveFiles takes out (image/mkosi.conf) is never a library that a program or
     library left in the image links: each DT_NEEDED resolves in the image's own library

@@ -159,8 +159,12 @@ def test_build_produces_an_entry_and_reuses_it(tmp_path, entries, monkeypatch):
     assert members["usr/bin/containerd"].mtime == pins.SOURCE_DATE_EPOCH
     meta = json.loads((entry / "image.json").read_text())
     assert meta["kernel"] == "6.12.0" and meta["size"] == built.stat().st_size
-    assert meta["segments"]["os"] + meta["segments"]["tools"] == meta["size"]
-    assert sorted(p.name for p in entry.iterdir()) == [".captainos-complete.json", "image.json", "initramfs.cpio.zst"]
+    assert meta["segments"]["os"] + meta["segments"]["tools"] + meta["segments"]["sbom"] == meta["size"]
+    assert sorted(p.name for p in entry.iterdir()) == [".captainos-complete.json", "image.json", "initramfs.cpio.zst",
+                                                       "sbom.spdx.json"]
+    # The SBOM rides in the image too (a third segment), and lists what the fake mkosi made.
+    assert members["usr/share/captainos/sbom.spdx.json"].data == (entry / "sbom.spdx.json").read_bytes()
+    assert json.loads((entry / "sbom.spdx.json").read_text())["spdxVersion"] == "SPDX-2.3"
     trees = [a for a in fake.calls[0] if a.startswith("--extra-tree=")]
     assert trees[0].endswith("k1/modules") and "/firmware/amd64/" in trees[1] and len(trees) == 3
     assert not any(t.endswith("t1/tree") for t in trees)  # the tools come as their own segment

@@ -168,6 +168,7 @@ def test_site_segment_follows_the_image(tmp_path, monkeypatch):
     raw.write_bytes(cpio.write([("etc", 0o40755, b"")]))
     Runner().run(["zstd", "-q", "-o", str(base / "initramfs.cpio.zst"), str(raw)])
     (base / "image.json").write_text(json.dumps({"size": 1, "segments": {"os": 1, "tools": 0}}))
+    (base / "sbom.spdx.json").write_text('{"spdxVersion": "SPDX-2.3"}\n')
     keys = tmp_path / "keys"
     keys.write_text(real_key(tmp_path) + "\n")
     cfg = Config(ssh_authorized_keys=keys, cache_dir=tmp_path / "cache")
@@ -177,6 +178,7 @@ def test_site_segment_follows_the_image(tmp_path, monkeypatch):
     assert len(frames) == 2 and frames[0] == (base / "initramfs.cpio.zst").read_bytes()
     names = {m.name: m for m in cpio.members(cpio.decompress_data(frames[1]))}
     assert names[str(site.SSH_KEYS)].data.decode() == keys.read_text()
+    assert (entry / "sbom.spdx.json").read_bytes() == (base / "sbom.spdx.json").read_bytes()
     info = json.loads((entry / "image.json").read_text())
     assert info["site"] == {"embedded_images": [], "ssh_keys": 1}
     assert info["segments"]["site"] == len(frames[1]) and info["size"] == len(data)

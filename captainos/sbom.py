@@ -1,0 +1,266 @@
+"""The SBOM of an initramfs: SPDX 2.3 JSON, read from the image's own bytes.
+
+What is in it, and where each fact comes from (nothing is taken from a list we keep by hand):
+- every Debian package dpkg installed (`var/lib/dpkg/status`: name, version, architecture,
+  source package and its version), as a purl `pkg:deb/debian/NAME@VERSION?arch=...`;
+- every Go binary (any ELF file carrying Go's build information) with its main module, the Go
+  standard library it was built with, and every module linked into it (`dep` lines, with a
+  replacement when there is one), as purls `pkg:golang/...`;
+- the kernel: its release (the image's `usr/lib/modules/<release>`), the source it was built
+  or unpacked from (URL and sha256) and the sha256 of its `.config`;
+- every firmware file under `usr/lib/firmware` (SHA1 and SHA256 of the shipped, compressed
+  bytes) and the Debian firmware packages they were taken from (the image's firmware.json).
+
+Licenses: the image ships no `copyright` files, so only the kernel's is declared;
+everything else says NOASSERTION. The document's time is SOURCE_DATE_EPOCH and its namespace
+a digest of its content, so the same image gives the same SBOM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captainos import __version__, cpio, pins
+from captainos.config import Arch
+
+SBOM_PATH = "usr/share/captainos/sbom.spdx.json"  # inside the image
+FIRMWARE_REPORT = "usr/share/captainos/firmware.json"
+TOOLS_MANIFEST = "usr/share/captainos/tools-manifest.json"
+GO_MAGIC = b"\xff Go buildinf:"
+KERNEL_LICENSE = "GPL-2.0-only WITH Linux-syscall-note"
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    name: str
+    version: str
+    arch: str
+    source: str
+    source_version: str
+
+
+@dataclass(frozen=True)
+class GoBinary:
+    path: str  # in the image, no leading slash
+    go: str  # go1.26.8
+    main: tuple[str, str]  # (module, version)
+    deps: tuple[tuple[str, str], ...]  # (module, version) as linked (replacements applied)
+    sha256: str = field(compare=False)
+
+
+def parse_dpkg_status(text: str) -> list[DebPackage]:
+    """The installed packages of a dpkg status file."""
+    found = []
+    for paragraph in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in paragraph.splitlines():
+            if line[:1] not in (" ", "\t") and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if not fields.get("Package") or not fields.get("Status", "").endswith(" installed"):
+            continue
+        source, _, paren = fields.get("Source", fields["Package"]).partition(" (")
+        found.append(DebPackage(fields["Package"], fields["Version"], fields.get("Architecture", ""),
+                                source, paren.rstrip(")") or fields["Version"]))
+    return sorted(found, key=lambda p: (p.name, p.arch))
+
+
+def _uvarint(data: bytes, offset: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, offset
+        shift += 7
+
+
+def go_buildinfo(data: bytes) -> tuple[str, str] | None:
+    """(Go version, module info text) of a Go 1.18+ binary, or None. The header is 32 bytes
+    (magic, pointer size, flags); with flag 2 the two strings follow inline, each prefixed by
+    its length as a uvarint, the module info wrapped in 16-byte sentinels."""
+    start = data.find(GO_MAGIC)
+    if start < 0 or len(data) < start + 32 or not data[start + 15] & 0x2:
+        return None
+    length, offset = _uvarint(data, start + 32)
+    version = data[offset:offset + length].decode()
+    length, offset = _uvarint(data, offset + length)
+    modinfo = data[offset:offset + length]
+    if len(modinfo) >= 33 and modinfo[-17] == ord("\n"):
+        modinfo = modinfo[16:-16]
+    return version, modinfo.decode()
+
+
+def parse_modinfo(text: str) -> tuple[tuple[str, str], tuple[tuple[str, str], ...]]:
+    """(main module, deps) from build info lines: mod, dep, and `=>` replacing the line before."""
+    main = ("", "")
+    deps: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        words = line.split("\t")
+        if words[0] == "mod" and len(words) >= 3:
+            main = (words[1], words[2])
+        elif words[0] == "dep" and len(words) >= 3:
+            deps.append((words[1], words[2]))
+        elif words[0] == "=>" and len(words) >= 3 and deps:
+            deps[-1] = (words[1], words[2])
+    return main, tuple(sorted(deps))
+
+
+@dataclass
+class Contents:
+    """What the SBOM is made from: the files of the image, read once."""
+
+    arch: Arch
+    debs: list[DebPackage] = field(default_factory=list)
+    go: list[GoBinary] = field(default_factory=list)
+    kernel_release: str = ""
+    firmware: dict[str, bytes] = field(default_factory=dict)  # path in the image -> bytes
+    firmware_report: dict[str, Any] = field(default_factory=dict)
+    tools_manifest: dict[str, Any] = field(default_factory=dict)
+
+    def main_version(self, binary: GoBinary) -> str:
+        """The main module's version: the build info's, or, for a binary built in a source tree
+        ("(devel)"), the version the tools manifest in the image records for that file."""
+        module, version = binary.main
+        if version != "(devel)":
+            return version
+        for component in self.tools_manifest.get("components", {}).values():
+            paths = {b.get("path") for b in component.get("binaries", {}).values()}
+            path, _, pinned = str(component.get("module", "")).partition("@")
+            if f"/{binary.path}" in paths and path == module and pinned:
+                return pinned
+        return version
+
+
+def read_image(members: Iterable[cpio.Member], arch: Arch) -> Contents:
+    found = Contents(arch)
+    releases = set()
+    for member in members:
+        name = member.name
+        if name.startswith("usr/lib/modules/") and name.count("/") == 3 and not member.is_file:
+            releases.add(name.split("/")[3])
+        if not member.is_file:
+            continue
+        if name == "var/lib/dpkg/status":
+            found.debs = parse_dpkg_status(member.data.decode())
+        elif name == FIRMWARE_REPORT:
+            found.firmware_report = json.loads(member.data)
+        elif name == TOOLS_MANIFEST:
+            found.tools_manifest = json.loads(member.data)
+        elif name.startswith("usr/lib/firmware/"):
+            found.firmware[name] = member.data
+        elif member.data[:4] == b"\x7fELF" and (info := go_buildinfo(member.data)):
+            main, deps = parse_modinfo(info[1])
+            found.go.append(GoBinary(name, info[0], main, deps, hashlib.sha256(member.data).hexdigest()))
+    found.go.sort(key=lambda b: b.path)
+    found.kernel_release = ",".join(sorted(releases))
+    return found
+
+
+def _spdx_id(kind: str, *words: str) -> str:
+    return "SPDXRef-" + re.sub(r"[^A-Za-z0-9.-]+", "-", "-".join((kind, *words))).strip("-")
+
+
+def _package(spdx_id: str, name: str, version: str, *, purl: str | None = None, **extra: Any) -> dict[str, Any]:
+    package: dict[str, Any] = {"SPDXID": spdx_id, "name": name, "versionInfo": version,
+                               "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
+                               "licenseConcluded": "NOASSERTION", "licenseDeclared": "NOASSERTION",
+                               "copyrightText": "NOASSERTION"}
+    if purl:
+        package["externalRefs"] = [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                                    "referenceLocator": purl}]
+    package.update(extra)
+    return package
+
+
+def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha256: str) -> dict[str, Any]:
+    """The SPDX 2.3 document of an image's contents and the kernel it boots with."""
+    arch = contents.arch
+    root = "SPDXRef-captainos"
+    packages: list[dict[str, Any]] = []
+    relations: list[tuple[str, str, str]] = [("SPDXRef-DOCUMENT", "DESCRIBES", root)]
+    for deb in contents.debs:
+        spdx_id = _spdx_id("deb", deb.name, deb.arch)
+        packages.append(_package(
+            spdx_id, deb.name, deb.version, purl=f"pkg:deb/debian/{deb.name}@{deb.version}?arch={deb.arch}",
+            supplier="Organization: Debian",
+            sourceInfo=f"built from the Debian source package {deb.source} {deb.source_version}"))
+        relations.append((root, "CONTAINS", spdx_id))
+    modules: dict[tuple[str, str], str] = {}
+    for binary in contents.go:
+        bin_id = _spdx_id("gobin", binary.path)
+        version = contents.main_version(binary)
+        packages.append(_package(
+            bin_id, binary.main[0] or binary.path, version or "NOASSERTION",
+            purl=f"pkg:golang/{binary.main[0]}@{version}" if binary.main[0] and version != "(devel)" else None,
+            packageFileName=f"/{binary.path}", checksums=[{"algorithm": "SHA256", "checksumValue": binary.sha256}],
+            comment=f"Go binary /{binary.path}, built with {binary.go}"))
+        relations.append((root, "CONTAINS", bin_id))
+        for module in (("stdlib", binary.go), *binary.deps):
+            if module not in modules:
+                modules[module] = _spdx_id("gomod", *module)
+                packages.append(_package(modules[module], module[0], module[1],
+                                         purl=f"pkg:golang/{module[0]}@{module[1]}"))
+            relations.append((bin_id, "CONTAINS", modules[module]))
+    kernel_id = "SPDXRef-kernel"
+    packages.append(_package(
+        kernel_id, "linux", contents.kernel_release, downloadLocation=kernel_info.get("url") or "NOASSERTION",
+        licenseDeclared=KERNEL_LICENSE,
+        sourceInfo=f"{kernel_info.get('source')} {kernel_info.get('source_version')}, source sha256 "
+                   f"{kernel_info.get('source_id')}",
+        comment=f"kernel .config sha256 {kernel_config_sha256}"))
+    relations.append((root, "CONTAINS", kernel_id))
+    firmware_packages = contents.firmware_report.get("packages", {})
+    origin = {f["name"]: f["package"] for f in contents.firmware_report.get("files", [])}
+    for name, version in sorted(firmware_packages.items()):
+        spdx_id = _spdx_id("firmware-deb", name)
+        packages.append(_package(spdx_id, name, version, purl=f"pkg:deb/debian/{name}@{version}?arch=all",
+                                 supplier="Organization: Debian",
+                                 comment="firmware files are taken from it (not installed with dpkg)"))
+        relations.append((root, "CONTAINS", spdx_id))
+    files: list[dict[str, Any]] = []
+    sha1s = []
+    for path, data in sorted(contents.firmware.items()):
+        spdx_id = _spdx_id("firmware", path.removeprefix("usr/lib/firmware/"))
+        plain = path.removeprefix("usr/lib/firmware/").removesuffix(".xz")
+        sha1s.append(hashlib.sha1(data).hexdigest())
+        files.append({"SPDXID": spdx_id, "fileName": f"./{path}", "fileTypes": ["BINARY"],
+                      "checksums": [{"algorithm": "SHA1", "checksumValue": sha1s[-1]},
+                                    {"algorithm": "SHA256", "checksumValue": hashlib.sha256(data).hexdigest()}],
+                      "licenseConcluded": "NOASSERTION", "copyrightText": "NOASSERTION",
+                      **({"comment": f"from {origin[plain]}"} if plain in origin else {})})
+        relations.append((root, "CONTAINS", spdx_id))
+        if plain in origin:
+            relations.append((spdx_id, "GENERATED_FROM", _spdx_id("firmware-deb", origin[plain])))
+    root_package = _package(root, "CaptainOS", __version__, primaryPackagePurpose="OPERATING-SYSTEM",
+                            filesAnalyzed=bool(files),
+                            comment=f"the {arch.value} initramfs; the files listed are its firmware")
+    if files:
+        root_package["packageVerificationCode"] = {
+            "packageVerificationCodeValue": hashlib.sha1("".join(sorted(sha1s)).encode()).hexdigest()}
+    body = {"packages": [root_package, *packages], "files": files,
+            "relationships": [{"spdxElementId": a, "relationshipType": kind, "relatedSpdxElement": b}
+                              for a, kind, b in relations]}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return {"spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT",
+            "name": f"captainos-{__version__}-{arch.value}",
+            "documentNamespace": f"https://spdx.org/spdxdocs/captainos-{__version__}-{arch.value}-{digest}",
+            "creationInfo": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pins.SOURCE_DATE_EPOCH)),
+                             "creators": [f"Tool: captainos-{__version__}"]},
+            **body}
+
+
+def write(initramfs_segments: bytes, arch: Arch, kernel_entry: Path) -> bytes:
+    """The SBOM (canonical JSON bytes) of the decompressed segments of an initramfs."""
+    contents = read_image(cpio.members(initramfs_segments), arch)
+    info = json.loads((kernel_entry / "kernel.json").read_text())
+    config_sha = hashlib.sha256((kernel_entry / "config").read_bytes()).hexdigest()
+    return (json.dumps(document(contents, info, config_sha), indent=1, sort_keys=True) + "\n").encode()

@@ -1,0 +1,159 @@
+"""The SBOM's readers (dpkg status, Go build info) and the document, validated by spdx-tools.
+Against a real image (dpkg-query and `go version -m` as the second opinion):
+tests/integration/test_image.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from captainos import cpio, sbom
+from captainos.config import Arch
+
+STATUS = """Package: libc6
+Status: install ok installed
+Architecture: amd64
+Source: glibc (2.41-12)
+Version: 2.41-12+deb13u1
+Description: GNU C Library
+ continued line: Source: not-a-field
+
+Package: removed-one
+Status: deinstall ok config-files
+Architecture: amd64
+Version: 1.0
+
+Package: bash
+Status: install ok installed
+Architecture: amd64
+Version: 5.2.37-2+b5
+"""
+
+MODINFO = ("path\tgithub.com/example/tool/cmd/tool\n"
+           "mod\tgithub.com/example/tool\t(devel)\t\n"
+           "dep\tgithub.com/a/b\tv1.2.3\th1:xxx=\n"
+           "dep\tgithub.com/c/d\tv0.1.0\th1:yyy=\n"
+           "=>\tgithub.com/fork/d\tv0.1.1\th1:zzz=\n"
+           "build\t-trimpath=true\n")
+
+
+def uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def go_binary(version: str = "go1.26.8", modinfo: str = MODINFO) -> bytes:
+    """An ELF-looking blob with Go's build info as Go 1.18+ lays it out."""
+    wrapped = b"\x30" * 16 + modinfo.encode() + b"\x31" * 16
+    assert wrapped[-17] == ord("\n")
+    header = sbom.GO_MAGIC + bytes([8, 2]) + b"\0" * 16
+    return (b"\x7fELF" + b"\0" * 100 + header + uvarint(len(version)) + version.encode()
+            + uvarint(len(wrapped)) + wrapped + b"\0" * 64)
+
+
+def image(members: list[tuple[str, int, bytes]]) -> bytes:
+    return cpio.write(members)
+
+
+FIRMWARE_REPORT = {"packages": {"firmware-realtek": "20250410-2"},
+                   "files": [{"name": "rtl_nic/rtl8168h-2.fw", "package": "firmware-realtek"}]}
+TOOLS_MANIFEST = {"components": {"tool": {"module": "github.com/example/tool@v9.9.9",
+                                          "binaries": {"tool": {"path": "/usr/bin/tool"}}}}}
+
+
+@pytest.fixture
+def contents() -> sbom.Contents:
+    blob = image([
+        ("var/lib/dpkg/status", 0o100644, STATUS.encode()),
+        ("usr/lib/modules", 0o40755, b""),
+        ("usr/lib/modules/6.12.117+deb13-amd64", 0o40755, b""),
+        ("usr/lib/modules/6.12.117+deb13-amd64/modules.dep", 0o100644, b""),
+        ("usr/bin/tool", 0o100755, go_binary()),
+        ("usr/bin/not-go", 0o100755, b"\x7fELF" + b"\0" * 200),
+        ("usr/lib/firmware/rtl_nic/rtl8168h-2.fw.xz", 0o100644, b"fw-bytes"),
+        (sbom.FIRMWARE_REPORT, 0o100644, json.dumps(FIRMWARE_REPORT).encode()),
+        (sbom.TOOLS_MANIFEST, 0o100644, json.dumps(TOOLS_MANIFEST).encode()),
+    ])
+    return sbom.read_image(cpio.members(blob), Arch.AMD64)
+
+
+def test_dpkg_status_gives_installed_packages_with_their_source():
+    packages = sbom.parse_dpkg_status(STATUS)
+    assert packages == [sbom.DebPackage("bash", "5.2.37-2+b5", "amd64", "bash", "5.2.37-2+b5"),
+                        sbom.DebPackage("libc6", "2.41-12+deb13u1", "amd64", "glibc", "2.41-12")]
+
+
+def test_go_build_info_is_read_with_replacements_applied():
+    version, modinfo = sbom.go_buildinfo(go_binary())
+    assert version == "go1.26.8" and modinfo == MODINFO
+    main, deps = sbom.parse_modinfo(modinfo)
+    assert main == ("github.com/example/tool", "(devel)")
+    assert deps == (("github.com/a/b", "v1.2.3"), ("github.com/fork/d", "v0.1.1"))
+    assert sbom.go_buildinfo(b"\x7fELF" + b"\0" * 100) is None
+
+
+def test_the_contents_come_from_the_image(contents):
+    assert [d.name for d in contents.debs] == ["bash", "libc6"]
+    assert [b.path for b in contents.go] == ["usr/bin/tool"]
+    assert contents.kernel_release == "6.12.117+deb13-amd64"
+    assert list(contents.firmware) == ["usr/lib/firmware/rtl_nic/rtl8168h-2.fw.xz"]
+    # "(devel)" (built in a source tree): the version the tools manifest records for that file
+    assert contents.main_version(contents.go[0]) == "v9.9.9"
+
+
+def document(contents: sbom.Contents) -> dict:
+    return sbom.document(contents, {"url": "http://deb.debian.org/x.deb", "source": "debian-image",
+                                    "source_version": "6.12.117-1", "source_id": "ab" * 32}, "cd" * 32)
+
+
+def validate(doc: dict, tmp_path) -> list[str]:
+    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+    path = tmp_path / "sbom.spdx.json"
+    path.write_text(json.dumps(doc))
+    return [m.validation_message for m in validate_full_spdx_document(parse_file(str(path)))]
+
+
+def test_the_document_is_valid_spdx_2_3_and_says_what_is_inside(contents, tmp_path):
+    doc = document(contents)
+    assert validate(doc, tmp_path) == []
+    by_id = {p["SPDXID"]: p for p in doc["packages"]}
+    purls = sorted(p["externalRefs"][0]["referenceLocator"] for p in doc["packages"] if "externalRefs" in p)
+    assert purls == ["pkg:deb/debian/bash@5.2.37-2+b5?arch=amd64",
+                     "pkg:deb/debian/firmware-realtek@20250410-2?arch=all",
+                     "pkg:deb/debian/libc6@2.41-12+deb13u1?arch=amd64", "pkg:golang/github.com/a/b@v1.2.3",
+                     "pkg:golang/github.com/example/tool@v9.9.9", "pkg:golang/github.com/fork/d@v0.1.1",
+                     "pkg:golang/stdlib@go1.26.8"]
+    assert "glibc 2.41-12" in by_id["SPDXRef-deb-libc6-amd64"]["sourceInfo"]
+    kernel = by_id["SPDXRef-kernel"]
+    assert kernel["versionInfo"] == "6.12.117+deb13-amd64" and kernel["licenseDeclared"] == sbom.KERNEL_LICENSE
+    assert "ab" * 32 in kernel["sourceInfo"] and "cd" * 32 in kernel["comment"]
+    (firmware,) = doc["files"]
+    assert firmware["fileName"] == "./usr/lib/firmware/rtl_nic/rtl8168h-2.fw.xz"
+    contains = {(r["spdxElementId"], r["relatedSpdxElement"]) for r in doc["relationships"]
+                if r["relationshipType"] == "CONTAINS"}
+    tool = "SPDXRef-gobin-usr-bin-tool"
+    assert {(tool, "SPDXRef-gomod-github.com-a-b-v1.2.3"), (tool, "SPDXRef-gomod-stdlib-go1.26.8")} <= contains
+    assert ("SPDXRef-captainos", "SPDXRef-deb-bash-amd64") in contains
+
+
+def test_the_same_contents_give_the_same_bytes(contents):
+    import time
+
+    from captainos import pins
+
+    assert json.dumps(document(contents)) == json.dumps(document(contents))
+    created = document(contents)["creationInfo"]["created"]
+    assert created == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pins.SOURCE_DATE_EPOCH))
+
+
+def test_the_validator_is_not_a_rubber_stamp(contents, tmp_path):
+    doc = document(contents)
+    doc["packages"][1]["SPDXID"] = "SPDXRef-bad_id"  # underscores are not allowed in an SPDX id
+    messages = validate(doc, tmp_path)
+    assert any("SPDXRef-bad_id" in m for m in messages), messages
