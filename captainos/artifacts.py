@@ -30,6 +30,11 @@ def iso_name(arch: Arch) -> str:
     return f"captainos-{arch.value}.iso"
 
 
+def signature_name(arch: Arch) -> str:
+    """cosign's signature of the sums (publish --sign-key)."""
+    return f"{checksums_name(arch)}.sig"
+
+
 def sbom_name(arch: Arch) -> str:
     return f"sbom-{arch.value}.spdx.json"
 
@@ -145,6 +150,9 @@ def write_checksums(out_dir: Path, arch: Arch) -> Path:
     lines = "".join(f"{digests[os.readlink(out_dir / n) if (out_dir / n).is_symlink() else n]}  {n}\n"
                     for n in names)
     path = out_dir / checksums_name(arch)
+    signature = out_dir / signature_name(arch)
+    for stale in [signature, *(out_dir / link for link in links_to(out_dir, signature.name))]:
+        stale.unlink(missing_ok=True)  # it signed the sums being replaced
     cache.atomic_write(path, lines)
     if release is not None:
         link_versioned(out_dir, arch, path.name, release)

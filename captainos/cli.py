@@ -86,6 +86,9 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--to", metavar="REGISTRY/REPO:TAG",
                              help="push it there; credentials from the usual auth file (REGISTRY_AUTH_FILE, "
                                   "containers/auth.json, ~/.docker/config.json), never from this command line")
+            sub.add_argument("--sign-key", metavar="FILE",
+                             help="sign the sums and the pushed image with this cosign key (its password "
+                                  "from COSIGN_PASSWORD)")
         if verb == "clean":
             sub.add_argument("--all", action="store_true", help="also remove caches and the local mkosi")
         if verb == "iso":
@@ -212,7 +215,8 @@ def _publish(cfg: Config, args: argparse.Namespace) -> None:
 
     if args.to:
         host.check(cfg, "publish")
-    print(publish.run(cfg.out_dir, Path(args.oci_dir) if args.oci_dir else None, args.to))
+    print(publish.run(cfg, Path(args.oci_dir) if args.oci_dir else None, args.to,
+                      Path(args.sign_key) if args.sign_key else None))
 
 
 def _summary(cfg: Config, args: argparse.Namespace) -> None:

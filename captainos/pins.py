@@ -98,6 +98,11 @@ TINKERBELL_TAGS = ("embedded",)
 QUAMINA_PATH = "quamina.net/go/quamina"
 QUAMINA = GoModulePin("github.com/timbray/quamina", "v1.4.0", "h1:nU2v0Y+mhoL/nyF0XBqnluq6Hf9fuOaWxfj0+Y2xnc8=")
 
+# sigstore's cosign v2, which signs what `publish` pushes (key-based, offline): `go install`
+# works for it, every module checked against the checksum database.
+COSIGN = GoModulePin("github.com/sigstore/cosign/v2", "v2.6.5", "h1:D7kFSWS2HzfD+LpEuBO89D1KfOAODlkWuuhzXS8yzi0=")
+COSIGN_PACKAGE = "github.com/sigstore/cosign/v2/cmd/cosign"
+
 
 # --- TOOLS: the container stack actions run with (tools.py) --------------------------------
 # Release digests are the sha256 of the upstream release files as listed by Kubespray

@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from captainos import __version__, artifacts, log, oci
-from captainos.config import Arch
+from captainos import __version__, artifacts, log, oci, sign
+from captainos.config import Arch, Config
 from captainos.errors import CaptainError
 from captainos.run import Runner
 
@@ -45,8 +45,10 @@ def files(out_dir: Path, arch: Arch) -> list[File]:
     if missing := sorted(set(artifacts.checksum_names(out_dir, arch)) - listed):
         raise CaptainError(f"{sums} does not list {', '.join(missing)}",
                            f"rewrite it: './build.py checksums' (ARCH={arch.value})")
+    signature = artifacts.signature_name(arch)  # publish --sign-key wrote it for these sums
+    extra = [signature] if (out_dir / signature).is_file() else []
     found = [File(out_dir / target, (target, *artifacts.links_to(out_dir, target)))
-             for target in [*artifacts.checksum_targets(out_dir, arch), sums]]
+             for target in [*artifacts.checksum_targets(out_dir, arch), sums, *extra]]
     return found
 
 
@@ -106,21 +108,32 @@ def write(out_dir: Path, dest: Path, tag: str) -> str:
     return found
 
 
-def run(out_dir: Path, oci_dir: Path | None, to: str | None) -> str:
-    """The verb: write the layout (kept at oci_dir, or a temp one) and push it when `to` is given."""
+def run(cfg: Config, oci_dir: Path | None, to: str | None, sign_key: Path | None = None) -> str:
+    """The verb: sign the sums (with a key), write the layout (kept at oci_dir, or a temp one),
+    push it and sign what was pushed, each step only after the one before succeeded."""
     if oci_dir is None and to is None:
         raise CaptainError("publish needs somewhere to put the image",
                            "give --oci-dir DIR (a local OCI layout) and/or --to REGISTRY/REPO:TAG")
     tag = oci.check_reference(to)[1] if to else __version__
-    if oci_dir is not None:
-        found = write(out_dir, oci_dir, tag)
-        if to:
-            push(oci_dir, tag, to)
-        return found
-    assert to is not None
+    arches = built_arches(cfg.out_dir)
+    for arch in arches:
+        files(cfg.out_dir, arch)  # every refusal before anything is signed, written or pushed
+    cosign = None
+    if sign_key is not None:
+        sign.check_key(sign_key)
+        cosign = sign.build(cfg, Runner())
+        log.info("==> publish: signing the sums")
+        sign.sign_blobs(cosign, sign_key, [cfg.out_dir / artifacts.checksums_name(arch) for arch in arches])
+        for arch in arches:
+            if release := artifacts.release_of(cfg.out_dir, arch):
+                artifacts.link_versioned(cfg.out_dir, arch, artifacts.signature_name(arch), release)
     with tempfile.TemporaryDirectory(prefix="captainos-publish-") as tmp:
-        found = write(out_dir, Path(tmp) / "layout", tag)
-        push(Path(tmp) / "layout", tag, to)
+        layout = oci_dir or Path(tmp) / "layout"
+        found = write(cfg.out_dir, layout, tag)
+        if to:
+            push(layout, tag, to)
+            if cosign is not None and sign_key is not None:
+                sign.sign_image(cosign, sign_key, f"{to.rsplit(':', 1)[0]}@{found}")
     return found
 
 

@@ -183,3 +183,82 @@ def test_credentials_come_from_the_auth_file_only(out, registries, tmp_path):
     assert result.returncode == 0, result.stderr
     assert CREDS.password not in result.stdout + result.stderr + refused.stderr
     assert json.loads(skopeo_raw(ref, "--authfile", str(auth)))["mediaType"] == oci.MEDIA_INDEX
+
+
+KEY_PASSWORD = "key-pw-5521"
+
+
+@pytest.fixture(scope="module")
+def cosign(lab_cfg: Config) -> Path:
+    from captainos import sign
+
+    return sign.build(lab_cfg, Runner())
+
+
+@pytest.fixture(scope="module")
+def keys(cosign: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two cosign key pairs: the site's, and another one."""
+    from captainos import sign
+
+    made = {}
+    for name in ("site", "other"):
+        work = tmp_path_factory.mktemp(f"keys-{name}")
+        with sign.cosign_env() as env:
+            subprocess.run([str(cosign), "generate-key-pair"], cwd=work, env={**env, "PATH": os.environ["PATH"],
+                           "COSIGN_PASSWORD": KEY_PASSWORD}, check=True, capture_output=True, timeout=120)
+        made[name], made[f"{name}.pub"] = work / "cosign.key", work / "cosign.pub"
+    return made
+
+
+def cosign_run(cosign: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    from captainos import sign
+
+    with sign.cosign_env() as env:
+        return subprocess.run(argv, env={**env, "PATH": os.environ["PATH"]}, capture_output=True, text=True,
+                              check=False, timeout=300)
+
+
+def test_a_signed_publish_verifies_with_the_public_key_only(out, registries, cosign, keys, tmp_path):
+    from captainos import sign
+
+    ref = f"{registries['open'].host_address}/tinkerbell/captainos-signed:v1"
+    result = build_py(out, "--oci-dir", str(tmp_path / "layout"), "--to", ref, "--sign-key", str(keys["site"]),
+                      env={"COSIGN_PASSWORD": KEY_PASSWORD})
+    assert result.returncode == 0, result.stderr
+    assert KEY_PASSWORD not in result.stdout + result.stderr
+    pinned = f"{ref.rsplit(':', 1)[0]}@{result.stdout.strip()}"
+    good = cosign_run(cosign, sign.verify_image_argv(cosign, keys["site.pub"], pinned))
+    assert good.returncode == 0, good.stderr
+    assert "The signatures were verified against the specified public key" in good.stdout + good.stderr
+    wrong = cosign_run(cosign, sign.verify_image_argv(cosign, keys["other.pub"], pinned))
+    assert wrong.returncode != 0
+    # The sums: their signature sits beside them in out/ and in the image, and checks out.
+    for arch in (Arch.AMD64, Arch.ARM64):
+        sums = out / artifacts.checksums_name(arch)
+        checked = cosign_run(cosign, sign.verify_blob_argv(cosign, keys["site.pub"], sums))
+        assert checked.returncode == 0 and "Verified OK" in checked.stdout + checked.stderr, checked.stderr
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == result.stdout.strip()
+    tampered = tmp_path / "sha256sums-amd64.txt"
+    tampered.write_text((out / "sha256sums-amd64.txt").read_text().replace("  vmlinuz", "  vmlinux", 1))
+    shutil.copy(out / "sha256sums-amd64.txt.sig", tmp_path / "sha256sums-amd64.txt.sig")
+    assert cosign_run(cosign, sign.verify_blob_argv(cosign, keys["site.pub"], tampered)).returncode != 0
+
+
+def test_the_signature_of_the_sums_is_in_the_image(out, tmp_path, keys):
+    """(after the signed publish above) an unsigned publish of the same out/ carries the .sig too."""
+    import tarfile
+
+    result = build_py(out, "--oci-dir", str(tmp_path / "layout"))
+    assert result.returncode == 0, result.stderr
+    layout = tmp_path / "layout"
+    index = json.loads((layout / "index.json").read_text())
+    top = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    manifest = json.loads((layout / "blobs/sha256" / top["manifests"][0]["digest"].split(":")[1]).read_text())
+    names = set()
+    for layer in manifest["layers"]:
+        with tarfile.open(layout / "blobs/sha256" / layer["digest"].split(":")[1]) as tar:
+            names |= set(tar.getnames())
+    assert {"sha256sums-amd64.txt.sig", "sha256sums-arm64.txt.sig"} <= names
+    release = artifacts.release_of(out, Arch.AMD64)
+    assert f"sha256sums-{release}-x86_64.txt.sig" in names

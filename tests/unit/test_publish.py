@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from captainos import artifacts, oci, publish
-from captainos.config import Arch
+from captainos.config import Arch, Config
 from captainos.errors import CaptainError
 
 RELEASE = "6.12.117+deb13-amd64"
@@ -156,7 +156,7 @@ def test_nothing_to_publish_is_one_error(tmp_path):
     with pytest.raises(CaptainError, match="nothing to publish"):
         publish.write(tmp_path / "out", tmp_path / "layout", "v1")
     with pytest.raises(CaptainError, match="publish needs somewhere to put the image"):
-        publish.run(tmp_path / "out", None, None)
+        publish.run(Config(out_dir=tmp_path / "out"), None, None)
     assert not (tmp_path / "layout").exists()
 
 
@@ -171,7 +171,7 @@ def test_nothing_to_publish_is_one_error(tmp_path):
 def test_a_bad_destination_is_one_error_before_any_work(tmp_path, ref, why):
     out = make_out(tmp_path / "out")
     with pytest.raises(CaptainError, match=why):
-        publish.run(out, tmp_path / "layout", ref)
+        publish.run(Config(out_dir=out), tmp_path / "layout", ref)
     assert not (tmp_path / "layout").exists()
 
 
@@ -179,3 +179,27 @@ def test_good_destinations_name_their_tag():
     assert oci.check_reference("127.0.0.1:5000/captainos:v0.1.0") == ("127.0.0.1:5000", "v0.1.0")
     assert oci.check_reference("registry.example.com/tinkerbell/captainos:6.12") == ("registry.example.com", "6.12")
     assert oci.check_reference("localhost/captainos:latest") == ("localhost", "latest")
+
+
+def test_a_bad_signing_key_is_one_error_before_anything_is_written(tmp_path, monkeypatch):
+    out = make_out(tmp_path / "out")
+    cfg = Config(out_dir=out, cache_dir=tmp_path / "cache")
+    with pytest.raises(CaptainError, match=r"signing key .* does not exist"):
+        publish.run(cfg, tmp_path / "layout", None, tmp_path / "missing.key")
+    (tmp_path / "plain.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(CaptainError, match="is not a cosign private key"):
+        publish.run(cfg, tmp_path / "layout", None, tmp_path / "plain.key")
+    (tmp_path / "cosign.key").write_text("-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\n")
+    monkeypatch.delenv("COSIGN_PASSWORD", raising=False)
+    with pytest.raises(CaptainError, match="COSIGN_PASSWORD is not set"):
+        publish.run(cfg, tmp_path / "layout", None, tmp_path / "cosign.key")
+    assert not (tmp_path / "layout").exists() and not (tmp_path / "cache").exists()
+    assert not list(out.glob("*.sig"))
+
+
+def test_new_sums_remove_the_signature_of_the_old_ones(tmp_path):
+    out = make_out(tmp_path / "out")
+    (out / "sha256sums-amd64.txt.sig").write_text("sig")
+    artifacts.link_versioned(out, Arch.AMD64, "sha256sums-amd64.txt.sig", RELEASE)
+    artifacts.write_checksums(out, Arch.AMD64)
+    assert not list(out.glob("*.sig"))
