@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,13 @@ CONFIG_ROOT = KERNEL_DIR / "configs"
 REQUIRED = KERNEL_DIR / "required.txt"
 DEBIAN_MODULES = KERNEL_DIR / "debian-modules.txt"
 RECIPE = 1  # bump when the build steps change what an entry contains
+# What kbuild would otherwise take from the clock and from a counter in the object dir (the
+# "#N SMP PREEMPT_DYNAMIC <date>" in the version string): fixed, so that a compile gives the
+# same vmlinuz in a fresh object dir, an incremental one, today and next week.
+KBUILD_REPRODUCIBLE = {"KBUILD_BUILD_TIMESTAMP": time.strftime("%a %b %d %H:%M:%S UTC %Y",
+                                                              time.gmtime(pins.SOURCE_DATE_EPOCH)),
+                       "KBUILD_BUILD_VERSION": "1", "KBUILD_BUILD_USER": "captainos",
+                       "KBUILD_BUILD_HOST": "captainos"}
 COMMAND_LINE_SIZE = 4096  # Smee's ISO patcher writes command lines longer than 2048 bytes
 # Linux hands /init every unknown "name=value" word as an environment variable and panics at
 # boot ("Too many boot env vars") at the 32nd with CONFIG_INIT_ENV_ARG_LIMIT 32 (measured on
@@ -415,6 +423,7 @@ def compile_parts(arch: Arch, source: Source, fragments: Sequence[Path], compile
         "source_id": source.identity, "command_line_size": COMMAND_LINE_SIZE,
         "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "compiler": compiler,
         "fragments": {f"{p.parent.name}/{p.name}": cache.sha256_file(p) for p in fragments},
+        "kbuild_env": KBUILD_REPRODUCIBLE,
     }
 
 
@@ -519,7 +528,7 @@ def _compile_in_build_dir(cfg: Config, runner: Runner, source: Source, fragments
     fragment = merge_fragments(fragments)
     cache.atomic_write(obj / "captainos.config", fragment)
     jobs = os.cpu_count() or 1
-    env = {"LOCALVERSION": "", "KBUILD_BUILD_USER": "captainos", "KBUILD_BUILD_HOST": "captainos"}
+    env = {"LOCALVERSION": "", **KBUILD_REPRODUCIBLE}
     _make(runner, tree, make_argv(cfg.arch, "allnoconfig", jobs, obj,
                                   [f"KCONFIG_ALLCONFIG={obj / 'captainos.config'}"]), logs / "allnoconfig.log", env)
     _make(runner, tree, make_argv(cfg.arch, "olddefconfig", jobs, obj), logs / "olddefconfig.log", env)
