@@ -35,6 +35,10 @@ def signature_name(arch: Arch) -> str:
     return f"{checksums_name(arch)}.sig"
 
 
+def lock_name(arch: Arch) -> str:
+    return f"packages-{arch.value}.lock"
+
+
 def sbom_name(arch: Arch) -> str:
     return f"sbom-{arch.value}.spdx.json"
 
@@ -130,7 +134,7 @@ def release_of(out_dir: Path, arch: Arch) -> str | None:
 
 def checksum_targets(out_dir: Path, arch: Arch) -> list[str]:
     """The artifacts of one arch that exist in out/, in a stable order."""
-    names = [vmlinuz_name(arch), initramfs_name(arch), sbom_name(arch), iso_name(arch)]
+    names = [vmlinuz_name(arch), initramfs_name(arch), sbom_name(arch), lock_name(arch), iso_name(arch)]
     return [n for n in names if (out_dir / n).is_file()]
 
 

@@ -28,6 +28,7 @@ from captainos.run import Runner
 IMAGE_DIR = REPO / "image"
 OUTPUT = "initramfs.cpio.zst"
 SBOM = "sbom.spdx.json"  # beside OUTPUT in the entry, and inside the image (sbom.SBOM_PATH)
+LOCK = "packages.lock"  # the Debian packages (and kernel source) the build used, from the SBOM
 MKOSI_OUTPUT = "initramfs.cpio"  # Output= in image/mkosi.conf plus the format's suffix (no compression)
 CA_DIR = Path("usr/local/share/ca-certificates")
 MANIFEST = Path("usr/share/captainos/image.json")
@@ -205,10 +206,11 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
             shutil.move(built, work / "os.cpio")
         shutil.rmtree(staging)
         # The SBOM is read from the two segments' bytes and rides in a third, small one.
-        document = sbom.write((work / "os.cpio").read_bytes() + cpio.decompress(tools_segment), cfg.arch,
-                              kernel_entry)
+        document, lock = sbom.write((work / "os.cpio").read_bytes() + cpio.decompress(tools_segment), cfg.arch,
+                                    kernel_entry)
         segments.compress(runner, segments.OS_ZSTD, work / "os.cpio", work / "os.cpio.zst")
         cache.atomic_write(work / SBOM, document)
+        cache.atomic_write(work / LOCK, lock)
         (work / "sbom.cpio").write_bytes(cpio.write([(sbom.SBOM_PATH, 0o100644, document)]))
         segments.compress(runner, segments.OS_ZSTD, work / "sbom.cpio", work / "sbom.cpio.zst")
         segments.concatenate([work / "os.cpio.zst", tools_segment, work / "sbom.cpio.zst"], work / OUTPUT)

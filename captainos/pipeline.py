@@ -7,7 +7,7 @@ Stage contract (each stage module):
     kernel:    vmlinuz, config, kernel.json {"version": uname -r, "source": ...},
                modules/ (extra tree: usr/lib/modules/<version>/...)
     tools:     tree/ (extra tree: usr/bin/<binaries>, opt/cni/bin/<plugins>), manifest.json
-    initramfs: initramfs.cpio.zst, sbom.spdx.json, image.json
+    initramfs: initramfs.cpio.zst, sbom.spdx.json, packages.lock, image.json
     iso:       captainos.iso
 - A stage in mode `skip` is not run; `cache.last()` gives its newest complete entry.
 """
@@ -68,7 +68,8 @@ def build_initramfs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> Path:
     with log.stage("initramfs", f"mkosi, Debian trixie, {cfg.arch.value}"):
         entry = image.build(cfg, runner, kernel_entry, tools_entry)
         for name, published in ((image.OUTPUT, artifacts.initramfs_name(cfg.arch)),
-                                (image.SBOM, artifacts.sbom_name(cfg.arch))):
+                                (image.SBOM, artifacts.sbom_name(cfg.arch)),
+                                (image.LOCK, artifacts.lock_name(cfg.arch))):
             artifacts.publish(cfg.out_dir, entry / name, published)
             artifacts.link_versioned(cfg.out_dir, cfg.arch, published, kernel.release(kernel_entry))
         artifacts.link_smee_names(cfg.out_dir, cfg.arch)

@@ -258,9 +258,25 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
             **body}
 
 
-def write(initramfs_segments: bytes, arch: Arch, kernel_entry: Path) -> bytes:
-    """The SBOM (canonical JSON bytes) of the decompressed segments of an initramfs."""
+def lock_list(doc: dict[str, Any]) -> str:
+    """The Debian packages a build used, one `deb NAME VERSION ARCH` line each (the image's and
+    the firmware packages), and the kernel's source (`kernel FILE sha256 DIGEST`), sorted: two
+    builds on two machines are compared by this file."""
+    lines = []
+    for package in doc["packages"]:
+        purl = next((r["referenceLocator"] for r in package.get("externalRefs", [])), "")
+        if purl.startswith("pkg:deb/"):
+            lines.append(f"deb {package['name']} {package['versionInfo']} {purl.rsplit('arch=', 1)[1]}")
+        elif package["SPDXID"] == "SPDXRef-kernel":
+            digest = package.get("sourceInfo", "").rsplit(" ", 1)[-1]
+            lines.append(f"kernel {package['downloadLocation'].rsplit('/', 1)[-1]} sha256 {digest}")
+    return "".join(f"{line}\n" for line in sorted(lines))
+
+
+def write(initramfs_segments: bytes, arch: Arch, kernel_entry: Path) -> tuple[bytes, str]:
+    """(the SBOM as JSON bytes, the lock list) of the decompressed segments of an initramfs."""
     contents = read_image(cpio.members(initramfs_segments), arch)
     info = json.loads((kernel_entry / "kernel.json").read_text())
     config_sha = hashlib.sha256((kernel_entry / "config").read_bytes()).hexdigest()
-    return (json.dumps(document(contents, info, config_sha), indent=1, sort_keys=True) + "\n").encode()
+    doc = document(contents, info, config_sha)
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), lock_list(doc)

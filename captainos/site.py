@@ -290,7 +290,8 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
         base = base_entry / "initramfs.cpio.zst"
         segments.concatenate([base, work / SEGMENT], work / "initramfs.cpio.zst")
         # The base image's SBOM (what the site segment adds is in image.json's "site").
-        shutil.copy2(base_entry / "sbom.spdx.json", work / "sbom.spdx.json")
+        for name in ("sbom.spdx.json", "packages.lock"):
+            shutil.copy2(base_entry / name, work / name)
         image = json.loads((base_entry / "image.json").read_text())
         image["segments"]["site"] = (work / SEGMENT).stat().st_size
         image["size"] = (work / "initramfs.cpio.zst").stat().st_size

@@ -360,27 +360,59 @@ def build_times(report: Report, cfg: Config, workdir: Path) -> None:
                "echo x > image/mkosi.extra/etc/f && ./build.py initramfs")
 
 
+def copy_checkout(dest: Path) -> Path:
+    """The checkout as it is now (uncommitted changes too), without its outputs, caches and
+    object dirs: a second machine's clone, as far as one machine can have one."""
+    shutil.copytree(REPO, dest, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "build", "out", "__pycache__", ".pytest_cache", "*.egg-info"))
+    return dest
+
+
+def _build_in(checkout: Path, cache_dir: Path, arch: str, no_cache: bool = False) -> Path:
+    """`./build.py initramfs` in that checkout with that cache dir; returns its out/ dir."""
+    from captainos.run import run
+
+    env = {"CAPTAINOS_CACHE": str(cache_dir), "ARCH": arch, "NO_CACHE": "1" if no_cache else ""}
+    run(["python3", str(checkout / "build.py"), "initramfs"], env=env, cwd=checkout,
+        log_file=checkout.parent / f"build-{cache_dir.name}{'-no-cache' if no_cache else ''}.log")
+    return checkout / "out"
+
+
 def reproducibility(report: Report, cfg: Config, workdir: Path) -> None:
-    """Two initramfs builds from the same inputs: the same sha256, or the files that differ."""
+    """The same inputs three ways: a cold build (a copy of the checkout, an empty cache dir and
+    no object dirs: what a second machine does), a NO_CACHE rebuild in that copy, and the
+    cached rebuild of this checkout. Equal sha256 for the kernel and the initramfs, or the files
+    that differ; and the Debian package versions each used (packages-<arch>.lock)."""
     from captainos import pipeline
 
-    kernel_entry = cache.last(cfg.cache_dir, "kernel", cfg.arch.value).root
-    tools_entry = cache.last(cfg.cache_dir, "tools", cfg.arch.value).root
-    copies = []
-    for number in range(2):
-        rebuilt = dataclasses.replace(cfg, no_cache=True, out_dir=workdir / f"repro-out-{number}")
-        entry = pipeline.build_initramfs(rebuilt, kernel_entry, tools_entry)
-        copy = workdir / f"repro-{number}.cpio.zst"
-        shutil.copyfile(entry / "initramfs.cpio.zst", copy)
-        copies.append(copy)
-    digests = [cache.sha256_file(c) for c in copies]
-    command = "NO_CACHE=1 ./build.py initramfs  # twice, compare sha256"
-    if digests[0] == digests[1]:
-        report.add("reproducible initramfs", f"yes, sha256 {digests[0][:16]}...", command)
-        return
-    differing = diff_archives(copies[0], copies[1])
-    report.add("reproducible initramfs", f"no: {len(differing)} files differ", command)
-    report.tables.append("Files that differ between two builds:\n\n" + "\n".join(f"- `/{n}`" for n in differing[:50]))
+    arch = cfg.arch.value
+    checkout = copy_checkout(workdir / "checkout")
+    cold_out = _build_in(checkout, workdir / "cold-cache", arch)
+    keep = workdir / "cold-out"  # the NO_CACHE rebuild replaces the copy's out/
+    shutil.copytree(cold_out, keep, symlinks=True)
+    builds = {"cold build (empty cache dir, fresh checkout copy)": keep,
+              "NO_CACHE rebuild of that": _build_in(checkout, workdir / "cold-cache", arch, no_cache=True)}
+    kernel_entry = pipeline.build_kernel(cfg)
+    pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg))
+    builds["cached rebuild (this checkout and cache)"] = cfg.out_dir
+    names = [artifacts.vmlinuz_name(cfg.arch), artifacts.initramfs_name(cfg.arch), artifacts.lock_name(cfg.arch)]
+    sums = {label: [cache.sha256_file(out / n) if (out / n).is_file() else "-" for n in names]
+            for label, out in builds.items()}
+    command = "./build.py bench --only repro"
+    for label, digests in sums.items():
+        report.add(label, ", ".join(f"{n} {d[:16]}" for n, d in zip(names, digests, strict=True)), command)
+    first, *others = list(builds.values())
+    for name in names:
+        if all(cache.sha256_file(first / name) == cache.sha256_file(o / name) for o in others
+               if (first / name).is_file() and (o / name).is_file()):
+            report.add(f"{name} reproducible", "yes, all three equal", command)
+            continue
+        report.add(f"{name} reproducible", "no", command)
+        if name.endswith(".cpio.zst"):
+            for label, other in list(builds.items())[1:]:
+                differing = diff_archives(first / name, other / name)
+                report.tables.append(f"Files that differ, cold build vs {label}:\n\n"
+                                     + "\n".join(f"- `/{n}`" for n in differing[:50]))
 
 
 def diff_archives(first: Path, second: Path) -> list[str]:

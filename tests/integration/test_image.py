@@ -120,6 +120,11 @@ def test_the_sbom_lists_what_dpkg_says_is_installed(initramfs: Path, unpacked: P
               for p in sbom_of(initramfs)["packages"] if p["SPDXID"].startswith("SPDXRef-deb-")}
     assert len(installed) > 100
     assert listed == installed
+    # The lock list (out/packages-<arch>.lock) says the same, plus the firmware packages.
+    firmware = json.loads((unpacked / "usr/share/captainos/firmware.json").read_text())["packages"]
+    lock = (initramfs.parent / image.LOCK).read_text().splitlines()
+    assert {tuple(line.split()[1:]) for line in lock if line.startswith("deb ")} == installed | {
+        (name, version, "all") for name, version in firmware.items()}
 
 
 def test_the_sbom_lists_every_go_binary_and_module_go_version_reports(initramfs: Path, unpacked: Path) -> None:

@@ -164,3 +164,15 @@ def test_read_analysis_takes_the_files_of_the_tar_at_the_offset(tmp_path):
         handle.write(archive)
     assert bench.read_analysis(disk) == {"blame": b"5.1s containerd.service\n",
                                          "critical-chain": b"multi-user.target @20s\n", "plot.svg": b"<svg/>"}
+
+
+def test_the_checkout_copy_leaves_outputs_and_object_dirs_behind(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    for rel in ("build.py", "captainos/cli.py", "image/mkosi.conf", ".tools/mkosi/x", "build/amd64/kernel/obj/a.o",
+                "out/vmlinuz-amd64", ".git/HEAD", "captainos/__pycache__/cli.pyc"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x")
+    monkeypatch.setattr(bench, "REPO", repo)
+    copy = bench.copy_checkout(tmp_path / "copy")
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()) == [
+        ".tools/mkosi/x", "build.py", "captainos/cli.py", "image/mkosi.conf"]

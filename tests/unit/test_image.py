@@ -161,7 +161,7 @@ def test_build_produces_an_entry_and_reuses_it(tmp_path, entries, monkeypatch):
     assert meta["kernel"] == "6.12.0" and meta["size"] == built.stat().st_size
     assert meta["segments"]["os"] + meta["segments"]["tools"] + meta["segments"]["sbom"] == meta["size"]
     assert sorted(p.name for p in entry.iterdir()) == [".captainos-complete.json", "image.json", "initramfs.cpio.zst",
-                                                       "sbom.spdx.json"]
+                                                       "packages.lock", "sbom.spdx.json"]
     # The SBOM rides in the image too (a third segment), and lists what the fake mkosi made.
     assert members["usr/share/captainos/sbom.spdx.json"].data == (entry / "sbom.spdx.json").read_bytes()
     assert json.loads((entry / "sbom.spdx.json").read_text())["spdxVersion"] == "SPDX-2.3"

@@ -157,3 +157,11 @@ def test_the_validator_is_not_a_rubber_stamp(contents, tmp_path):
     doc["packages"][1]["SPDXID"] = "SPDXRef-bad_id"  # underscores are not allowed in an SPDX id
     messages = validate(doc, tmp_path)
     assert any("SPDXRef-bad_id" in m for m in messages), messages
+
+
+def test_the_lock_list_names_every_debian_package_and_the_kernel_source(contents):
+    assert sbom.lock_list(document(contents)) == (
+        "deb bash 5.2.37-2+b5 amd64\n"
+        "deb firmware-realtek 20250410-2 all\n"
+        "deb libc6 2.41-12+deb13u1 amd64\n"
+        f"kernel x.deb sha256 {'ab' * 32}\n")

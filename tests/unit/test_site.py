@@ -169,6 +169,7 @@ def test_site_segment_follows_the_image(tmp_path, monkeypatch):
     Runner().run(["zstd", "-q", "-o", str(base / "initramfs.cpio.zst"), str(raw)])
     (base / "image.json").write_text(json.dumps({"size": 1, "segments": {"os": 1, "tools": 0}}))
     (base / "sbom.spdx.json").write_text('{"spdxVersion": "SPDX-2.3"}\n')
+    (base / "packages.lock").write_text("deb bash 5.2.37-2+b5 amd64\n")
     keys = tmp_path / "keys"
     keys.write_text(real_key(tmp_path) + "\n")
     cfg = Config(ssh_authorized_keys=keys, cache_dir=tmp_path / "cache")
@@ -178,7 +179,8 @@ def test_site_segment_follows_the_image(tmp_path, monkeypatch):
     assert len(frames) == 2 and frames[0] == (base / "initramfs.cpio.zst").read_bytes()
     names = {m.name: m for m in cpio.members(cpio.decompress_data(frames[1]))}
     assert names[str(site.SSH_KEYS)].data.decode() == keys.read_text()
-    assert (entry / "sbom.spdx.json").read_bytes() == (base / "sbom.spdx.json").read_bytes()
+    for name in ("sbom.spdx.json", "packages.lock"):
+        assert (entry / name).read_bytes() == (base / name).read_bytes()
     info = json.loads((entry / "image.json").read_text())
     assert info["site"] == {"embedded_images": [], "ssh_keys": 1}
     assert info["segments"]["site"] == len(frames[1]) and info["size"] == len(data)
