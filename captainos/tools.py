@@ -36,7 +36,9 @@ from captainos.errors import CaptainError
 from captainos.run import Runner
 
 STAGE = "tools"
-RECIPE = 1  # bump when the way a component is fetched or built changes
+# Bump when the way a component is fetched or built, or what its record says, changes.
+# 2: the record's "go" is the version alone (1 also wrote the go binary's path on some hosts).
+RECIPE = 2
 MANIFEST = "manifest.json"
 COMPONENT = "component.json"
 IMAGE_MANIFEST = "usr/share/captainos/tools-manifest.json"
@@ -272,7 +274,9 @@ def from_go(cfg: Config, runner: Runner, pin: pins.ToolPin, bin_dir: Path) -> di
     builds: dict[str, list[str]] = {}
     record = {"module": pin.module.query, "module_h1": pin.module_h1, "revision": revision,
               "go_mod_sha256": cache.sha256_file(src / "go.mod"), "go_sum_sha256": cache.sha256_file(src / "go.sum"),
-              "go": {"version": golang.go_version(runner, cfg.cache_dir, cfg.arch), "path": go}, "builds": builds,
+              # The version only: where this machine keeps its go is not a fact about the image
+              # (recording the path made the same inputs give other bytes on another machine).
+              "go": golang.go_version(runner, cfg.cache_dir, cfg.arch), "builds": builds,
               "excluded": list(pin.exclude_files), "dropped": list(pin.drop_requires)}
     for rel in pin.exclude_files:
         if not (src / rel).is_file():
