@@ -7,9 +7,11 @@ it under every one of its names (the original name as a regular file, Smee's and
 versioned names as hard links to it): a layer is shared by every tag whose file is the same,
 and nginx needs no symlinks. The artifacts are compressed already, so gzip would only cost time.
 
-Every arch whose `sha256sums-<arch>.txt` is in out/ goes in, after the sums are checked. With
-two arches the image is an index with one manifest per platform, all listing every layer, so
-a node of either architecture mounts the whole set. Members carry no time, owner or order
+Every arch whose `sha256sums-<arch>.txt` is in out/ goes in, after the sums are checked. The
+image is always an index with a linux/amd64 and a linux/arm64 manifest, both listing every
+layer: the files are data, not programs, and the node that mounts them may be of either
+architecture whatever the machines it serves are (containerd does not unpack the layers of
+an image whose only platform is not the node's). Members carry no time, owner or order
 that depends on the machine: the same out/ gives the same digests.
 """
 
@@ -36,8 +38,9 @@ class File:
     names: tuple[str, ...]
 
 
-def files(out_dir: Path, arch: Arch) -> list[File]:
-    """The checked files of one arch: each artifact with its links, and the sums file."""
+def files(out_dir: Path, arch: Arch, signed: bool = False) -> list[File]:
+    """The checked files of one arch: each artifact with its links, the sums file, and with
+    `signed` the signature this run made of them (one left in out/ from before is not trusted)."""
     artifacts.verify_checksums(out_dir, arch)
     artifacts.release_of(out_dir, arch)  # refuses an out/ whose artifacts come from two kernels
     sums = artifacts.checksums_name(arch)
@@ -45,8 +48,7 @@ def files(out_dir: Path, arch: Arch) -> list[File]:
     if missing := sorted(set(artifacts.checksum_names(out_dir, arch)) - listed):
         raise CaptainError(f"{sums} does not list {', '.join(missing)}",
                            f"rewrite it: './build.py checksums' (ARCH={arch.value})")
-    signature = artifacts.signature_name(arch)  # publish --sign-key wrote it for these sums
-    extra = [signature] if (out_dir / signature).is_file() else []
+    extra = [artifacts.signature_name(arch)] if signed else []
     found = [File(out_dir / target, (target, *artifacts.links_to(out_dir, target)))
              for target in [*artifacts.checksum_targets(out_dir, arch), sums, *extra]]
     return found
@@ -75,10 +77,10 @@ def _layer(layout: oci.Layout, file: File) -> oci.Descriptor:
     return stream.descriptor
 
 
-def write(out_dir: Path, dest: Path, tag: str) -> str:
+def write(out_dir: Path, dest: Path, tag: str, signed: bool = False) -> str:
     """Write the image of out/ as an OCI layout at dest (tag names it); return its digest."""
     arches = built_arches(out_dir)
-    everything = sorted((f for arch in arches for f in files(out_dir, arch)), key=lambda f: f.names[0])
+    everything = sorted((f for arch in arches for f in files(out_dir, arch, signed)), key=lambda f: f.names[0])
     log.info(f"==> publish: {len(everything)} files of {', '.join(a.value for a in arches)} -> {dest}:{tag}")
     with oci.Layout(dest) as layout:
         layers = [_layer(layout, f) for f in everything]
@@ -87,7 +89,7 @@ def write(out_dir: Path, dest: Path, tag: str) -> str:
             if release := artifacts.release_of(out_dir, arch):
                 labels[f"io.captainos.kernel-release.{arch.value}"] = release
         manifests = []
-        for arch in arches:
+        for arch in Arch:  # every platform, whichever arches' files are inside (see the docstring)
             platform = {"architecture": arch.go_arch(), "os": "linux",
                         **({"variant": "v8"} if arch is Arch.ARM64 else {})}
             config = layout.blob(oci.MEDIA_CONFIG, oci.canonical_json({
@@ -98,14 +100,21 @@ def write(out_dir: Path, dest: Path, tag: str) -> str:
                 "annotations": {"org.opencontainers.image.title": TITLE,
                                 "org.opencontainers.image.version": __version__}}))
             manifests.append({**manifest, "platform": platform})
-        if len(manifests) == 1:
-            top = {k: v for k, v in manifests[0].items() if k != "platform"}
-        else:
-            top = layout.blob(oci.MEDIA_INDEX, oci.canonical_json(
-                {"schemaVersion": 2, "mediaType": oci.MEDIA_INDEX, "manifests": manifests}))
+        top = layout.blob(oci.MEDIA_INDEX, oci.canonical_json(
+            {"schemaVersion": 2, "mediaType": oci.MEDIA_INDEX, "manifests": manifests}))
         found = layout.finish(top, tag)
     log.info(f"    {dest}: {found}")
     return found
+
+
+def check_oci_dir(oci_dir: Path, out_dir: Path) -> None:
+    """--oci-dir is replaced whole: only a new path or an OCI layout, never out/ or around it."""
+    target, out = oci_dir.resolve(), out_dir.resolve()
+    if target == out or target in out.parents or out in target.parents:
+        raise CaptainError(f"--oci-dir {oci_dir} would replace or hold {out_dir}", "give a directory of its own")
+    if target.exists() and not (target / "oci-layout").is_file():
+        raise CaptainError(f"--oci-dir {oci_dir} exists and is not an OCI layout; it would be replaced",
+                           "give a new path, or an OCI layout written before")
 
 
 def run(cfg: Config, oci_dir: Path | None, to: str | None, sign_key: Path | None = None) -> str:
@@ -115,6 +124,8 @@ def run(cfg: Config, oci_dir: Path | None, to: str | None, sign_key: Path | None
         raise CaptainError("publish needs somewhere to put the image",
                            "give --oci-dir DIR (a local OCI layout) and/or --to REGISTRY/REPO:TAG")
     tag = oci.check_reference(to)[1] if to else __version__
+    if oci_dir is not None:
+        check_oci_dir(oci_dir, cfg.out_dir)
     arches = built_arches(cfg.out_dir)
     for arch in arches:
         files(cfg.out_dir, arch)  # every refusal before anything is signed, written or pushed
@@ -129,7 +140,7 @@ def run(cfg: Config, oci_dir: Path | None, to: str | None, sign_key: Path | None
                 artifacts.link_versioned(cfg.out_dir, arch, artifacts.signature_name(arch), release)
     with tempfile.TemporaryDirectory(prefix="captainos-publish-") as tmp:
         layout = oci_dir or Path(tmp) / "layout"
-        found = write(cfg.out_dir, layout, tag)
+        found = write(cfg.out_dir, layout, tag, signed=sign_key is not None)
         if to:
             push(layout, tag, to)
             if cosign is not None and sign_key is not None:

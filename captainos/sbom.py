@@ -88,15 +88,23 @@ def go_buildinfo(data: bytes) -> tuple[str, str] | None:
     (magic, pointer size, flags); with flag 2 the two strings follow inline, each prefixed by
     its length as a uvarint, the module info wrapped in 16-byte sentinels."""
     start = data.find(GO_MAGIC)
-    if start < 0 or len(data) < start + 32 or not data[start + 15] & 0x2:
-        return None
-    length, offset = _uvarint(data, start + 32)
-    version = data[offset:offset + length].decode()
-    length, offset = _uvarint(data, offset + length)
-    modinfo = data[offset:offset + length]
-    if len(modinfo) >= 33 and modinfo[-17] == ord("\n"):
-        modinfo = modinfo[16:-16]
-    return version, modinfo.decode()
+    while start >= 0:
+        # The section is 16-byte aligned (as Go's own reader expects); the magic elsewhere is
+        # only a string constant, e.g. in a program that reads build info itself.
+        if start % 16 == 0 and len(data) >= start + 32 and data[start + 15] & 0x2:
+            try:
+                length, offset = _uvarint(data, start + 32)
+                version = data[offset:offset + length].decode()
+                length, offset = _uvarint(data, offset + length)
+                modinfo = data[offset:offset + length]
+                if len(modinfo) >= 33 and modinfo[-17] == ord("\n"):
+                    modinfo = modinfo[16:-16]
+                if version.startswith("go"):
+                    return version, modinfo.decode()
+            except (IndexError, UnicodeDecodeError):
+                pass  # not build info after all: keep looking
+        start = data.find(GO_MAGIC, start + 1)
+    return None
 
 
 def parse_modinfo(text: str) -> tuple[tuple[str, str], tuple[tuple[str, str], ...]]:
@@ -165,8 +173,24 @@ def read_image(members: Iterable[cpio.Member], arch: Arch) -> Contents:
     return found
 
 
-def _spdx_id(kind: str, *words: str) -> str:
-    return "SPDXRef-" + re.sub(r"[^A-Za-z0-9.-]+", "-", "-".join((kind, *words))).strip("-")
+class _Ids:
+    """SPDX ids from names: only [A-Za-z0-9.-] may appear, so `libsigc++` and `libsigc--`, or
+    `rtl_nic/x` and `rtl-nic/x`, would meet; each id is made once per element, and a second
+    element that would get the same one gets a suffix of its own words' digest."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple[str, ...], str] = {}
+        self.used: set[str] = set()
+
+    def __call__(self, kind: str, *words: str) -> str:
+        key = (kind, *words)
+        if key not in self.made:
+            spdx_id = "SPDXRef-" + re.sub(r"[^A-Za-z0-9.-]+", "-", "-".join(key)).strip("-")
+            if spdx_id in self.used:
+                spdx_id += "-" + hashlib.sha256("\0".join(key).encode()).hexdigest()[:12]
+            self.made[key] = spdx_id
+            self.used.add(spdx_id)
+        return self.made[key]
 
 
 def _package(spdx_id: str, name: str, version: str, *, purl: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -184,6 +208,7 @@ def _package(spdx_id: str, name: str, version: str, *, purl: str | None = None, 
 def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha256: str) -> dict[str, Any]:
     """The SPDX 2.3 document of an image's contents and the kernel it boots with."""
     arch = contents.arch
+    _spdx_id = _Ids()
     root = "SPDXRef-captainos"
     packages: list[dict[str, Any]] = []
     relations: list[tuple[str, str, str]] = [("SPDXRef-DOCUMENT", "DESCRIBES", root)]
@@ -211,8 +236,10 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
                                          purl=f"pkg:golang/{module[0]}@{module[1]}"))
             relations.append((bin_id, "CONTAINS", modules[module]))
     kernel_id = "SPDXRef-kernel"
+    url = str(kernel_info.get("url") or "")
     packages.append(_package(
-        kernel_id, "linux", contents.kernel_release, downloadLocation=kernel_info.get("url") or "NOASSERTION",
+        kernel_id, "linux", contents.kernel_release or "NOASSERTION",
+        downloadLocation=url if re.match(r"^https?://", url) else "NOASSERTION",  # a local tree has no URL
         licenseDeclared=KERNEL_LICENSE,
         sourceInfo=f"{kernel_info.get('source')} {kernel_info.get('source_version')}, source sha256 "
                    f"{kernel_info.get('source_id')}",
@@ -269,8 +296,10 @@ def lock_list(doc: dict[str, Any]) -> str:
             lines.append(f"deb {package['name']} {package['versionInfo']} {purl.rsplit('arch=', 1)[1]}")
         elif package["SPDXID"] == "SPDXRef-kernel":
             digest = package.get("sourceInfo", "").rsplit(" ", 1)[-1]
-            lines.append(f"kernel {package['downloadLocation'].rsplit('/', 1)[-1]} sha256 {digest}")
-    return "".join(f"{line}\n" for line in sorted(lines))
+            where = package["downloadLocation"]
+            source = where.rsplit("/", 1)[-1] if where != "NOASSERTION" else "local-tree"
+            lines.append(f"kernel {source} {'sha256' if where != 'NOASSERTION' else 'id'} {digest}")
+    return "".join(f"{line}\n" for line in sorted(set(lines)))
 
 
 def write(initramfs_segments: bytes, arch: Arch, kernel_entry: Path) -> tuple[bytes, str]:

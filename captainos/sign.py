@@ -69,12 +69,21 @@ def check_key(key: Path) -> None:
 
 @contextmanager
 def cosign_env() -> Iterator[dict[str, str]]:
-    """What cosign runs with: the key's password and the auth-file variables from the
-    environment, the TUF lookup kept on loopback, its cache in a temp dir."""
+    """What cosign runs with: the key's password, the TUF lookup kept on loopback, its cache in
+    a private temp dir, and the registry credentials skopeo pushed with. cosign's library reads
+    ~/.docker/config.json before REGISTRY_AUTH_FILE, so an auth file named by
+    REGISTRY_AUTH_FILE is handed to it as DOCKER_CONFIG's config.json (mode 0600 in a 0700 dir)."""
     from captainos import oci
 
     with tempfile.TemporaryDirectory(prefix="captainos-cosign-") as tmp:
-        env = {"TUF_MIRROR": NO_TUF, "TUF_ROOT": tmp, **oci.auth_env()}
+        env = {"TUF_MIRROR": NO_TUF, "TUF_ROOT": str(Path(tmp) / "tuf"), **oci.auth_env()}
+        auth = os.environ.get("REGISTRY_AUTH_FILE")
+        if auth and Path(auth).is_file():
+            docker = Path(tmp) / "docker"
+            docker.mkdir(mode=0o700)
+            (docker / "config.json").touch(mode=0o600)
+            (docker / "config.json").write_bytes(Path(auth).read_bytes())
+            env["DOCKER_CONFIG"] = str(docker)
         if "COSIGN_PASSWORD" in os.environ:
             env["COSIGN_PASSWORD"] = os.environ["COSIGN_PASSWORD"]
         yield env

@@ -368,11 +368,29 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
-def _build_in(checkout: Path, cache_dir: Path, arch: str, no_cache: bool = False) -> Path:
-    """`./build.py initramfs` in that checkout with that cache dir; returns its out/ dir."""
+def option_env(cfg: Config) -> dict[str, str]:
+    """cfg's build options as the environment variables that set them (the same inputs in
+    another checkout); the cache and output dirs are the caller's."""
+    from captainos import config
+
+    env = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in ("cache_dir", "out_dir", "no_cache"):
+            continue
+        value = config._jsonable(getattr(cfg, f.name))
+        if isinstance(value, bool):
+            env[config.option_env(f)] = "1" if value else ""
+        elif value not in (None, "", [], ()):
+            env[config.option_env(f)] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return env
+
+
+def _build_in(checkout: Path, cache_dir: Path, cfg: Config, no_cache: bool = False) -> Path:
+    """`./build.py initramfs` with cfg's options in that checkout and cache dir; returns its out/."""
     from captainos.run import run
 
-    env = {"CAPTAINOS_CACHE": str(cache_dir), "ARCH": arch, "NO_CACHE": "1" if no_cache else ""}
+    env = {**option_env(cfg), "CAPTAINOS_CACHE": str(cache_dir), "OUT_DIR": str(checkout / "out"),
+           "NO_CACHE": "1" if no_cache else ""}
     run(["python3", str(checkout / "build.py"), "initramfs"], env=env, cwd=checkout,
         log_file=checkout.parent / f"build-{cache_dir.name}{'-no-cache' if no_cache else ''}.log")
     return checkout / "out"
@@ -385,13 +403,12 @@ def reproducibility(report: Report, cfg: Config, workdir: Path) -> None:
     that differ; and the Debian package versions each used (packages-<arch>.lock)."""
     from captainos import pipeline
 
-    arch = cfg.arch.value
     checkout = copy_checkout(workdir / "checkout")
-    cold_out = _build_in(checkout, workdir / "cold-cache", arch)
+    cold_out = _build_in(checkout, workdir / "cold-cache", cfg)
     keep = workdir / "cold-out"  # the NO_CACHE rebuild replaces the copy's out/
     shutil.copytree(cold_out, keep, symlinks=True)
     builds = {"cold build (empty cache dir, fresh checkout copy)": keep,
-              "NO_CACHE rebuild of that": _build_in(checkout, workdir / "cold-cache", arch, no_cache=True)}
+              "NO_CACHE rebuild of that": _build_in(checkout, workdir / "cold-cache", cfg, no_cache=True)}
     kernel_entry = pipeline.build_kernel(cfg)
     pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg))
     builds["cached rebuild (this checkout and cache)"] = cfg.out_dir
@@ -403,8 +420,8 @@ def reproducibility(report: Report, cfg: Config, workdir: Path) -> None:
         report.add(label, ", ".join(f"{n} {d[:16]}" for n, d in zip(names, digests, strict=True)), command)
     first, *others = list(builds.values())
     for name in names:
-        if all(cache.sha256_file(first / name) == cache.sha256_file(o / name) for o in others
-               if (first / name).is_file() and (o / name).is_file()):
+        if all((first / name).is_file() and (o / name).is_file()
+               and cache.sha256_file(first / name) == cache.sha256_file(o / name) for o in others):
             report.add(f"{name} reproducible", "yes, all three equal", command)
             continue
         report.add(f"{name} reproducible", "no", command)

@@ -155,7 +155,7 @@ def test_containerd_pulls_and_mounts_it_with_every_file_intact(out, pushed, regi
         seen = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in mount.iterdir()}
         expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()
                     if p.name in set(artifacts.checksum_names(out, Arch.AMD64) + artifacts.checksum_names(
-                        out, Arch.ARM64)) or p.name.startswith("sha256sums-")}
+                        out, Arch.ARM64)) or (p.name.startswith("sha256sums-") and p.name.endswith(".txt"))}
         assert seen == expected
         kernel = artifacts.release_of(out, Arch.AMD64)
         assert f"vmlinuz-{kernel}-x86_64" in seen and f"initramfs-{kernel}-x86_64" in seen
@@ -171,18 +171,30 @@ def test_containerd_pulls_and_mounts_it_with_every_file_intact(out, pushed, regi
         subprocess.run(["umount", str(mount)], check=True, timeout=60)
 
 
-def test_credentials_come_from_the_auth_file_only(out, registries, tmp_path):
+def test_credentials_come_from_the_auth_file_only(out, registries, cosign, keys, tmp_path, monkeypatch):
+    """Without an auth file the htpasswd registry refuses the push; with REGISTRY_AUTH_FILE
+    skopeo pushes and cosign signs there too (it reads that file as well), and neither the
+    registry password nor the key's ever shows."""
+    from captainos import sign
+
     ref = f"{registries['auth'].host_address}/captainos:v1"
     refused = build_py(out, "--to", ref)
     assert refused.returncode != 0
+    assert "authentication required" in refused.stderr or "unauthorized" in refused.stderr, refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith(("error", "hint")), refused.stderr
     auth = tmp_path / "auth.json"
     auth.touch(mode=0o600)
     auth.write_text(auth_file_json(registries["auth"].host_address, CREDS))
-    result = build_py(out, "--to", ref, env={"REGISTRY_AUTH_FILE": str(auth)})
+    result = build_py(out, "--debug", "--to", ref, "--sign-key", str(keys["site"]),
+                      env={"REGISTRY_AUTH_FILE": str(auth), "COSIGN_PASSWORD": KEY_PASSWORD})
     assert result.returncode == 0, result.stderr
-    assert CREDS.password not in result.stdout + result.stderr + refused.stderr
+    for secret in (CREDS.password, KEY_PASSWORD):
+        assert secret not in result.stdout + result.stderr + refused.stderr
     assert json.loads(skopeo_raw(ref, "--authfile", str(auth)))["mediaType"] == oci.MEDIA_INDEX
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    pinned = f"{ref.rsplit(':', 1)[0]}@{result.stdout.strip()}"
+    verified = cosign_run(cosign, sign.verify_image_argv(cosign, keys["site.pub"], pinned))
+    assert verified.returncode == 0, verified.stderr
 
 
 KEY_PASSWORD = "key-pw-5521"
@@ -245,20 +257,27 @@ def test_a_signed_publish_verifies_with_the_public_key_only(out, registries, cos
     assert cosign_run(cosign, sign.verify_blob_argv(cosign, keys["site.pub"], tampered)).returncode != 0
 
 
-def test_the_signature_of_the_sums_is_in_the_image(out, tmp_path, keys):
-    """(after the signed publish above) an unsigned publish of the same out/ carries the .sig too."""
+def test_the_signature_of_the_sums_is_in_the_image_only_when_signed(out, tmp_path, keys):
+    """A signed publish carries each sums file's .sig (and its versioned name); an unsigned one
+    does not carry a .sig left in out/ (it may sign sums written since)."""
     import tarfile
 
-    result = build_py(out, "--oci-dir", str(tmp_path / "layout"))
-    assert result.returncode == 0, result.stderr
-    layout = tmp_path / "layout"
-    index = json.loads((layout / "index.json").read_text())
-    top = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
-    manifest = json.loads((layout / "blobs/sha256" / top["manifests"][0]["digest"].split(":")[1]).read_text())
-    names = set()
-    for layer in manifest["layers"]:
-        with tarfile.open(layout / "blobs/sha256" / layer["digest"].split(":")[1]) as tar:
-            names |= set(tar.getnames())
-    assert {"sha256sums-amd64.txt.sig", "sha256sums-arm64.txt.sig"} <= names
+    def names_in(layout: Path) -> set[str]:
+        index = json.loads((layout / "index.json").read_text())
+        top = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+        manifest = json.loads((layout / "blobs/sha256" / top["manifests"][0]["digest"].split(":")[1]).read_text())
+        found: set[str] = set()
+        for layer in manifest["layers"]:
+            with tarfile.open(layout / "blobs/sha256" / layer["digest"].split(":")[1]) as tar:
+                found |= set(tar.getnames())
+        return found
+
+    signed = build_py(out, "--oci-dir", str(tmp_path / "signed"), "--sign-key", str(keys["site"]),
+                      env={"COSIGN_PASSWORD": KEY_PASSWORD})
+    assert signed.returncode == 0, signed.stderr
     release = artifacts.release_of(out, Arch.AMD64)
-    assert f"sha256sums-{release}-x86_64.txt.sig" in names
+    assert {"sha256sums-amd64.txt.sig", "sha256sums-arm64.txt.sig",
+            f"sha256sums-{release}-x86_64.txt.sig"} <= names_in(tmp_path / "signed")
+    unsigned = build_py(out, "--oci-dir", str(tmp_path / "unsigned"))
+    assert unsigned.returncode == 0, unsigned.stderr
+    assert not {n for n in names_in(tmp_path / "unsigned") if n.endswith(".sig")}

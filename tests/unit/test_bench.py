@@ -176,3 +176,12 @@ def test_the_checkout_copy_leaves_outputs_and_object_dirs_behind(tmp_path, monke
     copy = bench.copy_checkout(tmp_path / "copy")
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()) == [
         ".tools/mkosi/x", "build.py", "captainos/cli.py", "image/mkosi.conf"]
+
+
+def test_option_env_gives_another_checkout_the_same_options():
+    from captainos import config
+
+    cfg = config.load(env={"PROFILES": "test", "KERNEL_SOURCE": "debian-image", "FORCE_KERNEL": "1"})
+    again = config.load(env=bench.option_env(cfg))
+    assert again == cfg
+    assert config.load(env=bench.option_env(config.load(env={}))) == config.load(env={})

@@ -93,7 +93,8 @@ def test_the_sums_list_every_name_and_sha256sum_checks_them(tmp_path):
 def test_the_image_holds_every_name_of_every_file_at_its_root(tmp_path):
     out = make_out(tmp_path / "out", iso=True)
     digest = publish.write(out, tmp_path / "layout", "v1")
-    (manifest,) = manifests(tmp_path / "layout")
+    manifest, arm64 = manifests(tmp_path / "layout")  # both platforms even with amd64 files only
+    assert manifest["layers"] == arm64["layers"] and arm64["platform"]["architecture"] == "arm64"
     files = image_files(tmp_path / "layout", manifest)
     expected = {p.name for p in out.iterdir()}
     assert set(files) == expected
@@ -141,7 +142,44 @@ def test_a_changed_file_is_refused_and_the_old_layout_stays(tmp_path):
     with pytest.raises(CaptainError, match=r"checksum mismatch for initramfs-amd64.cpio.zst"):
         publish.write(out, tmp_path / "layout", "v1")
     assert json.loads((tmp_path / "layout" / "index.json").read_text())["manifests"][0]["digest"] == digest
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
+
+
+def test_a_failure_halfway_through_leaves_the_old_layout_and_no_temp_dir(tmp_path, monkeypatch):
+    out = make_out(tmp_path / "out")
+    digest = publish.write(out, tmp_path / "layout", "v1")
+    real, calls = publish._layer, []
+
+    def failing(layout, file):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real(layout, file)
+
+    monkeypatch.setattr(publish, "_layer", failing)
+    with pytest.raises(OSError, match="No space left"):
+        publish.write(out, tmp_path / "layout", "v2")
+    assert json.loads((tmp_path / "layout" / "index.json").read_text())["manifests"][0]["digest"] == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layout", "out"]  # no temp dir left
+
+
+@pytest.mark.parametrize("where", ["out", ".", "out/oci", "home"])
+def test_oci_dir_never_replaces_out_or_a_directory_that_is_not_a_layout(tmp_path, where):
+    out = make_out(tmp_path / "out")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(CaptainError, match="--oci-dir"):
+        publish.run(Config(out_dir=out), tmp_path / where, None)
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+    assert (out / "vmlinuz-amd64").is_file()
+    publish.run(Config(out_dir=out), tmp_path / "layout", None)
+    publish.run(Config(out_dir=out), tmp_path / "layout", None)  # a layout may be replaced
+
+
+def test_a_signature_left_in_out_is_not_published_unsigned(tmp_path):
+    out = make_out(tmp_path / "out")
+    (out / "sha256sums-amd64.txt.sig").write_text("stale")
+    publish.write(out, tmp_path / "layout", "v1")
+    assert "sha256sums-amd64.txt.sig" not in image_files(tmp_path / "layout", manifests(tmp_path / "layout")[0])
 
 
 def test_a_name_the_sums_do_not_list_is_refused(tmp_path):

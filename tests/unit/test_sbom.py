@@ -5,6 +5,7 @@ tests/integration/test_image.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -51,7 +52,10 @@ def go_binary(version: str = "go1.26.8", modinfo: str = MODINFO) -> bytes:
     wrapped = b"\x30" * 16 + modinfo.encode() + b"\x31" * 16
     assert wrapped[-17] == ord("\n")
     header = sbom.GO_MAGIC + bytes([8, 2]) + b"\0" * 16
-    return (b"\x7fELF" + b"\0" * 100 + header + uvarint(len(version)) + version.encode()
+    # The section is 16-byte aligned; a copy of the magic as a string constant before it is not.
+    prefix = b"\x7fELF" + b"\0" * 9 + sbom.GO_MAGIC + b"\0" * 3  # an unaligned decoy at 13
+    prefix += b"\0" * (-len(prefix) % 16)
+    return (prefix + header + uvarint(len(version)) + version.encode()
             + uvarint(len(wrapped)) + wrapped + b"\0" * 64)
 
 
@@ -94,6 +98,16 @@ def test_go_build_info_is_read_with_replacements_applied():
     assert main == ("github.com/example/tool", "(devel)")
     assert deps == (("github.com/a/b", "v1.2.3"), ("github.com/fork/d", "v0.1.1"))
     assert sbom.go_buildinfo(b"\x7fELF" + b"\0" * 100) is None
+    # An aligned magic followed by garbage is "not Go", never a traceback.
+    assert sbom.go_buildinfo(b"\0" * 16 + sbom.GO_MAGIC + bytes([8, 2]) + b"\xff" * 40) is None
+
+
+def test_spdx_ids_stay_unique_when_names_differ_only_in_characters_spdx_refuses():
+    ids = sbom._Ids()
+    made = {ids("deb", "libsigc++-2.0-0v5", "amd64"), ids("deb", "libsigc--2.0-0v5", "amd64"),
+            ids("firmware", "rtl_nic/x"), ids("firmware", "rtl-nic/x")}
+    assert len(made) == 4 and all(re.fullmatch(r"SPDXRef-[A-Za-z0-9.-]+", i) for i in made)
+    assert ids("deb", "libsigc++-2.0-0v5", "amd64") in made  # the same element, the same id
 
 
 def test_the_contents_come_from_the_image(contents):
