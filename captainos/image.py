@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,7 +154,7 @@ def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path, firmware_entry: P
         "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs],
         "mkosi": pins.MKOSI.version,
         # how the extra trees are staged and the segments compressed
-        "code": [cache.sha256_file(Path(str(m.__file__))) for m in (sys.modules[__name__], segments, sbom, cpio)],
+        "code": [cache.sha256_file(Path(p)) for p in (__file__, segments.__file__, sbom.__file__, cpio.__file__)],
         "source_date_epoch": pins.SOURCE_DATE_EPOCH,
         "kernel_checker": [cache.sha256_file(p) for p in (KERNEL_REQUIRED, KERNEL_CHECKER) if p.is_file()],
     }

@@ -67,11 +67,12 @@ def build_initramfs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> Path:
     assert runner is not None
     with log.stage("initramfs", f"mkosi, Debian trixie, {cfg.arch.value}"):
         entry = image.build(cfg, runner, kernel_entry, tools_entry)
+        release = kernel.release(kernel_entry)
         for name, published in ((image.OUTPUT, artifacts.initramfs_name(cfg.arch)),
                                 (image.SBOM, artifacts.sbom_name(cfg.arch)),
                                 (image.LOCK, artifacts.lock_name(cfg.arch))):
             artifacts.publish(cfg.out_dir, entry / name, published)
-            artifacts.link_versioned(cfg.out_dir, cfg.arch, published, kernel.release(kernel_entry))
+            artifacts.link_versioned(cfg.out_dir, cfg.arch, published, release)
         artifacts.link_smee_names(cfg.out_dir, cfg.arch)
     return entry
 

@@ -38,9 +38,14 @@ class File:
     names: tuple[str, ...]
 
 
-def files(out_dir: Path, arch: Arch, signed: bool = False) -> list[File]:
-    """The checked files of one arch: each artifact with its links, the sums file, and with
-    `signed` the signature this run made of them (one left in out/ from before is not trusted)."""
+def named(out_dir: Path, target: str) -> File:
+    """A file of out/ with the links to it."""
+    return File(out_dir / target, (target, *artifacts.links_to(out_dir, target)))
+
+
+def files(out_dir: Path, arch: Arch) -> list[File]:
+    """The checked files of one arch: each artifact with its links, and the sums file (never a
+    signature left in out/ from before: only the one this run makes, see run())."""
     artifacts.verify_checksums(out_dir, arch)
     artifacts.release_of(out_dir, arch)  # refuses an out/ whose artifacts come from two kernels
     sums = artifacts.checksums_name(arch)
@@ -48,10 +53,7 @@ def files(out_dir: Path, arch: Arch, signed: bool = False) -> list[File]:
     if missing := sorted(set(artifacts.checksum_names(out_dir, arch)) - listed):
         raise CaptainError(f"{sums} does not list {', '.join(missing)}",
                            f"rewrite it: './build.py checksums' (ARCH={arch.value})")
-    extra = [artifacts.signature_name(arch)] if signed else []
-    found = [File(out_dir / target, (target, *artifacts.links_to(out_dir, target)))
-             for target in [*artifacts.checksum_targets(out_dir, arch), sums, *extra]]
-    return found
+    return [named(out_dir, target) for target in [*artifacts.checksum_targets(out_dir, arch), sums]]
 
 
 def built_arches(out_dir: Path) -> list[Arch]:
@@ -77,10 +79,20 @@ def _layer(layout: oci.Layout, file: File) -> oci.Descriptor:
     return stream.descriptor
 
 
-def write(out_dir: Path, dest: Path, tag: str, signed: bool = False) -> str:
-    """Write the image of out/ as an OCI layout at dest (tag names it); return its digest."""
+def collect(out_dir: Path) -> tuple[list[Arch], list[File]]:
+    """The arches in out/ and their checked files: every refusal happens here."""
     arches = built_arches(out_dir)
-    everything = sorted((f for arch in arches for f in files(out_dir, arch, signed)), key=lambda f: f.names[0])
+    return arches, [f for arch in arches for f in files(out_dir, arch)]
+
+
+def write(out_dir: Path, dest: Path, tag: str) -> str:
+    """Write the image of out/ as an OCI layout at dest (tag names it); return its digest."""
+    return write_layout(out_dir, *collect(out_dir), dest, tag)
+
+
+def write_layout(out_dir: Path, arches: list[Arch], found: list[File], dest: Path, tag: str) -> str:
+    """The layout of these (checked) files; labels name each arch's kernel release."""
+    everything = sorted(found, key=lambda f: f.names[0])
     log.info(f"==> publish: {len(everything)} files of {', '.join(a.value for a in arches)} -> {dest}:{tag}")
     with oci.Layout(dest) as layout:
         layers = [_layer(layout, f) for f in everything]
@@ -102,9 +114,9 @@ def write(out_dir: Path, dest: Path, tag: str, signed: bool = False) -> str:
             manifests.append({**manifest, "platform": platform})
         top = layout.blob(oci.MEDIA_INDEX, oci.canonical_json(
             {"schemaVersion": 2, "mediaType": oci.MEDIA_INDEX, "manifests": manifests}))
-        found = layout.finish(top, tag)
-    log.info(f"    {dest}: {found}")
-    return found
+        digest = layout.finish(top, tag)
+    log.info(f"    {dest}: {digest}")
+    return digest
 
 
 def check_oci_dir(oci_dir: Path, out_dir: Path) -> None:
@@ -126,9 +138,7 @@ def run(cfg: Config, oci_dir: Path | None, to: str | None, sign_key: Path | None
     tag = oci.check_reference(to)[1] if to else __version__
     if oci_dir is not None:
         check_oci_dir(oci_dir, cfg.out_dir)
-    arches = built_arches(cfg.out_dir)
-    for arch in arches:
-        files(cfg.out_dir, arch)  # every refusal before anything is signed, written or pushed
+    arches, found = collect(cfg.out_dir)  # every refusal before anything is signed, written or pushed
     cosign = None
     if sign_key is not None:
         sign.check_key(sign_key)
@@ -138,14 +148,15 @@ def run(cfg: Config, oci_dir: Path | None, to: str | None, sign_key: Path | None
         for arch in arches:
             if release := artifacts.release_of(cfg.out_dir, arch):
                 artifacts.link_versioned(cfg.out_dir, arch, artifacts.signature_name(arch), release)
+        found += [named(cfg.out_dir, artifacts.signature_name(arch)) for arch in arches]
     with tempfile.TemporaryDirectory(prefix="captainos-publish-") as tmp:
         layout = oci_dir or Path(tmp) / "layout"
-        found = write(cfg.out_dir, layout, tag, signed=sign_key is not None)
+        digest = write_layout(cfg.out_dir, arches, found, layout, tag)
         if to:
             push(layout, tag, to)
             if cosign is not None and sign_key is not None:
-                sign.sign_image(cosign, sign_key, f"{to.rsplit(':', 1)[0]}@{found}")
-    return found
+                sign.sign_image(cosign, sign_key, f"{to.rsplit(':', 1)[0]}@{digest}")
+    return digest
 
 
 def push(layout: Path, tag: str, to: str) -> None:
