@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -125,7 +126,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, Config, argparse.Namespace]:
-    args = make_parser().parse_args(list(argv))
+    parser = make_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    # `lab run --timeout 60 FILE`: argparse has already given the optional WORKFLOW its
+    # (empty) turn when it meets FILE after an option; take FILE as the workflow then.
+    if getattr(args, "workflow", None) is None and args.verb == "lab" and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.workflow, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     verb = args.verb or "build"
     names = {f.name for f in dataclasses.fields(Config)}
     flags = {k: v for k, v in vars(args).items() if k in names}
@@ -133,10 +142,20 @@ def parse(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, 
     return verb, cfg, args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken like Ctrl-C: every cleanup that runs for an interrupt runs (a lab that
+    `lab run` started is taken down, partial outputs removed)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("DEBUG", "").lower() in ("1", "true", "yes", "on")
     log.set_debug(debug)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         verb, cfg, args = parse(argv)
         HANDLERS[verb](cfg, args)
@@ -151,15 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 141
-    except KeyboardInterrupt:
-        log.error("interrupted; nothing partial was kept")
-        return 130
+    except KeyboardInterrupt as exc:
+        log.error(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; nothing partial was kept")
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # a bug or an unforeseen OS error: still one line, not a traceback
         if debug:
             raise
         log.error(f"unexpected {type(exc).__name__}: {exc}")
         print("hint: rerun with --debug for the traceback, and report it", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

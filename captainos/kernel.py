@@ -50,6 +50,13 @@ COMMAND_LINE_SIZE = 4096  # Smee's ISO patcher writes command lines longer than 
 INIT_ENV_ARG_LIMIT = 128
 _INIT_ENV_DEFAULT = re.compile(r"^(config INIT_ENV_ARG_LIMIT\n(?:[ \t].*\n|\n)*?[ \t]+default[ \t]+)([0-9]+)"
                                r"([ \t]+if[ \t]+!UML)$", re.MULTILINE)
+# The kernel unpacks the initramfs into a tmpfs capped at half the RAM, so a 384 MiB machine
+# cannot hold our ~195 MB root ("Initramfs unpacking failed: write error", then a root with
+# files missing). Linux 6.18's initramfs_options= (also in Debian's 6.12.117 source) gives the
+# rootfs mount options; its default is patched, so a compiled kernel needs no parameter. An
+# initramfs_options= on the command line still wins, and /init sizes the root afterwards.
+INITRAMFS_OPTIONS = "size=90%"
+_INITRAMFS_OPTIONS = re.compile(r"^(static char \* __initdata initramfs_options)( = \"[^\"\n]*\")?;$", re.MULTILINE)
 PROBE_TIMEOUT = 3.0
 _VERSION = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?$")
 # Where each architecture defines COMMAND_LINE_SIZE (the first file that defines it wins).
@@ -271,6 +278,25 @@ def patch_init_env_limit(tree: Path, limit: int = INIT_ENV_ARG_LIMIT) -> Path:
     return kconfig
 
 
+def patch_initramfs_options(tree: Path, options: str = INITRAMFS_OPTIONS) -> bool:
+    """Make `options` the default of initramfs_options= in fs/namespace.c. False (and a warning)
+    for a kernel without the parameter: its root tmpfs stays capped at half the RAM while the
+    initramfs unpacks."""
+    source = tree / "fs" / "namespace.c"
+    text = source.read_text() if source.is_file() else ""
+    found = _INITRAMFS_OPTIONS.findall(text)
+    if len(found) != 1:
+        log.warn(f"{source.relative_to(tree)} has no initramfs_options (Linux >= 6.18 or a 6.12 stable "
+                    "backport): the initramfs unpacks into a tmpfs of half the RAM (machines under ~420 MiB fail)")
+        return False
+    wanted = f'\\g<1> = "{options}";'
+    patched = _INITRAMFS_OPTIONS.sub(wanted, text)
+    if patched != text:
+        cache.atomic_write(source, patched)
+        log.info(f"    patched the default of initramfs_options= to {options} in fs/namespace.c")
+    return True
+
+
 def bzimage_cmdline_size(image: Path) -> int:
     """cmdline_size from an x86 bzImage setup header (boot protocol >= 2.06): COMMAND_LINE_SIZE - 1."""
     with image.open("rb") as handle:
@@ -421,7 +447,7 @@ def compile_parts(arch: Arch, source: Source, fragments: Sequence[Path], compile
     return {
         "recipe": RECIPE, "arch": arch.value, "source": source.kind.value, "version": source.version,
         "source_id": source.identity, "command_line_size": COMMAND_LINE_SIZE,
-        "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "compiler": compiler,
+        "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "initramfs_options": INITRAMFS_OPTIONS, "compiler": compiler,
         "fragments": {f"{p.parent.name}/{p.name}": cache.sha256_file(p) for p in fragments},
         "kbuild_env": KBUILD_REPRODUCIBLE,
     }
@@ -518,6 +544,7 @@ def _compile_in_build_dir(cfg: Config, runner: Runner, source: Source, fragments
     _prepare_tree(cfg, runner, source, tree)
     patch_command_line_size(tree, cfg.arch)
     patch_init_env_limit(tree)
+    initramfs_options = INITRAMFS_OPTIONS if patch_initramfs_options(tree) else None
     # Objects of another tree or compiler are wiped; a changed config is left to kbuild,
     # which rebuilds what it affects.
     stamp = f"{source.identity} {parts['compiler']} {cfg.arch.value}"
@@ -557,7 +584,8 @@ def _compile_in_build_dir(cfg: Config, runner: Runner, source: Source, fragments
     _write_json(work, {"version": release, "source": source.kind.value, "source_version": source.version,
                        "source_id": source.identity, "url": source.url or str(source.path or ""),
                        "arch": cfg.arch.value, "command_line_size": COMMAND_LINE_SIZE,
-                       "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "fragments": sorted(parts["fragments"]),
+                       "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "initramfs_options": initramfs_options,
+                       "fragments": sorted(parts["fragments"]),
                        "compiler": parts["compiler"]}, modules, release)
 
 

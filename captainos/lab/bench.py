@@ -293,33 +293,52 @@ def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file
                    command)
 
 
-def ram_floor(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, workdir: Path,
-              workflow_file: Path, low: int = 256, high: int = 1024, step: int = 64) -> None:
-    """The smallest -m (64 MiB steps) at which the image boots and completes the workflow."""
-    from captainos.lab import e2e
-
-    def works(mib: int) -> bool:
-        trial = dataclasses.replace(cfg, qemu_mem=f"{mib}M")
-        plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs, timeout=480)
-        try:
-            with e2e.Lab(trial, plan, workdir=workdir / f"ram-{mib}") as lab:
-                ok = lab.run().state == "SUCCESS"
-        except CaptainError:
-            ok = False
-        log.info(f"    -m {mib}M: {'completes the workflow' if ok else 'fails'}")
-        return ok
-
+def floor_search(works: Callable[[int], bool], low: int, high: int, step: int) -> int | None:
+    """The smallest multiple of step in [low, high] for which works() holds, assuming that
+    more always works once some amount does; None when even high does not."""
     if not works(high):
-        report.add("RAM floor", f"fails even at {high} MiB", "./build.py bench --only ram")
-        return
-    lo, hi = low // step, high // step  # search in units of `step` MiB
+        return None
+    lo, hi = low // step, high // step  # in units of step
     while lo < hi:
         mid = (lo + hi) // 2
         if works(mid * step):
             hi = mid
         else:
             lo = mid + 1
-    report.add("RAM floor (boot + workflow)", f"{hi * step} MiB", "./build.py bench --only ram")
+    return hi * step
+
+
+# A probe fails at once when the VM's console shows that memory ran out: the kernel killed a
+# process for memory, could not unpack the initramfs, /init stopped, or the kernel panicked.
+RAM_GIVE_UP = (r"Out of memory: Killed process", r"Initramfs unpacking failed", r'\{"level":"error","prog":"init"',
+               r"Kernel panic")
+
+
+def ram_floor(report: Report, cfg: Config, workdir: Path, workflow_file: Path, low: int = 256, high: int = 1024,
+              step: int = 64) -> None:
+    """The smallest guest memory (64 MiB steps) with which a VM netboots through the real
+    Tinkerbell (the lab: Smee, iPXE, the tink server) and completes the workflow, with no
+    process killed for memory on the way."""
+    from captainos.lab.lab import Lab, Provision
+
+    command = "./build.py bench --only ram"
+    probes: list[str] = []
+    with Lab(cfg, root=workdir / "lab", iso=False) as lab:
+        def works(mib: int) -> bool:
+            try:
+                out = lab.provision(Provision(workflow=workflow_file, mem=f"{mib}M", timeout=900,
+                                              give_up=RAM_GIVE_UP), workdir=workdir / f"ram-{mib}")
+                state = out.state
+            except CaptainError as exc:
+                state = f"failed ({exc.message})"
+            log.info(f"    -m {mib}M: {state}")
+            probes.append(f"{mib} MiB: {state}")
+            return state == "SUCCESS"
+
+        floor = floor_search(works, low, high, step)
+    value = f"{floor} MiB" if floor is not None else f"fails even at {high} MiB"
+    report.add("RAM floor (netboot through the real Tinkerbell + workflow)", value, command)
+    report.tables.append(f"RAM floor probes, in order ({command}): " + "; ".join(probes))
 
 
 # --- build times and reproducibility ------------------------------------------------------------
@@ -477,7 +496,7 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                 elif section == "netboot":
                     netboot(report, cfg, runs, workdir, workflow_file)
                 elif section == "ram":
-                    ram_floor(report, cfg, vmlinuz, initramfs, workdir, workflow_file)
+                    ram_floor(report, cfg, workdir, workflow_file)
                 elif section == "build":
                     build_times(report, cfg, workdir)
                 elif section == "repro":

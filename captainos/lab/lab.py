@@ -98,6 +98,7 @@ class Provision:
     restart_timeout: float = 300.0
     registry_delay: float = 0.0  # stop the registries before power-on and start them this much later
     mem: str = ""  # guest memory (QEMU's -m); empty: the config's qemu_mem
+    give_up: tuple[str, ...] = ()  # regexes: a line of the OS console matching one ends the run at once
 
     @property
     def mac(self) -> str:
@@ -432,7 +433,7 @@ class Lab:
         try:
             if plan.registry_delay > 0:
                 self._pause_registries(plan.registry_delay, started)
-            obj = self._follow(run_name, guest, plan, started)
+            obj = self._follow(run_name, guest, plan, started, con)
             if plan.restart:
                 restarted = self._wait_restart(plan, fw, con)
                 log.info(f"    {plan.restart} seen {restarted - started:.0f}s after power-on")
@@ -543,12 +544,19 @@ class Lab:
                 reg.start()
         threading.Thread(target=later, daemon=True).start()
 
-    def _follow(self, name: str, guest: qemu.Guest, plan: Provision, started: float) -> dict[str, Any]:
-        """Poll the Workflow until its state is final; log each action's change."""
+    def _follow(self, name: str, guest: qemu.Guest, plan: Provision, started: float,
+                console: e2e.Console) -> dict[str, Any]:
+        """Poll the Workflow until its state is final; log each action's change. A console line
+        matching one of plan.give_up ends the run with that line."""
         assert self.client is not None
         deadline = time.monotonic() + plan.timeout
         seen: dict[str, str] = {}
+        give_up = [re.compile(pattern) for pattern in plan.give_up]
         while True:
+            for _, line in list(console.lines):
+                if any(pattern.search(line) for pattern in give_up):
+                    raise CaptainError(f"the VM's console says: {line.strip()[:200]}",
+                                       f"consoles in {guest.workdir.parent}")
             obj = self.client.get("workflows", name)
             for action, state in kube.action_states(obj):
                 if state and seen.get(action) != state:

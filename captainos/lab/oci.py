@@ -25,6 +25,8 @@ from captainos.oci import (
     EPOCH,
     MEDIA_CONFIG,
     MEDIA_INDEX,
+    MEDIA_LAYER_GZIP,
+    MEDIA_LAYER_TAR,
     MEDIA_MANIFEST,
     REF_NAME,
     Layout,
@@ -33,7 +35,6 @@ from captainos.oci import (
     descriptor,
     digest,
 )
-from captainos.oci import MEDIA_LAYER_GZIP as MEDIA_LAYER
 from captainos.run import Runner
 
 __all__ = ["MEDIA_INDEX", "MEDIA_MANIFEST", "REF_NAME", "Image", "Member", "push", "write_layout"]
@@ -45,17 +46,21 @@ BUSYBOX_APPLETS = ("[", "cat", "cmp", "dd", "echo", "env", "false", "grep", "hea
 
 @dataclass(frozen=True)
 class Member:
-    """One layer member: a regular file (data), a directory, or a symlink (target)."""
+    """One layer member: a regular file (data), a directory, a symlink (target) or a hard link
+    to an earlier member of the same layer (link)."""
 
     path: str  # relative, no leading slash
     mode: int = 0o755
     data: bytes | None = None
     target: str | None = None
+    link: str | None = None
 
     @property
     def kind(self) -> bytes:
         if self.target is not None:
             return tarfile.SYMTYPE
+        if self.link is not None:
+            return tarfile.LNKTYPE
         return tarfile.REGTYPE if self.data is not None else tarfile.DIRTYPE
 
 
@@ -69,6 +74,16 @@ class Image:
     cmd: tuple[str, ...] = ()
     env: tuple[str, ...] = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",)
     labels: dict[str, str] = field(default_factory=dict)
+    below: tuple[tuple[Member, ...], ...] = ()  # layers under `members`, the lowest first
+    gzip: bool = True  # False: plain tar layers
+
+    @property
+    def layers(self) -> tuple[tuple[Member, ...], ...]:
+        return (*self.below, self.members)
+
+    @property
+    def layer_media_type(self) -> str:
+        return MEDIA_LAYER_GZIP if self.gzip else MEDIA_LAYER_TAR
 
 
 def agent_image(binary: Path, arch: Arch, version: str) -> Image:
@@ -105,8 +120,8 @@ def layer_tar(members: Sequence[Member]) -> bytes:
             info.mtime = EPOCH
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            if member.target is not None:
-                info.linkname = member.target
+            if member.target is not None or member.link is not None:
+                info.linkname = member.target if member.target is not None else str(member.link)
                 tar.addfile(info)
             elif member.data is not None:
                 info.size = len(member.data)
@@ -123,10 +138,10 @@ def gzip_bytes(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def image_blobs(image: Image) -> tuple[bytes, bytes, bytes]:
-    """(layer.tar.gz, config, manifest) of the image."""
-    tar = layer_tar(image.members)
-    layer = gzip_bytes(tar)
+def image_blobs(image: Image) -> tuple[list[bytes], bytes, bytes]:
+    """(layers, lowest first; config; manifest) of the image."""
+    tars = [layer_tar(members) for members in image.layers]
+    layers = [gzip_bytes(tar) if image.gzip else tar for tar in tars]
     settings: dict[str, object] = {"Env": list(image.env)}
     if image.entrypoint:
         settings["Entrypoint"] = list(image.entrypoint)
@@ -136,7 +151,7 @@ def image_blobs(image: Image) -> tuple[bytes, bytes, bytes]:
         settings["Labels"] = dict(image.labels)
     config: dict[str, object] = {
         "architecture": image.arch.go_arch(), "os": "linux", "config": settings,
-        "rootfs": {"type": "layers", "diff_ids": [digest(tar)]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(tar) for tar in tars]},
         "history": [{"created_by": "captainos.oci", "comment": "written by CaptainOS"}],
     }
     if image.arch is Arch.ARM64:
@@ -144,15 +159,16 @@ def image_blobs(image: Image) -> tuple[bytes, bytes, bytes]:
     config_blob = canonical_json(config)
     manifest = canonical_json({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
                                "config": descriptor(MEDIA_CONFIG, config_blob),
-                               "layers": [descriptor(MEDIA_LAYER, layer)]})
-    return layer, config_blob, manifest
+                               "layers": [descriptor(image.layer_media_type, layer) for layer in layers]})
+    return layers, config_blob, manifest
 
 
 def write_layout(image: Image, dest: Path, tag: str) -> str:
     """Write an OCI image layout at dest (replacing it atomically); return the manifest digest."""
-    layer, config_blob, manifest = image_blobs(image)
+    layers, config_blob, manifest = image_blobs(image)
     with Layout(dest) as layout:
-        layout.blob(MEDIA_LAYER, layer)
+        for layer in layers:
+            layout.blob(image.layer_media_type, layer)
         layout.blob(MEDIA_CONFIG, config_blob)
         return layout.finish(layout.blob(MEDIA_MANIFEST, manifest), tag)
 

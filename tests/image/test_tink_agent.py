@@ -23,13 +23,15 @@ ELF_ARM64 = b"\x7fELF\x02\x01\x01" + bytes(11) + b"\xb7\x00" + bytes(44)  # an a
 def fake_runtime(sandbox: Sandbox, *, fail_pulls: int = 0, agent_path: str = "tink-agent",
                  containerd_down: int = 0, agent_source: str = "/bin/true",
                  pull_errors: tuple[str, ...] = ("dial tcp: connection refused",),
-                 fail_creates: int = 0, fail_copies: int = 0) -> None:
-    """ctr and nerdctl fakes: containerd answers only after `containerd_down` tries; nerdctl
+                 fail_inspects: int = 0, fail_unpacks: int = 0) -> None:
+    """nerdctl and tar fakes: containerd answers only after `containerd_down` tries; nerdctl
     pull fails `fail_pulls` times first, with the n-th of `pull_errors` (the last repeats);
-    create fails `fail_creates` times and cp `fail_copies` times (a full /run); the image holds
-    agent_source (copied with cp -a: a file, a directory or a symlink) at agent_path; both
-    record their environment."""
+    `image inspect` fails `fail_inspects` times, then lists one gzip layer, written into the
+    content store under its digest, holding agent_source (copied with cp -a: a file, a
+    directory or a symlink) at agent_path; tar's unpacking fails `fail_unpacks` times (a full
+    /run), else the real tar runs. Both record their environment."""
     (sandbox.tmp / "pull-errors").write_text("\n".join(pull_errors) + "\n")
+    blobs = sandbox.root / "var/lib/containerd/io.containerd.content.v1.content/blobs/sha256"
     sandbox.fake("nerdctl", f"""
 count() {{
   local n; n=$(cat "{sandbox.tmp}/$1" 2>/dev/null || echo 0); echo $((n + 1)) >"{sandbox.tmp}/$1"; echo "$n"
@@ -53,14 +55,23 @@ case "$*" in
       echo "${{errors[$n]}}" >&2; exit 1
     fi ;;
   *" version"*) exit 0 ;;  # containerd answers
-  *" inspect "*) exit 1 ;;
-  *" create "*)
-    if [[ $(count creates) -lt {fail_creates} ]]; then echo "connection refused" >&2; exit 1; fi ;;
-  *" cp tink-agent-extract:/{agent_path} "*)
-    if [[ $(count copies) -lt {fail_copies} ]]; then echo "write ${{@: -1}}: no space left on device" >&2; exit 1; fi
-    cp -a "{agent_source}" "${{@: -1}}" ;;
-  *" cp "*) echo "Error: could not find the file in container: no such file or directory" >&2; exit 1 ;;
+  *" image inspect "*)
+    if [[ $(count inspects) -lt {fail_inspects} ]]; then echo "connection refused" >&2; exit 1; fi
+    echo "time=x level=warning msg=\\"a warning on stderr is not a layer\\"" >&2
+    stage="{sandbox.tmp}/layer"; rm -rf "$stage"; mkdir -p "$stage/$(dirname "{agent_path}")"
+    cp -a "{agent_source}" "$stage/{agent_path}"
+    tar -C "$stage" -czf "{sandbox.tmp}/layer.tgz" "{agent_path}"
+    sum=$(sha256sum <"{sandbox.tmp}/layer.tgz"); sum=${{sum%% *}}
+    mkdir -p "{blobs}"; mv "{sandbox.tmp}/layer.tgz" "{blobs}/$sum"
+    printf 'application/vnd.oci.image.layer.v1.tar+gzip sha256:%s\\n\\n' "$sum" ;;
 esac
+""")
+    sandbox.fake("tar", f"""
+if [[ " $* " == *" --extract "* && $(cat "{sandbox.tmp}/unpacks" 2>/dev/null || echo 0) -lt {fail_unpacks} ]]; then
+  echo $(( $(cat "{sandbox.tmp}/unpacks" 2>/dev/null || echo 0) + 1 )) >"{sandbox.tmp}/unpacks"
+  echo "tar: tink-agent: Cannot write: No space left on device" >&2; exit 2
+fi
+exec /bin/tar "$@"
 """)
     sandbox.fake("sleep")  # records the back-off delays without waiting
 
@@ -81,26 +92,28 @@ def test_pull_and_extract_from_tink_worker_image(sandbox):
     pull = [c for c in calls(sandbox, "nerdctl") if " pull " in c]
     assert len(pull) == 1
     assert "--namespace tinkerbell" in pull[0] and "--hosts-dir" in pull[0]
-    assert pull[0].endswith("pull --quiet 10.0.2.2:5000/tink-agent:v1")
+    assert pull[0].endswith("pull --quiet --unpack false 10.0.2.2:5000/tink-agent:v1")
     agent = sandbox.root / "run/captainos/tink-agent"
     assert stat.S_IMODE(agent.stat().st_mode) == 0o755
     assert agent.read_bytes() == Path("/bin/true").read_bytes()
     assert "agent binary extracted" in result.messages("info")
     assert sorted(p.name for p in (sandbox.root / "run/captainos").iterdir()) == ["tink-agent"]  # no leftovers
     nerd = calls(sandbox, "nerdctl")
-    # The helper container uses the pull's registry settings; a pulled image may be looked up.
-    create = [c for c in nerd if " create " in c]
-    assert len(create) == 1 and "--hosts-dir" in create[0], create
-    assert create[0].endswith(" create --pull missing --net none --name tink-agent-extract "
-                              "10.0.2.2:5000/tink-agent:v1 /tink-agent")
-    assert nerd[-1].endswith("rm --force tink-agent-extract")  # the helper container is gone
+    # Pulled without unpacking; the layers of this machine's manifest are read; then the image goes.
+    assert "pull --quiet --unpack false 10.0.2.2:5000/tink-agent:v1" in pull[0]
+    inspect = [c for c in nerd if " image inspect " in c]
+    assert len(inspect) == 1 and "--hosts-dir" in inspect[0], inspect
+    assert " --mode native --platform linux/amd64 " in inspect[0]
+    assert inspect[0].endswith(" 10.0.2.2:5000/tink-agent:v1")
+    assert nerd[-1].endswith("image rm 10.0.2.2:5000/tink-agent:v1")
+    assert "removed the agent image from containerd" in result.messages("info")
 
 
 def test_docker_registry_alone_names_the_default_image(sandbox):
     fake_runtime(sandbox)
     sandbox.cmdline("docker_registry=registry.local:5000")
     assert sandbox.run("tink-agent-setup").returncode == 0
-    assert pulls(sandbox)[0].endswith("pull --quiet registry.local:5000/tink-agent:latest")
+    assert pulls(sandbox)[0].endswith("pull --quiet --unpack false registry.local:5000/tink-agent:latest")
 
 
 @pytest.mark.parametrize("path", ["usr/bin/tink-agent", "usr/local/bin/tink-agent"])
@@ -171,14 +184,14 @@ def test_a_new_reason_is_logged_again(sandbox):
 
 
 def test_failures_after_the_pull_are_retried(sandbox):
-    fake_runtime(sandbox, fail_creates=2, fail_copies=1)
+    fake_runtime(sandbox, fail_inspects=2, fail_unpacks=1)
     sandbox.cmdline("tink_worker_image=reg.local/agent:1")
     result = sandbox.run("tink-agent-setup")
     assert result.returncode == 0, result.stderr
     retries = [e for e in result.logs() if e["msg"] == "extracting the agent failed, retrying"]
     assert [e["attempt"] for e in retries] == ["1", "2", "3"]
-    assert "creating the helper container" in retries[0]["error"]
-    assert "no space left on device" in retries[2]["error"]
+    assert retries[0]["error"] == "reading the image's manifest: connection refused"
+    assert "no space left on device" in retries[2]["error"].lower()
     assert calls(sandbox, "sleep") == ["sleep 2", "sleep 4", "sleep 8"]
     assert (sandbox.root / "run/captainos/tink-agent").read_bytes() == Path("/bin/true").read_bytes()
     assert sorted(p.name for p in (sandbox.root / "run/captainos").iterdir()) == ["tink-agent"]
@@ -218,13 +231,13 @@ def test_a_directory_is_refused(sandbox):
     assert_refused(sandbox, unusable(sandbox, folder), "a directory")
 
 
-def test_a_symlink_is_refused_and_its_target_untouched(sandbox):
+def test_a_symlink_is_looked_up_in_the_image_and_its_host_target_untouched(sandbox):
     host_file = sandbox.tmp / "shadow"
     host_file.write_text("root:*:1::::::\n")
     host_file.chmod(0o600)
     link = sandbox.tmp / "link"
     link.symlink_to(host_file)
-    assert_refused(sandbox, unusable(sandbox, link), "symbolic link")
+    assert_refused(sandbox, unusable(sandbox, link), "the agent image has no tink-agent binary")
     assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
 
 
@@ -527,7 +540,5 @@ def test_an_embedded_agent_image_is_used_without_a_pull(sandbox):
     assert pulls(sandbox) == []
     assert "the agent image is already here (embedded), not pulling it" in result.messages("info")
     assert (sandbox.root / "run/captainos/tink-agent").is_file()
-    # ... and the helper container never asks a registry (there may be none).
-    assert [c for c in calls(sandbox, "nerdctl") if " create --pull never " in c]
-    # ... and the helper container never asks a registry (there may be none).
-    assert [c for c in calls(sandbox, "nerdctl") if " create --pull never " in c]
+    # ... and stays: the build put it there (only a pulled agent image is removed).
+    assert not [c for c in calls(sandbox, "nerdctl") if " image rm " in c]

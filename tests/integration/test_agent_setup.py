@@ -32,6 +32,7 @@ pytestmark = [
 ]
 
 CREDS = Credentials("captain", "setup-pw-4711")
+USR_BIN = (Member("usr", 0o755), Member("usr/bin", 0o755))
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,20 @@ def registries(lab_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "directory": Image(Arch.AMD64, (Member("tink-agent", 0o755), Member("tink-agent/x", 0o644, b"x"))),
         "none": Image(Arch.AMD64, (Member("opt", 0o755), Member("opt/other", 0o755, true))),
         "arm64-single": Image(Arch.ARM64, (Member("tink-agent", 0o755, ELF_ARM64),)),
+        # Layers: the top-most copy wins; whiteouts and opaque directories hide what is below.
+        "upper": Image(Arch.AMD64, (*USR_BIN, Member("usr/bin/tink-agent", 0o755, true)),
+                       below=((*USR_BIN, Member("usr/bin/tink-agent", 0o755, ELF_ARM64)),)),
+        "whiteout": Image(Arch.AMD64, (*USR_BIN, Member(".wh.tink-agent", 0o644, b""),
+                                           Member("usr/bin/tink-agent", 0o755, true)),
+                          below=((Member("tink-agent", 0o755, ELF_ARM64),),)),
+        "opaque": Image(Arch.AMD64, (Member("usr", 0o755), Member("usr/bin", 0o755),
+                                     Member("usr/bin/.wh..wh..opq", 0o644, b""), Member("usr/local", 0o755),
+                                     Member("usr/local/bin", 0o755), Member("usr/local/bin/tink-agent", 0o755, true)),
+                        below=((*USR_BIN, Member("usr/bin/tink-agent", 0o755, ELF_ARM64)),)),
+        "hardlink": Image(Arch.AMD64, (Member("real", 0o755, true), Member("tink-agent", 0o755, link="real"))),
+        "plain-tar": Image(Arch.AMD64, (Member("tink-agent", 0o755, true),), gzip=False),
+        "link-loop": Image(Arch.AMD64, (Member("a", 0o777, target="tink-agent"),
+                                        Member("tink-agent", 0o777, target="a"))),
     }
     with registry.Registry(ca, work, "open") as open_reg, \
             registry.Registry(ca, work, "auth", creds=CREDS) as auth_reg:
@@ -90,6 +105,13 @@ def registries(lab_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Ite
                      cert_dir=open_reg.cert_dir)
         oci.push(Runner(), work / "layouts" / "good", "v1", f"{auth_reg.host_address}/agent-good:v1",
                  cert_dir=auth_reg.cert_dir, creds=CREDS)
+        # A layer compressed with zstd (tar in the image cannot read it). Its own bytes: skopeo
+        # would reuse a plain layer of the same digest already in the registry.
+        oci.write_layout(Image(Arch.AMD64, (Member("tink-agent", 0o755, true), Member("zstd", 0o644, b"")), gzip=False),
+                         work / "layouts" / "zstd", "v1")
+        Runner().run(["skopeo", "copy", "--quiet", "--dest-compress", "--dest-compress-format", "zstd",
+                      "--dest-cert-dir", str(open_reg.cert_dir), f"oci:{work / 'layouts' / 'zstd'}:v1",
+                      f"docker://{open_reg.host_address}/agent-zstd:v1"], capture=True)
         # A multi-platform index that lists only arm64.
         index_layout(work / "layouts" / "arm64-single", work / "layouts" / "arm64-index")
         Runner().run(["skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-cert-dir",
@@ -128,7 +150,8 @@ class Setup:
         (tmp / "nerdctl.toml").write_text(f'data_root = "{tmp}/nerdctl"\n')
         self.env = {"PATH": f"{tools_bin}:/usr/sbin:/usr/bin:/sbin:/bin", "ROOT": str(self.root),
                     "CMDLINE_FILE": str(tmp / "cmdline"), "CAPTAINOS_LIB": str(LIB),
-                    "CONTAINERD_SOCKET": str(socket), "NERDCTL_TOML": str(tmp / "nerdctl.toml"),
+                    "CONTAINERD_SOCKET": str(socket), "CONTAINERD_ROOT": str(socket.parent / "root"),
+                    "NERDCTL_TOML": str(tmp / "nerdctl.toml"),
                     "CAP_CONSOLE": str(tmp / "console"), "BACKOFF_MIN": "1", "BACKOFF_MAX": "1",
                     "HOME": str(tmp)}
 
@@ -161,6 +184,13 @@ class Setup:
     def agent(self) -> Path:
         return self.root / "run/captainos/tink-agent"
 
+    def images(self) -> list[str]:
+        """The image names containerd holds in namespace tinkerbell."""
+        out = subprocess.run(["nerdctl", "--address", self.env["CONTAINERD_SOCKET"], "--namespace", "tinkerbell",
+                              "images", "--format", "{{.Repository}}:{{.Tag}}"], env=self.env,
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()
+
 
 @pytest.fixture
 def setup(tmp_path, containerd, tools_bin, registries) -> Setup:
@@ -171,15 +201,21 @@ def ref(regs: dict[str, registry.Registry], name: str, which: str = "open") -> s
     return f"{regs[which].host_address}/agent-{name}:v1"
 
 
-# nerdctl cp resolves a symbolic link inside the image: a link to a binary in the image gives
-# that binary (a regular file on the host), never a link.
-@pytest.mark.parametrize("name", ["good", "elsewhere", "symlink-inside"])
+# A symbolic link inside the image is followed inside the image (as a container sees it): a
+# link to a binary in the image gives that binary (a regular file on the host), never a link.
+# The pulled image is removed afterwards: its layers would take RAM for nothing.
+@pytest.mark.parametrize("name", ["good", "elsewhere", "symlink-inside", "upper", "whiteout", "opaque", "hardlink",
+                                  "plain-tar", "zstd"])
 def test_the_agent_is_pulled_extracted_and_checked(setup, registries, name):
     result = setup.run(f"tink_worker_image={ref(registries, name)}")
     assert result.returncode == 0, result.stderr
     assert setup.agent.read_bytes() == Path("/bin/true").read_bytes()
     assert setup.agent.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in setup.agent.parent.iterdir()) == ["tink-agent"]
+    assert "removed the agent image from containerd" in result.messages("info"), result.stderr
+    assert not [image for image in setup.images() if f"agent-{name}" in image or "captainos.local" in image]
+    converted = [m for m in result.messages("info") if m.startswith("the agent image has compressed layers")]
+    assert len(converted) == (name == "zstd"), result.stderr
 
 
 @pytest.mark.parametrize(("name", "why"), [("arm64-binary", "built for another architecture"),
@@ -188,9 +224,10 @@ def test_the_agent_is_pulled_extracted_and_checked(setup, registries, name):
                                            ("arm64-single", "built for another architecture"),
                                            ("directory", "a directory"),
                                            ("none", "the agent image has no tink-agent binary"),
-                                           # nerdctl resolves the link inside the image, where
+                                           # The link is followed inside the image, where
                                            # /etc/shadow does not exist: nothing to copy.
-                                           ("symlink", "the agent image has no tink-agent binary")])
+                                           ("symlink", "the agent image has no tink-agent binary"),
+                                           ("link-loop", "the agent image has no tink-agent binary")])
 def test_an_unusable_agent_is_refused_once(setup, registries, name, why):
     shadow_mode = Path("/etc/shadow").stat().st_mode
     result = setup.run(f"tink_worker_image={ref(registries, name)}")

@@ -248,7 +248,21 @@ def test_selftest_passes(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
         assert "ok" in info["runc container (pivot_root)"]
         assert "172.17." in info["image container on overlayfs with CNI bridge"]
         assert re.match(r"rootfs +1\.[78]G", info["root"]), info["root"]  # 2 GiB less the 256 MiB reserve
+        # captainos-zram.service: half the RAM as compressed swap.
+        assert re.fullmatch(r"/dev/zram0 partition 10\d{8} ", info["swap"]), info["swap"]
         assert guest.wait_exit(120) == 0
+
+
+def test_a_root_that_does_not_fit_stops_in_init_with_the_reason(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
+    """A root tmpfs smaller than the image (what a 384 MiB machine gets by default: half its
+    RAM) makes the kernel stop unpacking with a write error and leave files out: /init stops
+    with one line saying so instead of starting systemd on that root."""
+    with qemu.Guest(machine(kernel, initramfs, "initramfs_options=size=150M"), workdir=tmp_path) as guest:
+        found = guest.wait_for(r'"prog":"init","msg":"the initramfs did not unpack completely \(([^)]*)\)',
+                               timeout=BOOT_TIMEOUT)
+        assert found.group(1) == "write error", guest.tail()
+        assert "initramfs_options=size=90%" in guest.serial()
+        assert "systemd[1]" not in guest.serial() and "Welcome to" not in guest.serial()
 
 
 def test_without_our_init_runc_cannot_pivot_root(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
@@ -276,11 +290,13 @@ def test_static_ipam_on_a_maximal_smee_command_line(kernel: Path, initramfs: Pat
              "HTTPS_PROXY=http://10.0.2.2:3128", "NO_PROXY=10.0.0.0/8,.example", "vlan_id=42", ipam,
              "interface=enp0s2"]
     words += [f"extra{i}=x" for i in range(31 - len(words))]
-    append = " ".join(["intel_iommu=on", "iommu=pt", "console=tty0", *words, "console=ttyS0"])
+    # captainos.zram=off (a module-style word: never an environment variable) turns swap off.
+    append = " ".join(["intel_iommu=on", "iommu=pt", "console=tty0", *words, "captainos.zram=off", "console=ttyS0"])
     with qemu.Guest(machine(kernel, initramfs, append), workdir=tmp_path) as guest:
         verdict, info, logs = selftest(guest)
         assert "Too many boot env vars" not in guest.serial()
         assert verdict == "PASS", guest.tail()
+        assert info["swap"] == "", info["swap"]
         assert [a.split("=")[1] for a in info["addresses"].split()] == ["10.0.2.50/24"], info["addresses"]
         assert info["hostname"] == "captest"
         assert info["dns"].split() == ["10.0.2.3"]

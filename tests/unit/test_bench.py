@@ -185,3 +185,15 @@ def test_option_env_gives_another_checkout_the_same_options():
     again = config.load(env=bench.option_env(cfg))
     assert again == cfg
     assert config.load(env=bench.option_env(config.load(env={}))) == config.load(env={})
+
+
+@pytest.mark.parametrize(("floor", "expected"), [(384, 384), (256, 256), (1024, 1024), (300, 320), (2048, None)])
+def test_floor_search_finds_the_smallest_working_step(floor, expected):
+    tried = []
+
+    def works(mib: int) -> bool:
+        tried.append(mib)
+        return mib >= floor
+
+    assert bench.floor_search(works, 256, 1024, 64) == expected
+    assert tried[0] == 1024 and len(tried) <= 6  # the top first, then a binary search of 13 steps

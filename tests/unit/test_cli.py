@@ -135,6 +135,37 @@ def test_lab_verb_arguments():
     assert args.action == "up" and args.auth and args.name == "second"
 
 
+def test_lab_run_takes_its_workflow_after_options():
+    _, _, args = cli.parse(["lab", "run", "--timeout", "600", "examples/workflow.yaml"], env={})
+    assert args.action == "run" and args.workflow == "examples/workflow.yaml" and args.timeout == 600
+
+
+def test_a_stray_argument_is_still_refused(capsys):
+    assert cli.main(["lab", "run", "a.yaml", "b.yaml"]) == 1
+    assert "unrecognized arguments: b.yaml" in capsys.readouterr().err
+    assert cli.main(["summary", "x"]) == 1
+
+
+def test_sigterm_runs_the_interrupt_cleanup(monkeypatch, capsys):
+    import os
+    import signal
+
+    cleaned = []
+
+    def handler(cfg, args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setitem(cli.HANDLERS, "summary", handler)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["summary"]) == 143
+    assert cleaned == [True]
+    assert "terminated; nothing partial was kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_lab_bad_action_is_one_line(capsys):
     assert cli.main(["lab", "sideways"]) == 1
     err = capsys.readouterr().err

@@ -384,6 +384,35 @@ def test_patch_init_env_limit_fails_loudly_when_the_symbol_moved(tmp_path: Path)
         kernel.patch_init_env_limit(tree)
 
 
+NAMESPACE_C = """static char * __initdata initramfs_options;
+static int __init initramfs_options_setup(char *str)
+{
+	initramfs_options = str;
+	return 1;
+}
+"""
+
+
+def test_patch_initramfs_options_sets_the_default_once(tmp_path: Path) -> None:
+    (tmp_path / "fs").mkdir()
+    source = tmp_path / "fs" / "namespace.c"
+    source.write_text(NAMESPACE_C)
+    assert kernel.patch_initramfs_options(tmp_path)
+    text = source.read_text()
+    assert text == NAMESPACE_C.replace("initramfs_options;", 'initramfs_options = "size=90%";', 1)
+    assert kernel.patch_initramfs_options(tmp_path) and source.read_text() == text  # idempotent
+    assert kernel.patch_initramfs_options(tmp_path, "size=80%")  # a changed value replaces the old one
+    assert source.read_text().count('initramfs_options = "size=80%";') == 1
+
+
+def test_a_kernel_without_initramfs_options_is_a_warning(tmp_path: Path, capsys) -> None:
+    (tmp_path / "fs").mkdir()
+    (tmp_path / "fs" / "namespace.c").write_text("static int other;\n")
+    assert not kernel.patch_initramfs_options(tmp_path)
+    assert "has no initramfs_options" in capsys.readouterr().err
+    assert (tmp_path / "fs" / "namespace.c").read_text() == "static int other;\n"
+
+
 def test_bzimage_cmdline_size(tmp_path: Path) -> None:
     image = bytearray(0x300)
     image[0x202:0x206] = b"HdrS"

@@ -221,3 +221,27 @@ def test_what_every_vm_of_a_lab_boots_with(tmp_path):
     assert args[:3] == ["loglevel=4", "docker_registry=10.77.0.1:5001", "registry_username=captain"]
     assert f"registry_password={lab.password}" in args
     assert not any(a.startswith("tink_worker_image=") for a in args)  # it would win over docker_registry
+
+
+def test_a_console_line_to_give_up_on_ends_the_run_at_once(tmp_path):
+    """The RAM benchmark's probes stop at the first sign that memory ran out instead of
+    waiting for the workflow's timeout."""
+    from types import SimpleNamespace
+
+    from captainos.lab import bench
+
+    class Client:
+        def get(self, kind, name):
+            return {"status": {"state": "STATE_PENDING"}}
+
+    lab = Lab(config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out"), name="t1", root=tmp_path / "lab")
+    lab.client = Client()  # type: ignore[assignment]
+    guest = SimpleNamespace(proc=None, workdir=tmp_path / "qemu")
+    console = SimpleNamespace(lines=[(0.0, "[  1.0] booting"),
+                                     (1.0, "[ 112.56] Out of memory: Killed process 237 (systemd-resolve)")])
+    plan = Provision(workflow=Path("w"), timeout=60, give_up=bench.RAM_GIVE_UP)
+    with pytest.raises(CaptainError, match=r"console says: \[ 112.56\] Out of memory: Killed process 237"):
+        lab._follow("wf", guest, plan, 0.0, console)  # type: ignore[arg-type]
+    quiet = Provision(workflow=Path("w"), timeout=0)  # nothing to give up on: the timeout ends it
+    with pytest.raises(CaptainError, match="still"):
+        lab._follow("wf", guest, quiet, 0.0, SimpleNamespace(lines=console.lines))  # type: ignore[arg-type]

@@ -45,7 +45,7 @@ def test_agent_image_layout(tmp_path, fake_binary):
     index, manifest, config, layer = read_image(layout)
     assert index["manifests"][0]["digest"] == digest
     assert index["manifests"][0]["annotations"] == {"org.opencontainers.image.ref.name": "v0.25.0"}
-    assert manifest["mediaType"] == oci.MEDIA_MANIFEST and manifest["layers"][0]["mediaType"] == oci.MEDIA_LAYER
+    assert manifest["mediaType"] == oci.MEDIA_MANIFEST and manifest["layers"][0]["mediaType"] == oci.MEDIA_LAYER_GZIP
     assert config["architecture"] == "amd64" and config["os"] == "linux"
     assert config["config"]["Entrypoint"] == ["/tink-agent"] and "Cmd" not in config["config"]
     tar_bytes = gzip.decompress(layer)
