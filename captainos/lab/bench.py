@@ -180,7 +180,7 @@ def busybox_initramfs(output: Path, script: str) -> Path:
 # sd-bus cannot identify its peer: "No data available").
 ANALYSIS_OFFSET = 8 << 20
 BLAME_LINES = 15
-ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg")
+ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg", "agent-setup")
 ANALYSIS_TASK = {
     "name": "benchmark-boot-analysis",
     "actions": [{
@@ -193,6 +193,8 @@ ANALYSIS_TASK = {
                     "cd /tmp && sa='chroot /host /usr/bin/systemd-analyze'"
                     f" && $sa blame --no-pager | head -n {BLAME_LINES} >blame && test -s blame"
                     " && $sa critical-chain --no-pager >critical-chain && $sa plot >plot.svg"
+                    " && chroot /host /usr/bin/journalctl -b -u tink-agent-setup -o short-monotonic --no-pager"
+                    " >agent-setup"
                     f" && tar -cf analysis.tar {' '.join(ANALYSIS_FILES)}"
                     f" && dd if=analysis.tar of=/dev/vda bs=512 seek={ANALYSIS_OFFSET // 512} conv=notrunc,fsync"],
     }],
@@ -261,7 +263,9 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
         report.add(f"boot: {label} (median of {len(values)})", f"{median:.1f} s ({median / floor:.1f}x floor)",
                    command)
     for name, title in (("blame", f"`systemd-analyze blame`, top {BLAME_LINES}"),
-                        ("critical-chain", "`systemd-analyze critical-chain`")):
+                        ("critical-chain", "`systemd-analyze critical-chain`"),
+                        ("agent-setup", "`journalctl -u tink-agent-setup -o short-monotonic` (where the setup's "
+                                        "time goes)")):
         text = analysis.get(name, b"").decode(errors="replace").strip()
         report.tables.append(f"{title} in the VM, last run ({command}; the workflow's last task writes it to "
                              "the VM's disk):\n\n```\n" + (text or "(the guest wrote nothing)") + "\n```")

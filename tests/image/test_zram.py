@@ -42,7 +42,7 @@ def test_swap_is_half_the_ram_with_zstd(sandbox):
     assert (sys / "comp_algorithm").read_text() == "zstd"
     assert (sys / "disksize").read_text() == str(MEM_KIB * 1024 // 2)
     assert [c for c in sandbox.call_lines() if not c.startswith("modprobe")] == [
-        "mkswap /dev/zram0", "swapon --discard --priority 100 /dev/zram0"]
+        "mkswap /dev/zram0", "swapon --discard=pages --priority 100 /dev/zram0"]
     [line] = [e for e in result.logs() if e["msg"] == "swapping to compressed RAM"]
     assert line["size"] == "192MiB" and line["algorithm"] == "zstd"
 

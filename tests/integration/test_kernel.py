@@ -143,6 +143,8 @@ def test_compile_from_debian_source_amd64(tmp_path: Path) -> None:
     assert [resolved.get(o, "n") for o in ("CONFIG_DRM", "CONFIG_SOUND", "CONFIG_WLAN")] == ["n", "n", "n"]
     assert (entry / "vmlinuz").stat().st_size < 16 * 1024 * 1024
     assert info["init_env_arg_limit"] == 128
+    assert info["initramfs_options"] == "size=90%"  # the unpack tmpfs, patched in fs/namespace.c
+    assert resolved["CONFIG_SWAP"] == "y" and resolved["CONFIG_ZRAM"] == "y"  # captainos-zram.service
     seen = boot(entry, tmp_path, append=f"{PAD} {env_words(60)}")
     assert seen["UNAME"] == info["version"]
     assert int(seen["CMDLINE-LEN"]) > len(PAD), seen  # nothing cut at 2048
@@ -166,6 +168,7 @@ def test_compiled_kernel_boots_the_image_to_selftest_pass(make_lab_cfg, tmp_path
         assert verdict == "PASS", guest.tail()
         assert "ok" in info["runc container (pivot_root)"]
         assert "/proc/config.gz" in info["kernel config"], info["kernel config"]
+        assert info["swap"].startswith("/dev/zram0 partition"), info["swap"]  # zram built in
         assert guest.wait_exit(120) == 0
 
 
