@@ -130,3 +130,19 @@ def test_auth_file_is_private_and_removed():
     assert not path.exists()
     with oci.auth_file("r", None) as nothing:
         assert nothing is None
+
+
+def test_layers_below_come_first_and_plain_tar_layers_are_not_compressed(tmp_path):
+    image = oci.Image(Arch.AMD64, (oci.Member("real", 0o755, b"x"), oci.Member("tink-agent", 0o755, link="real")),
+                      below=((oci.Member("tink-agent", 0o755, b"old"),),), gzip=False)
+    oci.write_layout(image, tmp_path / "img", "v1")
+    index = json.loads((tmp_path / "img" / "index.json").read_text())
+    manifest = json.loads(blob(tmp_path / "img", index["manifests"][0]["digest"]))
+    config = json.loads(blob(tmp_path / "img", manifest["config"]["digest"]))
+    layers = [blob(tmp_path / "img", d["digest"]) for d in manifest["layers"]]
+    assert [d["mediaType"] for d in manifest["layers"]] == [oci.MEDIA_LAYER_TAR] * 2
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
+    with tarfile.open(fileobj=io.BytesIO(layers[0])) as low, tarfile.open(fileobj=io.BytesIO(layers[1])) as top:
+        assert low.extractfile("tink-agent").read() == b"old"
+        link = top.getmember("tink-agent")
+        assert link.islnk() and link.linkname == "real"
