@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -258,6 +259,25 @@ def test_setup_waits_for_containerd_before_pulling(sandbox):
     lines = sandbox.call_lines()
     first_pull = next(i for i, line in enumerate(lines) if " pull " in line)
     assert [line.split()[-1] for line in lines[:first_pull] if line.startswith("nerdctl")] == ["version"] * 6
+
+
+def test_a_containerd_socket_is_not_asked_again_and_a_dead_one_is_retried(sandbox):
+    """containerd (Type=notify) has made its socket before the setup starts: no `nerdctl
+    version` first. If containerd died since, the pull's error says so and the pull retries."""
+    fake_runtime(sandbox, fail_pulls=1, pull_errors=(
+        'time="x" level=fatal msg="cannot access containerd socket \\"/run/containerd/containerd.sock\\": '
+        'connection refused"',))
+    (sandbox.root / "run/containerd").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(sandbox.root / "run/containerd/containerd.sock"))
+        sandbox.cmdline("tink_worker_image=reg.local/agent:1")
+        result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in calls(sandbox, "nerdctl") if line.endswith(" version")]
+    assert len(pulls(sandbox)) == 2
+    [warning] = [e for e in result.logs() if e["msg"] == "pull failed, retrying"]
+    assert "cannot access containerd socket" in warning["error"]
+    assert "waiting for containerd" not in result.messages("info")
 
 
 @pytest.mark.parametrize("cmdline", ['tink_worker_image="reg.local/tink agent:1"', "tink_worker_image=",

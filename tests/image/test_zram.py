@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.image.conftest import IMAGE
 
 if TYPE_CHECKING:
     from tests.image.conftest import Result, Sandbox
@@ -83,3 +89,27 @@ def test_a_failed_swapon_is_one_error(sandbox):
     assert result.returncode == 1
     [error] = [e for e in result.logs() if e["level"] == "error"]
     assert error["msg"] == "cannot swap to zram" and "Device or resource busy" in error["error"]
+
+
+def test_the_unit_runs_only_below_1_gib_or_when_asked():
+    """systemd itself evaluates the unit's conditions on this host (more than 1 GiB, no
+    captainos.zram= on its command line): skipped. The same conditions with the memory test
+    turned around pass, so it is the memory test that decides. (The VMs check the rest: 2 GiB
+    gets no swap, captainos.zram=on does, a 1 GiB machine does: tests/lab.)"""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = (IMAGE / "mkosi.extra/usr/lib/systemd/system/captainos-zram.service").read_text()
+    conditions = [line for line in unit.splitlines() if line.startswith("Condition")]
+    assert conditions == ["ConditionKernelCommandLine=!captainos.zram=off",
+                          "ConditionKernelCommandLine=|captainos.zram=on", "ConditionMemory=|<1G"]
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])  # MemTotal
+    if "captainos.zram" in Path("/proc/cmdline").read_text() or mem_kib < 2 * 1024 * 1024:
+        pytest.skip("this host's command line or memory decides otherwise")
+
+    def analyze(*lines: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemd-analyze", "condition", *lines], capture_output=True, text=True, check=False)
+
+    skipped = analyze(*conditions)
+    assert skipped.returncode == 1 and "ConditionMemory=|<1G failed" in skipped.stderr, skipped.stderr
+    turned = analyze(*[c.replace("<1G", ">=1G") for c in conditions])
+    assert turned.returncode == 0, turned.stderr

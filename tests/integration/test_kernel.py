@@ -161,7 +161,8 @@ def test_compiled_kernel_boots_the_image_to_selftest_pass(make_lab_cfg, tmp_path
     cfg = make_lab_cfg("debian-source", tmp_path / "out")
     entry = pipeline.build_kernel(cfg)
     initramfs = image.build(cfg, Runner(), entry, pipeline.build_tools(cfg)) / image.OUTPUT
-    machine = Machine(Arch.AMD64, kernel=entry / "vmlinuz", initrd=initramfs, append="", accel=Accel.TCG)
+    machine = Machine(Arch.AMD64, kernel=entry / "vmlinuz", initrd=initramfs, append="captainos.zram=on",
+                      accel=Accel.TCG)
     with Guest(machine, workdir=tmp_path / "qemu") as guest:
         verdict = guest.wait_for(r"CAPTAINOS-SELFTEST: (PASS|FAIL.*)", timeout=900).group(1)
         info = dict(re.findall(r"CAPTAINOS-SELFTEST: info ([^:]+): (.*?)\r?$", guest.serial(), re.M))

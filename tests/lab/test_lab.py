@@ -186,7 +186,8 @@ def test_action_past_its_timeout_times_the_workflow_out(real_lab, runs):
 def test_an_action_that_fills_the_disk_fails_alone(real_lab, runs):
     """1 GiB VM: the action writes until the root is full. It fails with "No space left on
     device"; no process is killed for memory; the agent lives on to report it; the action saw
-    oom_score_adj 1000 and a masked /proc/cmdline (the command line holds a password)."""
+    oom_score_adj 1000, a masked /proc/cmdline (the command line holds a password) and the
+    zram swap a machine under 1 GiB gets (captainos-zram.service's ConditionMemory=)."""
     out = scenario(runs, "fill")
     assert out.state == "FAILED", explain(real_lab, out)
     states = dict(out.actions())
@@ -194,7 +195,7 @@ def test_an_action_that_fills_the_disk_fails_alone(real_lab, runs):
     assert states["never"] in ("", "PENDING"), states
     text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
     assert "No space left on device" in text, explain(real_lab, out)
-    assert "probe oom_score_adj=1000 cmdline=[]" in text, explain(real_lab, out)
+    assert "probe oom_score_adj=1000 cmdline=[] swaps=[/dev/zram0]" in text, explain(real_lab, out)
     assert FILL_SECRET not in "\n".join(m.raw for m in out.syslog)
     assert not re.search(r"Out of memory|oom-kill|invoked oom-killer", text), explain(real_lab, out)
     # The agent reported the failure after the disk was full: it was alive. (v0.25.0 logs the
