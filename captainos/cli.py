@@ -11,16 +11,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from captainos import __version__, artifacts, config, log
-from captainos.config import Config
-from captainos.errors import CaptainError
+from captainos import __version__
+from captainos.core import config, log
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.stages import artifacts, pipeline
 
 VERBS: dict[str, str] = {
-    "build": "run every stage: kernel -> tools -> initramfs -> iso -> checksums (the default)",
-    "kernel": "build or fetch the kernel and its modules",
-    "tools": "produce containerd, runc, nerdctl and the CNI plugins at their pinned versions",
-    "initramfs": "assemble the initramfs with mkosi (needs the kernel and tools stages)",
-    "iso": "build the UEFI-bootable ISO from the kernel and initramfs",
+    "build": f"run every stage: {' -> '.join(pipeline.NAMES)} -> checksums (the default)",
+    **{stage.name: stage.help for stage in pipeline.STAGES},
     "checksums": "write out/sha256sums-<arch>.txt (or check it with --verify)",
     "publish": "out/ as an OCI image (files at its root) in a local layout (--oci-dir) and/or a registry (--to)",
     "qemu-test": "boot out/ artifacts in QEMU (serial console on this terminal; Ctrl-A X quits)",
@@ -194,29 +193,16 @@ def _prepare(cfg: Config, verb: str) -> None:
 
 
 def _build(cfg: Config, args: argparse.Namespace) -> None:
-    from captainos import pipeline
-
     _prepare(cfg, "build")
     pipeline.build(cfg)
 
 
 def _stage_verb(name: str) -> Callable[[Config, argparse.Namespace], None]:
     def handler(cfg: Config, args: argparse.Namespace) -> None:
-        from captainos import pipeline
-
         _prepare(cfg, name)
         # A stage's inputs come from the stages before it, resolved for this configuration:
         # cache hits when they were built (use --kernel-mode skip etc. to take the last build).
-        if name == "kernel":
-            pipeline.build_kernel(cfg)
-        elif name == "tools":
-            pipeline.build_tools(cfg)
-        elif name == "initramfs":
-            pipeline.build_initramfs(cfg, pipeline.build_kernel(cfg), pipeline.build_tools(cfg))
-        elif name == "iso":
-            kernel_entry = pipeline.build_kernel(cfg)
-            pipeline.build_iso(cfg, kernel_entry,
-                               pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg)))
+        pipeline.run_through(cfg, name)
     return handler
 
 
@@ -232,7 +218,8 @@ def _checksums(cfg: Config, args: argparse.Namespace) -> None:
 def _publish(cfg: Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from captainos import host, publish
+    from captainos import host
+    from captainos.stages import publish
 
     if args.to:
         host.check(cfg, "publish")
@@ -251,14 +238,28 @@ def _summary(cfg: Config, args: argparse.Namespace) -> None:
         summary.show(report, cfg)
 
 
+LAB_PACKAGES = {"yaml": "PyYAML", "grpc": "grpcio", "grpc_tools": "grpcio-tools"}  # module: PyPI name
+
+
+def _lab_module(name: str) -> Any:
+    """captainos.lab.<name>, or one line naming what of the lab extra is missing (building an
+    image needs none of it, so a plain install has none)."""
+    import importlib
+    import importlib.util
+
+    missing = [package for module, package in LAB_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise CaptainError(f"this verb needs the lab extra, missing: {', '.join(missing)}",
+                           "pip install 'captainos[lab]' (from a checkout: pip install -e '.[lab]')")
+    return importlib.import_module(f"captainos.lab.{name}")
+
+
 def _qemu_test(cfg: Config, args: argparse.Namespace) -> None:
     from captainos import host
 
     host.check(cfg, "qemu-test")
     if args.workflow:
-        from captainos.lab import e2e
-
-        e2e.run_workflow_file(cfg, args.workflow)
+        _lab_module("e2e").run_workflow_file(cfg, args.workflow)
         return
     from captainos.lab import qemu
 
@@ -280,8 +281,7 @@ def _clean(cfg: Config, args: argparse.Namespace) -> None:
 def _bench(cfg: Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from captainos.lab import bench
-
+    bench = _lab_module("bench")
     if args.runs < 1:
         raise CaptainError(f"invalid --runs {args.runs}", "use 1 or more")
     only = tuple(s.strip() for s in args.only.split(",") if s.strip())
@@ -290,10 +290,9 @@ def _bench(cfg: Config, args: argparse.Namespace) -> None:
 
 def _lab(cfg: Config, args: argparse.Namespace) -> None:
     from captainos import host
-    from captainos.lab import cli as lab_cli
 
     host.check(cfg, "lab")
-    lab_cli.main(cfg, args)
+    _lab_module("cli").main(cfg, args)
 
 
 def _setup(cfg: Config, args: argparse.Namespace) -> None:
@@ -304,10 +303,7 @@ def _setup(cfg: Config, args: argparse.Namespace) -> None:
 
 HANDLERS: dict[str, Callable[[Config, Any], None]] = {
     "build": _build,
-    "kernel": _stage_verb("kernel"),
-    "tools": _stage_verb("tools"),
-    "initramfs": _stage_verb("initramfs"),
-    "iso": _stage_verb("iso"),
+    **{name: _stage_verb(name) for name in pipeline.NAMES},
     "checksums": _checksums,
     "publish": _publish,
     "qemu-test": _qemu_test,

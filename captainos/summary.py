@@ -6,16 +6,16 @@ import json
 import sys
 from typing import Any
 
-from captainos import __version__, artifacts, cache, pins
-from captainos.config import Config
-from captainos.errors import CaptainError
-
-STAGES = ("kernel", "tools", "initramfs", "iso")
+from captainos import __version__
+from captainos.core import cache, pins
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.stages import artifacts, pipeline
 
 
 def collect(cfg: Config, with_mkosi: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {"version": __version__, "config": cfg.to_json(), "stages": {}, "artifacts": {}}
-    for stage in STAGES:
+    for stage in pipeline.NAMES:
         try:
             entry = cache.last(cfg.cache_dir, stage, cfg.arch.value)
         except CaptainError:
@@ -35,8 +35,8 @@ def collect(cfg: Config, with_mkosi: bool = True) -> dict[str, Any]:
 
 
 def _mkosi_summary(cfg: Config) -> str:
-    from captainos import image
-    from captainos.run import run
+    from captainos.core.run import run
+    from captainos.stages import image
 
     try:
         return run(image.summary_argv(cfg), capture=True).stdout

@@ -38,9 +38,9 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 def lab_config(kernel_source: str, out_dir: Path):  # type: ignore[no-untyped-def]
     """The test profile with the end-to-end harness's CA in the trust store, on the given
     kernel source, writing to out_dir."""
-    from captainos import config
+    from captainos.core import config
+    from captainos.core.run import Runner
     from captainos.lab import registry
-    from captainos.run import Runner
 
     cache = {k: v for k, v in os.environ.items() if k == "CAPTAINOS_CACHE"}
     ca = registry.ensure_ca(config.load(env=cache).cache_dir, Runner())
@@ -72,7 +72,7 @@ def lab_cfg(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 @pytest.fixture(scope="session")
 def kernel_entry(lab_cfg) -> Path:  # type: ignore[no-untyped-def]
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     return pipeline.build_kernel(lab_cfg)
 
@@ -82,8 +82,8 @@ def arm64(lab_cfg, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     """(config, vmlinuz, initramfs) of the arm64 test image (built through qemu-user)."""
     import dataclasses
 
-    from captainos import pipeline
-    from captainos.config import Arch
+    from captainos.core.config import Arch
+    from captainos.stages import pipeline
 
     binfmt = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
     if not Arch.ARM64.is_host() and not binfmt.exists():

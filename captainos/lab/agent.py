@@ -16,10 +16,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from captainos import cache, golang, log, pins
-from captainos.config import Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, log, pins
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import golang
 
 LDFLAGS = "-s -w"
 

@@ -11,7 +11,6 @@ import dataclasses
 import platform
 import shutil
 import statistics
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -21,10 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from captainos import artifacts, cache, cpio, log, segments, site
-from captainos.config import REPO, Accel, Config
-from captainos.errors import CaptainError
+from captainos.core import cache, log
+from captainos.core.config import REPO, Accel, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import pipe
 from captainos.lab import qemu
+from captainos.stages import artifacts, cpio, segments, site
 
 SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro")
 
@@ -125,7 +126,7 @@ def size(report: Report, initramfs: Path, vmlinuz: Path | None, top: int = 20) -
 
 
 def _zstd(data: bytes) -> bytes:
-    return subprocess.run(["zstd", "-19", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+    return pipe(["zstd", "-19", "-q", "-c"], data)
 
 
 def _package_sizes(blob: bytes) -> dict[str, int]:
@@ -355,7 +356,7 @@ def _timed(action: Callable[[], object]) -> float:
 
 def build_times(report: Report, cfg: Config, workdir: Path) -> None:
     """Cold (empty cache dir) and cached time per stage; rebuild after one overlay change."""
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     cold = dataclasses.replace(cfg, cache_dir=workdir / "cold-cache", out_dir=workdir / "cold-out")
     # The compile keeps its unpacked source and objects under build/<arch>/kernel (outside the
@@ -394,7 +395,7 @@ def copy_checkout(dest: Path) -> Path:
 def option_env(cfg: Config) -> dict[str, str]:
     """cfg's build options as the environment variables that set them (the same inputs in
     another checkout); the cache and output dirs are the caller's."""
-    from captainos import config
+    from captainos.core import config
 
     env = {}
     for f in dataclasses.fields(cfg):
@@ -410,7 +411,7 @@ def option_env(cfg: Config) -> dict[str, str]:
 
 def _build_in(checkout: Path, cache_dir: Path, cfg: Config, no_cache: bool = False) -> Path:
     """`./build.py initramfs` with cfg's options in that checkout and cache dir; returns its out/."""
-    from captainos.run import run
+    from captainos.core.run import run
 
     env = {**option_env(cfg), "CAPTAINOS_CACHE": str(cache_dir), "OUT_DIR": str(checkout / "out"),
            "NO_CACHE": "1" if no_cache else ""}
@@ -424,7 +425,7 @@ def reproducibility(report: Report, cfg: Config, workdir: Path) -> None:
     no object dirs: what a second machine does), a NO_CACHE rebuild in that copy, and the
     cached rebuild of this checkout. Equal sha256 for the kernel and the initramfs, or the files
     that differ; and the Debian package versions each used (packages-<arch>.lock)."""
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     checkout = copy_checkout(workdir / "checkout")
     cold_out = _build_in(checkout, workdir / "cold-cache", cfg)

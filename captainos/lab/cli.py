@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from captainos import artifacts, log
-from captainos.config import Config
-from captainos.errors import CaptainError
+from captainos.core import log
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
 from captainos.lab import kube, netns
 from captainos.lab.lab import Lab, Provision, lab_dir
+from captainos.stages import artifacts
 
 
 def _start(cfg: Config, args: argparse.Namespace) -> Lab:

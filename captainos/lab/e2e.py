@@ -31,11 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from captainos import artifacts, cache, log, pins
-from captainos.config import Config
-from captainos.errors import CaptainError
+from captainos.core import cache, log, pins
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
 from captainos.lab import agent, oci, qemu, registry, syslogd, workflow
-from captainos.run import Runner
+from captainos.stages import artifacts
 
 GUEST_HOST = "10.0.2.2"  # the host, as QEMU user networking shows it to the guest
 AGENT_REPO = "tink-agent"

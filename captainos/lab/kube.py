@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from captainos.errors import CaptainError
+from captainos.core.errors import CaptainError
 from captainos.lab import netns, workflow
 
 GROUP = "tinkerbell.org/v1alpha1"

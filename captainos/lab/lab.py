@@ -25,7 +25,6 @@ import re
 import secrets
 import shutil
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,11 +36,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from captainos import artifacts, cache, log, run
-from captainos.config import Accel, Arch, Config
-from captainos.errors import CaptainError
+from captainos.core import cache, log, run
+from captainos.core.config import Accel, Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
 from captainos.lab import agent, e2e, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
-from captainos.run import Runner
+from captainos.stages import artifacts
 
 REGISTRY_PORT = 5000
 AUTH_REGISTRY_PORT = 5001
@@ -253,7 +253,7 @@ class Lab:
         self.username = "captain"
         self.registries: list[registry.Registry] = []
         self.server: tinkerbell.Server | None = None
-        self.http: subprocess.Popen[bytes] | None = None
+        self.http: run.Process | None = None
         self.client: kube.Client | None = None
         self.state: State | None = None
         self._owner = True  # this object made the lab (and takes it down)
@@ -329,7 +329,7 @@ class Lab:
                            str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url)
         self.state.save(self.root / "lab.json")
 
-    def _serve_artifacts(self) -> subprocess.Popen[bytes]:
+    def _serve_artifacts(self) -> run.Process:
         argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", "captainos.lab.artifacts_server",
                                                     "--bind", self.network.address, "--port", str(ARTIFACT_PORT),
                                                     "--directory", str(self.artifacts)])

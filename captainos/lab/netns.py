@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from captainos import log
-from captainos.errors import CaptainError
-from captainos.run import Runner, run
+from captainos.core import log
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner, run
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000

@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captainos.config import Arch
-from captainos.errors import CaptainError
-from captainos.oci import (
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.stages.oci import (
     EPOCH,
     MEDIA_CONFIG,
     MEDIA_INDEX,
@@ -35,7 +36,6 @@ from captainos.oci import (
     descriptor,
     digest,
 )
-from captainos.run import Runner
 
 __all__ = ["MEDIA_INDEX", "MEDIA_MANIFEST", "REF_NAME", "Image", "Member", "push", "write_layout"]
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static

@@ -12,17 +12,16 @@ import os
 import re
 import shlex
 import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from captainos import log
-from captainos.config import Accel, Arch, Config
-from captainos.errors import CaptainError
-from captainos.run import base_env
+from captainos.core import log, run
+from captainos.core.config import Accel, Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import base_env
 
 ALWAYS_APPEND = "audit=0"
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -130,9 +129,9 @@ def probe_accel(arch: Arch, kernel: Path | None = None, timeout: float = 20.0) -
         serial = Path(tmp) / "serial.log"
         machine = Machine(arch, kernel=kernel, append="panic=-1", accel=Accel.KVM, mem="256M", smp=1,
                           serial_log=serial)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(argv(machine), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                           env=base_env(), check=False)
+        proc = run.spawn(argv(machine), Path(tmp) / "qemu.log")
+        if run.wait(proc, timeout) is None:
+            run.stop(proc, grace=0)
         text = serial.read_text(errors="replace") if serial.exists() else ""
     if "Kernel panic" in text or "VFS:" in text:
         return Accel.KVM
@@ -162,7 +161,7 @@ class Guest:
         monitor = machine.monitor or self.workdir / "monitor.sock"
         self.machine = Machine(**{**machine.__dict__, "serial_log": serial, "monitor": monitor})
         self.serial_log = serial
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: run.Process | None = None
         self.started = 0.0
         self._offset = 0
 
@@ -177,15 +176,9 @@ class Guest:
             self._tmp.cleanup()
 
     def start(self) -> None:
-        cmd = argv(self.machine)
-        shown = shlex.join(cmd)
-        for secret in self.secrets:
-            shown = shown.replace(secret, "***")
-        log.debug(shown)
         self.serial_log.write_bytes(b"")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=(self.workdir / "qemu.stderr").open("wb"), env=base_env())
+        self.proc = run.spawn(argv(self.machine), self.workdir / "qemu.stderr", secret=self.secrets, truncate=True)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -233,10 +226,10 @@ class Guest:
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise CaptainError(f"QEMU still running {timeout:.0f}s later; serial tail:\n{self.tail()}") from None
+        code = run.wait(self.proc, timeout)
+        if code is None:
+            raise CaptainError(f"QEMU still running {timeout:.0f}s later; serial tail:\n{self.tail()}")
+        return code
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -250,7 +243,7 @@ class Guest:
 
 def interactive(cfg: Config) -> None:
     """`qemu-test`: boot out/ artifacts with the serial console on this terminal."""
-    from captainos import artifacts
+    from captainos.stages import artifacts
 
     kernel = cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
     initrd = cfg.out_dir / artifacts.initramfs_name(cfg.arch)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -21,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from captainos import cache, log, run
-from captainos.errors import CaptainError
+from captainos.core import cache, log, run
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
 from captainos.lab.oci import Credentials
-from captainos.run import Runner
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 # Addresses the server certificate is valid for: the QEMU user-net host alias and loopback.
@@ -157,7 +156,7 @@ class Registry:
     # listens on the lab's address, which host and guest both use; call_in runs a probe there.
     lab_address: str = ""
     call_in: Callable[[Callable[[], int | None]], int | None] | None = None
-    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    proc: run.Process | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.lab_address:

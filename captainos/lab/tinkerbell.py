@@ -12,17 +12,16 @@ import base64
 import json
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, log, run
-from captainos.errors import CaptainError
+from captainos.core import cache, log, run
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
 from captainos.lab import kube, netns
-from captainos.run import Runner
 
 API_PORT = 6443
 GRPC_PORT = 42113
@@ -156,7 +155,7 @@ class Server:
         self.netns = ns
         self.log_file = log_file
         self.client = client
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: run.Process | None = None
 
     def ports(self) -> list[tuple[str, int]]:
         """The TCP addresses this Tinkerbell will listen on (etcd's on the namespace's loopback)."""

@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-from captainos import cache, log
-from captainos.errors import CaptainError
+from captainos.core import cache, log
+from captainos.core.errors import CaptainError
 
 PROTO = Path(__file__).resolve().parent / "proto" / "workflow.proto"
 STATES = ("UNSPECIFIED", "PENDING", "RUNNING", "FAILED", "TIMEOUT", "SUCCESS")
@@ -245,7 +245,7 @@ def stubs(cache_dir: Path) -> tuple[ModuleType, ModuleType]:
         if _stubs is None:
             from importlib.metadata import version
 
-            from captainos.run import run
+            from captainos.core.run import run
 
             parts = {"proto": cache.sha256_file(PROTO), "grpcio-tools": version("grpcio-tools"),
                      "protobuf": version("protobuf")}

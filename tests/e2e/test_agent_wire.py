@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from captainos import config
+from captainos.core import config
+from captainos.core.run import Runner, base_env
 from captainos.lab import agent, workflow
-from captainos.run import Runner, base_env
 
 pytestmark = pytest.mark.integration
 AGENT_ID = "de:ad:be:ef:00:01"

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos import config, cpio
+from captainos.core import config
+from captainos.core.run import Runner
 from captainos.lab import agent, e2e
-from captainos.run import Runner
+from captainos.stages import cpio
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def selftest_initramfs(dest: Path, kernel_entry: Path, agent_binary: Path) -> Pa
 
 @pytest.mark.skipif(not Path("/bin/busybox").is_file(), reason="needs busybox-static")
 def test_lab_against_a_busybox_guest_running_the_real_agent(tmp_path):
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     env = {"KERNEL_SOURCE": os.environ.get("KERNEL_SOURCE", "debian-image"), "QEMU_ACCEL": "tcg",
            "QEMU_MEM": "1G", "OUT_DIR": str(tmp_path / "out")}

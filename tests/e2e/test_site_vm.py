@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import pipeline
+from captainos.core.run import Runner
 from captainos.lab import e2e, oci, registry
-from captainos.run import Runner
+from captainos.stages import pipeline
 
 pytestmark = pytest.mark.integration
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"

@@ -539,7 +539,7 @@ def test_an_agent_image_not_embedded_is_pulled_even_when_the_list_exists(sandbox
 def test_image_names_are_written_out_as_the_build_writes_them(sandbox, ref, full):
     """lib.sh's cap_image_full and site.normalize agree (the build lists names one way, the
     setup looks them up the other)."""
-    from captainos import site
+    from captainos.stages import site
 
     result = sandbox.bash(f'cap_image_full "{ref}"')
     assert result.stdout == full == site.normalize(ref)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import run
-from captainos.config import Arch, Config
+from captainos.core import run
+from captainos.core.config import Arch, Config
+from captainos.core.run import Runner
 from captainos.lab import oci, registry
 from captainos.lab.oci import Credentials, Image, Member
-from captainos.run import Runner
 from tests.image.conftest import LIB, PROGRAMS, Result
 from tests.image.test_tink_agent import ELF_ARM64
 
@@ -37,7 +37,7 @@ USR_BIN = (Member("usr", 0o755), Member("usr/bin", 0o755))
 
 @pytest.fixture(scope="module")
 def tools_bin(lab_cfg: Config) -> Path:
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     return pipeline.build_tools(lab_cfg) / "tree" / "usr" / "bin"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos.config import Accel, Arch, Config
+from captainos.core.config import Accel, Arch, Config
 from captainos.lab import qemu
 
 pytestmark = pytest.mark.integration
@@ -99,8 +99,8 @@ def boot_matrix(cfg: Config, kernel_entry: Path, initramfs: Path, tmp_path: Path
 
 
 def test_every_emulated_nic_and_storage_controller(lab_cfg: Config, kernel_entry: Path, tmp_path: Path) -> None:
-    from captainos import image, pipeline
-    from captainos.run import Runner
+    from captainos.core.run import Runner
+    from captainos.stages import image, pipeline
 
     initramfs = image.build(lab_cfg, Runner(), kernel_entry, pipeline.build_tools(lab_cfg)) / image.OUTPUT
     check_matrix(lab_cfg, kernel_entry, *boot_matrix(lab_cfg, kernel_entry, initramfs, tmp_path, 900))
@@ -115,8 +115,8 @@ def test_every_emulated_nic_and_storage_controller_on_arm64(arm64: tuple[Config,
 
 def check_matrix(cfg: Config, kernel_entry: Path, text: str, nics: dict[str, str],
                  disks: dict[str, tuple[str, int]]) -> None:
-    from captainos import firmware
-    from captainos.run import Runner
+    from captainos.core.run import Runner
+    from captainos.stages import firmware
 
     seen_nics = {m.group(1): m for m in re.finditer(r"HW: nic (\S+) drivers=(\S*) addr=(\S*)$", text, re.M)}
     seen_disks = [m.groups() for m in re.finditer(r"HW: disk (\S+) size=(\d+) drivers=(\S*) write=(\S+)$", text, re.M)]

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cpio, firmware, image, log
-from captainos.config import REPO, Accel, Arch, Config
+from captainos.core import log
+from captainos.core.config import REPO, Accel, Arch, Config
+from captainos.core.run import Runner
 from captainos.lab import qemu
-from captainos.run import Runner
+from captainos.stages import cpio, firmware, image
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def kernel(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 def tools_entry(lab_cfg: Config) -> Path:
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     return pipeline.build_tools(lab_cfg)
 
@@ -142,7 +143,7 @@ def test_the_sbom_lists_what_dpkg_says_is_installed(initramfs: Path, unpacked: P
 
 def test_the_sbom_lists_every_go_binary_and_module_go_version_reports(initramfs: Path, unpacked: Path) -> None:
     """`go version -m` over the unpacked image is the second opinion for the Go binaries."""
-    from captainos import golang
+    from captainos.sources import golang
 
     report = subprocess.run([golang.go_binary(), "version", "-m", str(unpacked)], capture_output=True, text=True,
                             check=True).stdout

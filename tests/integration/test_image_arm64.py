@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos import iso
-from captainos.config import Accel, Arch, Config
+from captainos.core.config import Accel, Arch, Config
+from captainos.core.run import Runner
 from captainos.lab import qemu
-from captainos.run import Runner
+from captainos.stages import iso
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 AAVMF = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")

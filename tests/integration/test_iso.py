@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, iso, pins
-from captainos.config import Accel, Arch, Config
+from captainos.core import cache, pins
+from captainos.core.config import Accel, Arch, Config
+from captainos.core.run import Runner
 from captainos.lab import bench, qemu
-from captainos.run import Runner
+from captainos.stages import iso
 
 pytestmark = pytest.mark.integration
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
@@ -98,7 +99,7 @@ def test_secure_boot_iso_boots_with_secure_boot_enforced(lab_cfg: Config, kernel
 @pytest.fixture(scope="module")
 def image_iso(lab_cfg: Config, kernel_entry: Path) -> Path:
     """The ISO of the real test image (self-test profile), as `./build.py iso` makes it."""
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     tools_entry = pipeline.build_tools(lab_cfg)
     initramfs_entry = pipeline.build_initramfs(lab_cfg, kernel_entry, tools_entry)

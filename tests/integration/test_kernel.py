@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from captainos import config, cpio, debian, image, kernel, pipeline
-from captainos.config import Accel, Arch, Config
+from captainos.core import config
+from captainos.core.config import Accel, Arch, Config
+from captainos.core.run import Runner
 from captainos.lab.qemu import Guest, Machine
-from captainos.run import Runner
+from captainos.sources import debian
+from captainos.stages import cpio, image, kernel, pipeline
 
 BUSYBOX = Path("/bin/busybox")
 # Long enough to overflow the stock 2048-byte x86 command line, as Smee's ISO patcher does.

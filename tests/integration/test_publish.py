@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import artifacts, oci, pipeline
-from captainos.config import REPO, Arch, Config
+from captainos.core.config import REPO, Arch, Config
+from captainos.core.run import Runner
 from captainos.lab import registry
 from captainos.lab.oci import Credentials, auth_file_json
-from captainos.run import Runner
+from captainos.stages import artifacts, oci, pipeline
 from tests.integration.test_agent_setup import containerd, tools_bin  # noqa: F401
 
 pytestmark = [
@@ -175,7 +175,7 @@ def test_credentials_come_from_the_auth_file_only(out, registries, cosign, keys,
     """Without an auth file the htpasswd registry refuses the push; with REGISTRY_AUTH_FILE
     skopeo pushes and cosign signs there too (it reads that file as well), and neither the
     registry password nor the key's ever shows."""
-    from captainos import sign
+    from captainos.stages import sign
 
     ref = f"{registries['auth'].host_address}/captainos:v1"
     refused = build_py(out, "--to", ref)
@@ -202,7 +202,7 @@ KEY_PASSWORD = "key-pw-5521"
 
 @pytest.fixture(scope="module")
 def cosign(lab_cfg: Config) -> Path:
-    from captainos import sign
+    from captainos.stages import sign
 
     return sign.build(lab_cfg, Runner())
 
@@ -210,7 +210,7 @@ def cosign(lab_cfg: Config) -> Path:
 @pytest.fixture(scope="module")
 def keys(cosign: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two cosign key pairs: the site's, and another one."""
-    from captainos import sign
+    from captainos.stages import sign
 
     made = {}
     for name in ("site", "other"):
@@ -223,7 +223,7 @@ def keys(cosign: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 def cosign_run(cosign: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    from captainos import sign
+    from captainos.stages import sign
 
     with sign.cosign_env() as env:
         return subprocess.run(argv, env={**env, "PATH": os.environ["PATH"]}, capture_output=True, text=True,
@@ -231,7 +231,7 @@ def cosign_run(cosign: Path, argv: list[str]) -> subprocess.CompletedProcess[str
 
 
 def test_a_signed_publish_verifies_with_the_public_key_only(out, registries, cosign, keys, tmp_path):
-    from captainos import sign
+    from captainos.stages import sign
 
     ref = f"{registries['open'].host_address}/tinkerbell/captainos-signed:v1"
     result = build_py(out, "--oci-dir", str(tmp_path / "layout"), "--to", ref, "--sign-key", str(keys["site"]),

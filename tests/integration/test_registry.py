@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from captainos import config
+from captainos.core import config
+from captainos.core.run import Runner
 from captainos.lab import agent, e2e, oci, registry
 from captainos.lab.oci import Credentials
-from captainos.run import Runner
 
 pytestmark = [
     pytest.mark.integration,

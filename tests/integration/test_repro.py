@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos import artifacts, cache, config
-from captainos.config import Arch
+from captainos.core import cache, config
+from captainos.core.config import Arch
 from captainos.lab import bench
+from captainos.stages import artifacts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="mkosi builds as root")]

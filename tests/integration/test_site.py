@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, site
-from captainos.config import Arch, Config
+from captainos.core import cache
+from captainos.core.config import Arch, Config
+from captainos.core.run import Runner
 from captainos.lab import oci, registry
-from captainos.run import Runner
+from captainos.stages import site
 from tests.image.conftest import LIB, PROGRAMS, Result
 from tests.integration.test_agent_setup import Setup, containerd, ref, registries, tools_bin  # noqa: F401
 

@@ -12,9 +12,10 @@ import subprocess
 
 import pytest
 
-from captainos import config, pins, tools
-from captainos.config import Arch
-from captainos.run import Runner
+from captainos.core import config, pins
+from captainos.core.config import Arch
+from captainos.core.run import Runner
+from captainos.stages import tools
 
 pytestmark = pytest.mark.integration
 

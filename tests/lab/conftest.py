@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from captainos.config import Config
+from captainos.core.config import Config
 from captainos.lab.lab import Lab
 
 
 @pytest.fixture(scope="session")
 def lab_artifacts(lab_cfg: Config) -> Path:
     """out/ of the test image: vmlinuz-x86_64, initramfs-x86_64 and the ISO."""
-    from captainos import pipeline
+    from captainos.stages import pipeline
 
     kernel_entry = pipeline.build_kernel(lab_cfg)
     initramfs_entry = pipeline.build_initramfs(lab_cfg, kernel_entry, pipeline.build_tools(lab_cfg))

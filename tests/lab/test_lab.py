@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos.errors import CaptainError
+from captainos.core.errors import CaptainError
 from captainos.lab import kube, netns, tinkerbell
 from captainos.lab.lab import Lab, Outcome, Provision
 

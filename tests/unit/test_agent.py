@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from captainos import config, golang, pins
-from captainos.config import Arch
-from captainos.errors import CaptainError
+from captainos.core import config, pins
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
 from captainos.lab import agent
-from captainos.run import Runner
+from captainos.sources import golang
 
 
 def download_json(root_dir, api_dir, root_sum=pins.TINK_AGENT.h1):

@@ -1,8 +1,8 @@
 import pytest
 
-from captainos import artifacts
-from captainos.config import Arch
-from captainos.errors import CaptainError
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
+from captainos.stages import artifacts
 
 
 def _make_outputs(out, arch=Arch.AMD64):

@@ -5,9 +5,10 @@ import subprocess
 
 import pytest
 
-from captainos import cli, cpio
-from captainos.errors import CaptainError
+from captainos import cli
+from captainos.core.errors import CaptainError
 from captainos.lab import bench
+from captainos.stages import cpio
 
 
 def _tiny_image(tmp_path, name="initramfs-amd64.cpio.zst", payload=b"x" * 5000):
@@ -123,7 +124,7 @@ def test_diff_archives_reports_mtime_only_changes(tmp_path):
 
 
 def test_the_boot_workflow_gets_the_analysis_task_and_still_parses(tmp_path):
-    from captainos.config import REPO
+    from captainos.core.config import REPO
     from captainos.lab import workflow
 
     out = bench.with_analysis(REPO / "examples" / "workflow.yaml", tmp_path / "wf.yaml")
@@ -179,7 +180,7 @@ def test_the_checkout_copy_leaves_outputs_and_object_dirs_behind(tmp_path, monke
 
 
 def test_option_env_gives_another_checkout_the_same_options():
-    from captainos import config
+    from captainos.core import config
 
     cfg = config.load(env={"PROFILES": "test", "KERNEL_SOURCE": "debian-image", "FORCE_KERNEL": "1"})
     again = config.load(env=bench.option_env(cfg))

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, fetch
-from captainos.errors import CaptainError
+from captainos.core import cache
+from captainos.core.errors import CaptainError
+from captainos.sources import fetch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,7 @@ def test_killed_build_is_not_mistaken_for_done(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from captainos import cache
+        from captainos.core import cache
         def produce(work):
             (work / "half").write_text("partial")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -129,7 +130,7 @@ def test_exclusive_serializes_holders(tmp_path):
 _PRODUCER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from captainos import cache
+    from captainos.core import cache
     root = Path(sys.argv[1])
     def produce(work):
         with (root / "produced").open("a") as log:
@@ -231,7 +232,7 @@ def test_atomic_write_from_many_threads_of_one_process(tmp_path):
     `last` pointer) must not share a temp name: one would rename the other's away."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from captainos import cache
+    from captainos.core import cache
 
     target = tmp_path / "last"
 

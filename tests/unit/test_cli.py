@@ -3,7 +3,7 @@ import json
 import pytest
 
 from captainos import cli
-from captainos.config import Arch
+from captainos.core.config import Arch
 
 
 def test_verbs_cover_the_interface():
@@ -97,7 +97,7 @@ def test_summary_json_is_machine_readable(capsys, monkeypatch, tmp_path):
 
 def test_missing_prerequisite_is_named_with_its_package(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
-    monkeypatch.setattr("captainos.golang.GO_FALLBACK", tmp_path / "go" / "bin" / "go")  # nor setup's Go
+    monkeypatch.setattr("captainos.sources.golang.GO_FALLBACK", tmp_path / "go" / "bin" / "go")  # nor setup's Go
     monkeypatch.setenv("CAPTAINOS_CACHE", str(tmp_path / "cache"))
     assert cli.main(["tools", "--tools-source", "go", "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
@@ -180,3 +180,27 @@ def test_lab_run_without_a_workflow_is_refused(capsys, tmp_path, monkeypatch):
     assert cli.main(["lab", "run"]) == 1
     assert "'lab run' needs a workflow file" in capsys.readouterr().err
     assert not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize("argv", [["bench", "--only", "size"], ["lab", "status"]])
+def test_a_lab_verb_without_the_lab_extra_names_it(argv, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    monkeypatch.setattr("captainos.host.check", lambda cfg, verb: None)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "needs the lab extra, missing: grpcio" in err and "captainos[lab]" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 2  # the error and its hint
+
+
+def test_the_stage_verbs_are_the_stage_table():
+    from captainos.stages import pipeline
+
+    assert pipeline.NAMES == ("kernel", "tools", "initramfs", "iso")
+    assert [s.name for s in pipeline.closure("iso")] == ["kernel", "tools", "initramfs", "iso"]
+    assert [s.name for s in pipeline.closure("initramfs")] == ["kernel", "tools", "initramfs"]
+    assert pipeline.stages_of("tools") == ("tools",) and pipeline.stages_of("summary") == ()
+    for stage in pipeline.STAGES:
+        assert cli.VERBS[stage.name] == stage.help and stage.name in cli.HANDLERS

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from captainos import debian
-from captainos.errors import CaptainError
+from captainos.core.errors import CaptainError
+from captainos.sources import debian
 
 
 @pytest.mark.parametrize(("a", "b", "order"), [

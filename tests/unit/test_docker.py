@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from captainos import docker
-from captainos.run import DockerRunner, Runner, docker_run_argv
+from captainos.core import docker
+from captainos.core.run import DockerRunner, Runner, docker_run_argv
 
 
 def test_builder_tag_follows_the_dockerfile_content(tmp_path):

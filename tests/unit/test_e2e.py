@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from captainos import config
-from captainos.errors import CaptainError
+from captainos.core import config
+from captainos.core.errors import CaptainError
 from captainos.lab import e2e, syslogd
 
 MAC = "52:54:00:12:34:56"

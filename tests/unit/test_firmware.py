@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import debian, firmware
-from captainos.config import Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import debian
+from captainos.stages import firmware
 
 RELEASE = "6.12.0"
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from captainos import golang, pins, tools
-from captainos.config import Arch, load
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import pins
+from captainos.core.config import Arch, load
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import golang
+from captainos.stages import tools
 
 FAKE = "9.9.9"
 
@@ -169,6 +171,6 @@ def test_the_pin_names_the_proxy_path_of_each_arch():
 
 
 def test_the_builder_container_installs_the_same_go():
-    from captainos import docker
+    from captainos.core import docker
 
     assert f"ARG GO_VERSION={pins.GO_TOOLCHAIN.version}\n" in docker.DOCKERFILE.read_text()

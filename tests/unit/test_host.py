@@ -2,8 +2,10 @@ import subprocess
 
 import pytest
 
-from captainos import cache, config, host, pins
-from captainos.errors import CaptainError
+from captainos import host
+from captainos.core import cache, config, pins
+from captainos.core.errors import CaptainError
+from captainos.sources import mkosi
 
 
 def _names(found):
@@ -50,7 +52,7 @@ def test_install_mkosi_verifies_then_unpacks(tmp_path, http_root):
     (root / deb.name).write_bytes(deb.read_bytes())
     pin = pins.DebPin("mkosi", "1", deb.name, cache.sha256_file(deb))
     target = tmp_path / "tools" / "mkosi-1"
-    host.install_mkosi(pin, target, mirror=url)
+    mkosi.install(pin, target, mirror=url)
     assert (target / "usr/lib/python3/dist-packages/mkosi/__init__.py").is_file()
 
 
@@ -60,8 +62,8 @@ def test_install_mkosi_refuses_a_tampered_package(tmp_path, http_root):
     (root / deb.name).write_bytes(deb.read_bytes() + b"tampered")
     pin = pins.DebPin("mkosi", "1", deb.name, cache.sha256_file(deb))
     target = tmp_path / "tools" / "mkosi-1"
-    with pytest.raises(CaptainError, match="checksum mismatch"):
-        host.install_mkosi(pin, target, mirror=url)
+    with pytest.raises(CaptainError, match="sha256 mismatch"):
+        mkosi.install(pin, target, mirror=url)
     assert not target.exists()
     assert list((tmp_path / "tools").iterdir()) == []
 

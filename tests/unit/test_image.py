@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from captainos import __version__, cpio, host, image, pins
-from captainos.config import REPO, Arch, Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos import __version__
+from captainos.core import pins
+from captainos.core.config import REPO, Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import mkosi
+from captainos.stages import cpio, image
 
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -24,7 +27,7 @@ def argv(arch: Arch = Arch.AMD64, **kwargs) -> list[str]:
 
 def test_mkosi_argv_amd64():
     cmd = argv()
-    assert cmd[:5] == ["env", f"PYTHONPATH={host.mkosi_pythonpath()}", "python3", "-m", "mkosi"]
+    assert cmd[:5] == ["env", f"PYTHONPATH={mkosi.pythonpath()}", "python3", "-m", "mkosi"]
     assert cmd[5:7] == ["-C", str(image.IMAGE_DIR)]
     assert "--architecture=x86-64" in cmd
     assert "--output-dir=/o" in cmd
@@ -53,7 +56,7 @@ def test_each_profile_set_has_its_own_incremental_cache():
 
 def test_mkosi_pythonpath_is_the_pinned_unpacked_package():
     expected = REPO / ".tools" / f"mkosi-{pins.MKOSI.version}" / "usr/lib/python3/dist-packages"
-    assert host.mkosi_pythonpath() == expected
+    assert mkosi.pythonpath() == expected
 
 
 def test_summary_argv():

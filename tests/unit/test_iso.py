@@ -2,9 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos import iso, pins
-from captainos.config import Arch
-from captainos.errors import CaptainError
+from captainos.core import pins
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
+from captainos.stages import iso
 
 
 def test_menu_has_consoles_cmdline_and_the_magic_last():

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, fetch, kernel, pins
-from captainos.config import Arch, KernelSource, load
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, pins
+from captainos.core.config import Arch, KernelSource, load
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import fetch
+from captainos.stages import kernel
 
 # --- configs on disk ---------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captainos import config, pins
-from captainos.errors import CaptainError
+from captainos.core import config, pins
+from captainos.core.errors import CaptainError
 from captainos.lab import agent, kube, netns, syslogd, tinkerbell, workflow
 from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
 

@@ -10,8 +10,8 @@ import tarfile
 
 import pytest
 
-from captainos.config import Arch
-from captainos.errors import CaptainError
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
 from captainos.lab import oci
 
 

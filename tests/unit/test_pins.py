@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from captainos import pins
-from captainos.config import Arch, Config
+from captainos.core import pins
+from captainos.core.config import Arch, Config
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 H1 = re.compile(r"^h1:[A-Za-z0-9+/]{43}=$")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from captainos import artifacts, oci, publish
-from captainos.config import Arch, Config
-from captainos.errors import CaptainError
+from captainos.core.config import Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.stages import artifacts, oci, publish
 
 RELEASE = "6.12.117+deb13-amd64"
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from captainos.config import Accel, Arch
+from captainos.core.config import Accel, Arch
 from captainos.lab import qemu
 
 

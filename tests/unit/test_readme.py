@@ -3,7 +3,8 @@
 import dataclasses
 from pathlib import Path
 
-from captainos import cli, config
+from captainos import cli
+from captainos.core import config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -36,7 +37,7 @@ def test_user_facing_sections_are_present():
 def test_iso_placeholder_is_documented_as_the_code_has_it():
     import hashlib
 
-    from captainos import pins
+    from captainos.core import pins
 
     iso = _section("ISO (virtual media, machines without PXE)")
     digest = hashlib.sha256(pins.ISO_MAGIC.encode()).hexdigest()

@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 import yaml
 
-from captainos import log
+from captainos.core import log
+from captainos.core.run import Runner
 from captainos.lab import registry
 from captainos.lab.oci import Credentials
-from captainos.run import Runner
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 

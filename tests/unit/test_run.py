@@ -1,7 +1,7 @@
 import pytest
 
-from captainos import log, run
-from captainos.errors import CaptainError
+from captainos.core import log, run
+from captainos.core.errors import CaptainError
 
 
 def test_failure_names_the_command_and_exit_code():

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from captainos import cpio, sbom
-from captainos.config import Arch
+from captainos.core.config import Arch
+from captainos.stages import cpio, sbom
 
 STATUS = """Package: libc6
 Status: install ok installed
@@ -159,7 +159,7 @@ def test_the_document_is_valid_spdx_2_3_and_says_what_is_inside(contents, tmp_pa
 def test_the_same_contents_give_the_same_bytes(contents):
     import time
 
-    from captainos import pins
+    from captainos.core import pins
 
     assert json.dumps(document(contents)) == json.dumps(document(contents))
     created = document(contents)["creationInfo"]["created"]

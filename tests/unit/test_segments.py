@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cpio, pins, segments
-from captainos.config import Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import pins
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.stages import cpio, segments
 
 
 def tree(tmp_path: Path) -> Path:

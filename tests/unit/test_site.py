@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cpio, segments, site
-from captainos.config import Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.stages import cpio, segments, site
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
@@ -198,7 +198,7 @@ def test_the_key_checker_is_not_fooled_by_a_renamed_blob():
 
 def test_skip_mode_refuses_site_options(tmp_path):
     from captainos import host
-    from captainos.config import StageMode
+    from captainos.core.config import StageMode
 
     keys = tmp_path / "keys"
     keys.write_text(real_key(tmp_path) + "\n")

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from captainos import cache, config, fetch, golang, pins, tools
-from captainos.config import Arch, ToolsSource
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, config, pins
+from captainos.core.config import Arch, ToolsSource
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import fetch, golang
+from captainos.stages import tools
 
 # --- fixtures ------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from captainos.errors import CaptainError
+from captainos.core.errors import CaptainError
 from captainos.lab import workflow
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, debian, kernel, log
-from captainos.config import REPO, Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, log
+from captainos.core.config import REPO, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import debian
+from captainos.stages import kernel
 
 RECIPE = 1
 LIST = REPO / "kernel" / "firmware.txt"

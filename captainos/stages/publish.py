@@ -22,10 +22,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from captainos import __version__, artifacts, log, oci, sign
-from captainos.config import Arch, Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos import __version__
+from captainos.core import log
+from captainos.core.config import Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.stages import artifacts, oci, sign
 
 TITLE = "CaptainOS"
 

@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 
-from captainos import cache, log
-from captainos.config import Arch
-from captainos.errors import CaptainError
+from captainos.core import cache, log
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
 
 
 def initramfs_name(arch: Arch) -> str:

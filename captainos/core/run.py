@@ -1,7 +1,9 @@
-"""Every external command goes through run(): argv lists, explicit env, stdin closed.
+"""The one place that starts processes: argv lists, explicit env, stdin closed.
 
+- `run()`: a command to completion (text), `pipe()`: bytes through a filter (zstd),
+  `spawn()`/`stop()`/`wait()`: a long-running process (registry, servers, QEMU).
 A Runner decides *where* a command runs (the host, or the builder container); the stages
-never care which.
+never care which. No other module imports subprocess (tests/unit/test_layout.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captainos import log
-from captainos.errors import CaptainError
+from captainos.core import log
+from captainos.core.errors import CaptainError
 
 # Host variables a child may need; everything else must be passed explicitly. Of Go's, only the
 # proxy: golang.go_env sets the rest (GOFLAGS, GOSUMDB, GONOSUMDB... are never the host's).
@@ -49,6 +51,7 @@ def run(
     timeout: float | None = None,
     secret: Sequence[str] = (),
     input_text: str | None = None,
+    capture_stderr: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv; on failure raise one line naming the command and its exit code.
 
@@ -56,6 +59,7 @@ def run(
     log_file: write stdout+stderr there, calling on_line for each line (progress).
     secret: strings never printed in the debug line or the error message.
     input_text: fed on stdin (for secrets that must not appear on an argv); else stdin is closed.
+    capture_stderr: return stderr too instead of passing it through (with capture).
     """
     args = [str(a) for a in argv]
     shown = quote(args)
@@ -75,6 +79,7 @@ def run(
             result = subprocess.run(
                 args, env=full_env, cwd=cwd, text=True, timeout=timeout, check=False,
                 stdout=subprocess.PIPE if capture else None,
+                stderr=subprocess.PIPE if capture_stderr else None,
                 **({"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}),
             )
     except subprocess.TimeoutExpired as exc:
@@ -105,26 +110,56 @@ def _run_logged(
     return subprocess.CompletedProcess(args, rc)
 
 
-def spawn(argv: Sequence[str | os.PathLike[str]], log_file: Path, *,
-          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a daemon (a server that outlives this call): stdin closed, stdout and stderr
-    appended to log_file, its own session so that a terminal's Ctrl-C reaches only us."""
+def pipe(argv: Sequence[str | os.PathLike[str]], data: bytes, *, what: str = "data") -> bytes:
+    """argv's stdout for data on its stdin (a filter such as zstd); one line naming `what` and
+    the filter's own message when it fails."""
     args = [str(a) for a in argv]
-    log.debug(quote(args) + f"  (log: {log_file})")
+    log.debug(f"{quote(args)}  (< {len(data)} bytes of {what})")
+    try:
+        result = subprocess.run(args, input=data, capture_output=True, env=base_env(), check=False)
+    except FileNotFoundError as exc:
+        raise CaptainError(f"command not found: {args[0]}", "run './build.py setup' to install prerequisites") \
+            from exc
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()
+        raise CaptainError(f"{args[0]} failed on {what}: {message or f'exit code {result.returncode}'}")
+    return result.stdout
+
+
+Process = subprocess.Popen[bytes]
+
+
+def spawn(argv: Sequence[str | os.PathLike[str]], log_file: Path, *,
+          env: Mapping[str, str] | None = None, secret: Sequence[str] = (), truncate: bool = False) -> Process:
+    """Start a daemon (a server that outlives this call): stdin closed, stdout and stderr
+    appended to log_file (emptied first with truncate), its own session so that a terminal's
+    Ctrl-C reaches only us. secret: strings never printed in the debug line."""
+    args = [str(a) for a in argv]
+    shown = quote(args)
+    for word in secret:
+        if word:
+            shown = shown.replace(word, "***")
+    log.debug(shown + f"  (log: {log_file})")
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as sink:
+    with log_file.open("wb" if truncate else "ab") as sink:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                                 env=base_env(env), start_new_session=True)
 
 
-def stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+def wait(proc: Process, timeout: float) -> int | None:
+    """The exit code of proc, or None when it is still running after timeout seconds."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def stop(proc: Process | None, grace: float = 10.0) -> None:
     """TERM a spawned daemon, KILL it if it is still there after grace seconds."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+    if wait(proc, grace) is None:
         proc.kill()
         proc.wait(timeout=10)
 

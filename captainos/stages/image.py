@@ -20,10 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cache, cpio, firmware, host, log, pins, sbom, segments, site
-from captainos.config import REPO, Arch, Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos import __version__
+from captainos.core import cache, log, pins
+from captainos.core.config import REPO, Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import mkosi
+from captainos.stages import cpio, firmware, sbom, segments, site
 
 IMAGE_DIR = REPO / "image"
 OUTPUT = "initramfs.cpio.zst"
@@ -41,7 +44,7 @@ TEST_PROFILE = "test"
 
 def mkosi_command() -> list[str]:
     """The argv prefix that runs the pinned mkosi (self-contained: works through any Runner)."""
-    return ["env", f"PYTHONPATH={host.mkosi_pythonpath()}", "python3", "-m", "mkosi"]
+    return ["env", f"PYTHONPATH={mkosi.pythonpath()}", "python3", "-m", "mkosi"]
 
 
 def mkosi_dirs(cfg: Config) -> tuple[Path, Path]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import os
 import stat
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from captainos.errors import CaptainError
+from captainos.core.errors import CaptainError
+from captainos.core.run import pipe
 
 MAGIC = (b"070701", b"070702")
 TRAILER = "TRAILER!!!"
@@ -140,8 +140,5 @@ def decompress(path: Path) -> bytes:
 def decompress_data(data: bytes, name: str = "data") -> bytes:
     """decompress() for bytes already in memory (one or more zstd frames, or plain cpio)."""
     if data[:4] == b"\x28\xb5\x2f\xfd":  # zstd frame magic
-        result = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
-        if result.returncode != 0:
-            raise CaptainError(f"cannot decompress {name}: {result.stderr.decode(errors='replace').strip()}")
-        return result.stdout
+        return pipe(["zstd", "-dc"], data, what=name)
     return data

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from captainos import cache, golang, log, pins
-from captainos.config import Arch, Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, log, pins
+from captainos.core.config import Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import golang
 
 LDFLAGS = "-s -w"
 NO_TUF = "http://127.0.0.1:9"  # the discard port: closed, so the TUF lookup fails at once, locally
@@ -73,7 +74,7 @@ def cosign_env() -> Iterator[dict[str, str]]:
     a private temp dir, and the registry credentials skopeo pushed with. cosign's library reads
     ~/.docker/config.json before REGISTRY_AUTH_FILE, so an auth file named by
     REGISTRY_AUTH_FILE is handed to it as DOCKER_CONFIG's config.json (mode 0600 in a 0700 dir)."""
-    from captainos import oci
+    from captainos.stages import oci
 
     with tempfile.TemporaryDirectory(prefix="captainos-cosign-") as tmp:
         env = {"TUF_MIRROR": NO_TUF, "TUF_ROOT": str(Path(tmp) / "tuf"), **oci.auth_env()}

@@ -1,6 +1,7 @@
 """The one typed configuration: every option declares its default, help and env var once.
 
-The CLI (cli.py), `summary` and the cache keys are all derived from the `Config` fields.
+The CLI (cli.py) and `summary` are derived from the `Config` fields; each stage puts the
+options it reads into its own cache key.
 Precedence: default < environment variable < command-line flag.
 """
 
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captainos.errors import CaptainError
+from captainos.core.errors import CaptainError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Arch(enum.Enum):
@@ -115,11 +116,10 @@ class Accel(enum.Enum):
 _SIZE = re.compile(r"^[1-9][0-9]*[MG]$")
 
 
-def _opt(default: Any, help: str, env: str | None = None, *, metavar: str | None = None,
-         key: bool = True) -> Any:
-    """Declare an option. env defaults to the upper-cased field name; key=False keeps it
-    out of cache keys (options that never change what a stage produces)."""
-    meta = {"help": help, "env": env, "metavar": metavar, "key": key}
+def _opt(default: Any, help: str, env: str | None = None, *, metavar: str | None = None) -> Any:
+    """Declare an option. env defaults to the upper-cased field name. Each stage puts the
+    options that change what it produces into its own cache key."""
+    meta = {"help": help, "env": env, "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence options")
     return field(default=default, metadata=meta)
@@ -128,23 +128,23 @@ def _opt(default: Any, help: str, env: str | None = None, *, metavar: str | None
 @dataclass(frozen=True)
 class Config:
     arch: Arch = _opt(Arch.AMD64, "target architecture")
-    out_dir: Path = _opt(Path("out"), "where artifacts are written", key=False)
+    out_dir: Path = _opt(Path("out"), "where artifacts are written")
     cache_dir: Path = _opt(Path.home() / ".cache" / "captainos", "cache of downloads and built stages",
-                           "CAPTAINOS_CACHE", key=False)
-    kernel_mode: StageMode = _opt(StageMode.NATIVE, "how the kernel stage runs", key=False)
-    tools_mode: StageMode = _opt(StageMode.NATIVE, "how the tools stage runs", key=False)
-    initramfs_mode: StageMode = _opt(StageMode.NATIVE, "how the initramfs (mkosi) stage runs", key=False)
-    iso_mode: StageMode = _opt(StageMode.NATIVE, "how the ISO stage runs", key=False)
+                           "CAPTAINOS_CACHE")
+    kernel_mode: StageMode = _opt(StageMode.NATIVE, "how the kernel stage runs")
+    tools_mode: StageMode = _opt(StageMode.NATIVE, "how the tools stage runs")
+    initramfs_mode: StageMode = _opt(StageMode.NATIVE, "how the initramfs (mkosi) stage runs")
+    iso_mode: StageMode = _opt(StageMode.NATIVE, "how the ISO stage runs")
     kernel_source: KernelSource = _opt(KernelSource.AUTO, "where the kernel comes from")
     kernel_src: Path | None = _opt(None, "local kernel source tree (implies --kernel-source local)",
                                    metavar="DIR")
     kernel_version: str = _opt("6.12.69", "kernel.org release to build")
-    force_kernel: bool = _opt(False, "rebuild the kernel even when cached", key=False)
+    force_kernel: bool = _opt(False, "rebuild the kernel even when cached")
     tools_source: ToolsSource = _opt(ToolsSource.AUTO, "where containerd/runc/nerdctl/CNI come from")
     tools_mirror: str = _opt("", "base URL replacing the upstream release host (air-gapped sites)",
                              metavar="URL")
-    force_tools: bool = _opt(False, "redo the tools stage even when cached", key=False)
-    no_cache: bool = _opt(False, "ignore every cache: rebuild the builder image and all stages", key=False)
+    force_tools: bool = _opt(False, "redo the tools stage even when cached")
+    no_cache: bool = _opt(False, "ignore every cache: rebuild the builder image and all stages")
     profiles: tuple[str, ...] = _opt((), "comma-separated mkosi profiles (e.g. test)", metavar="LIST")
     extra_ca_certs: tuple[Path, ...] = _opt((), "comma-separated PEM files added to the image's trust store",
                                            metavar="FILES")
@@ -155,10 +155,10 @@ class Config:
     iso_cmdline: str = _opt("", "kernel parameters baked into the ISO's boot entry (e.g. a static ipam=)")
     secure_boot: bool = _opt(False, "ISO boots through Debian's signed shim and GRUB (needs --kernel-source "
                              "debian-image for a signed kernel)")
-    qemu_append: str = _opt("", "extra kernel command line for qemu-test", key=False)
-    qemu_mem: str = _opt("2G", "guest memory for qemu-test (e.g. 512M, 2G)", key=False)
-    qemu_smp: int = _opt(2, "guest CPUs for qemu-test", key=False)
-    qemu_accel: Accel = _opt(Accel.AUTO, "QEMU accelerator", key=False)
+    qemu_append: str = _opt("", "extra kernel command line for qemu-test")
+    qemu_mem: str = _opt("2G", "guest memory for qemu-test (e.g. 512M, 2G)")
+    qemu_smp: int = _opt(2, "guest CPUs for qemu-test")
+    qemu_accel: Accel = _opt(Accel.AUTO, "QEMU accelerator")
 
     def __post_init__(self) -> None:
         if not _SIZE.match(self.qemu_mem):
@@ -180,10 +180,6 @@ class Config:
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def key_fields(self) -> dict[str, Any]:
-        """The options that change what the build produces (used in cache keys)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["key"]}
 
 
 def option_env(f: dataclasses.Field[Any]) -> str:

@@ -8,13 +8,12 @@ builders here are unit-tested, the engine path is exercised by users who have on
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
-from captainos import log
-from captainos.config import REPO, Config
-from captainos.errors import CaptainError
-from captainos.run import base_env, run
+from captainos.core import log
+from captainos.core.config import REPO, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import run
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -33,8 +32,7 @@ def build_argv(tag: str, no_cache: bool, dockerfile: Path = DOCKERFILE) -> list[
 
 
 def image_exists(tag: str) -> bool:
-    result = subprocess.run(["docker", "image", "inspect", tag], stdin=subprocess.DEVNULL,
-                            capture_output=True, env=base_env(), check=False)
+    result = run(["docker", "image", "inspect", tag], capture=True, capture_stderr=True, check=False)
     return result.returncode == 0
 
 

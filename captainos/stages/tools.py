@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from captainos import cache, debian, fetch, golang, log, pins
-from captainos.config import Arch, Config, ToolsSource
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, log, pins
+from captainos.core.config import Arch, Config, ToolsSource
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.sources import debian, fetch, golang
 
 STAGE = "tools"
 # Bump when the way a component is fetched or built, or what its record says, changes.

@@ -24,10 +24,11 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from captainos import cache, cpio, pins
-from captainos.config import Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, pins
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.stages import cpio
 
 WINDOW = "--long=26"  # 64 MiB
 OS_ZSTD = ("-19", WINDOW)

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from captainos import cache
-from captainos.errors import CaptainError
+from captainos.core import cache
+from captainos.core.errors import CaptainError
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

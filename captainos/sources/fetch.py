@@ -29,8 +29,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from captainos import cache, log
-from captainos.errors import CaptainError
+from captainos.core import cache, log
+from captainos.core.errors import CaptainError
 
 TIMEOUT = 60.0
 CHUNK = 1 << 20

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from captainos import __version__, cache, pins
-from captainos.config import Arch, Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos import __version__
+from captainos.core import cache, pins
+from captainos.core.config import Arch, Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner, run
 
 # Fixed timestamp for every file and the volume (reproducible output): the image's.
 EPOCH = pins.SOURCE_DATE_EPOCH
@@ -111,8 +111,8 @@ def grub_modules(cfg: Config, runner: Runner) -> Path:
 
 
 def _grub_version() -> str:
-    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "grub-common"], capture_output=True, text=True,
-                            check=False)
+    result = run(["dpkg-query", "-W", "-f=${Version}", "grub-common"], capture=True, capture_stderr=True,
+                 check=False)
     return result.stdout.strip() or "unknown"
 
 
@@ -164,7 +164,7 @@ def _apt_unpacked(cfg: Config, runner: Runner, name: str, packages: tuple[str, .
 
 
 def _package_version(package: str) -> str:
-    result = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=False)
+    result = run(["apt-cache", "policy", package], capture=True, capture_stderr=True, check=False)
     for line in result.stdout.splitlines():
         if line.strip().startswith("Candidate:"):
             return line.split(":", 1)[1].strip()

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captainos import log
-from captainos.errors import CaptainError
+from captainos.core import log
+from captainos.core.errors import CaptainError
 
 STAMP = ".captainos-complete.json"
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from captainos import cache, fetch, pins
-from captainos.errors import CaptainError
-from captainos.run import Runner, run
+from captainos.core import cache, pins
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner, run
+from captainos.sources import fetch
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 TIMEOUT = 60.0

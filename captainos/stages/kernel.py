@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, debian, fetch, log, pins
-from captainos.config import REPO, Arch, Config, KernelSource
-from captainos.errors import CaptainError
-from captainos.run import Runner, run
+from captainos.core import cache, log, pins
+from captainos.core.config import REPO, Arch, Config, KernelSource
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner, run
+from captainos.sources import debian, fetch
 
 KERNEL_DIR = REPO / "kernel"
 CONFIG_ROOT = KERNEL_DIR / "configs"

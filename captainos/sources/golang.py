@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from captainos import pins
-from captainos.config import Arch
-from captainos.errors import CaptainError
-from captainos.run import Runner, run
+from captainos.core import pins
+from captainos.core.config import Arch
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner, run
 
 GO_ROOT = Path("/usr/local/go")  # where `setup` installs the pinned toolchain
 GO_FALLBACK = GO_ROOT / "bin" / "go"
@@ -70,7 +70,7 @@ def install_toolchain(arch: Arch, cache_dir: Path, target: Path = GO_ROOT, proxy
     pin = pins.GO_TOOLCHAIN
     if _reports(target / "bin" / "go", pin.version):
         return False
-    from captainos import fetch
+    from captainos.sources import fetch
 
     proxy = proxy or os.environ.get("GOPROXY", pins.GO_PROXY).split(",")[0]
     if proxy in ("direct", "off"):

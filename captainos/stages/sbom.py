@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captainos import __version__, cpio, pins
-from captainos.config import Arch
+from captainos import __version__
+from captainos.core import pins
+from captainos.core.config import Arch
+from captainos.stages import cpio
 
 SBOM_PATH = "usr/share/captainos/sbom.spdx.json"  # inside the image
 FIRMWARE_REPORT = "usr/share/captainos/firmware.json"

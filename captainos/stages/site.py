@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captainos import cache, cpio, log, oci, pins, segments
-from captainos.config import Config
-from captainos.errors import CaptainError
-from captainos.run import Runner
+from captainos.core import cache, log, pins
+from captainos.core.config import Config
+from captainos.core.errors import CaptainError
+from captainos.core.run import Runner
+from captainos.stages import cpio, oci, segments
 
 SEGMENT = "site.cpio.zst"
 EMBED_DIR = Path("usr/share/captainos/embedded")
