@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.utils
 import lzma
-import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -55,45 +54,11 @@ def fetch_verified(url: str, sha256: str, cache_dir: Path) -> Path:
 
 # --- Debian versions ---------------------------------------------------------------------
 
-def _order(char: str) -> int:
-    """Sort weight of one character of a non-digit run: ~ first, then end, letters, others."""
-    if char == "~":
-        return -1
-    if char.isalpha():
-        return ord(char)
-    return ord(char) + 256
-
-
-def _compare_part(a: str, b: str) -> int:
-    while a or b:
-        lead_a = re.match(r"[^0-9]*", a).group()  # type: ignore[union-attr]
-        lead_b = re.match(r"[^0-9]*", b).group()  # type: ignore[union-attr]
-        for i in range(max(len(lead_a), len(lead_b))):
-            wa = _order(lead_a[i]) if i < len(lead_a) else 0
-            wb = _order(lead_b[i]) if i < len(lead_b) else 0
-            if wa != wb:
-                return -1 if wa < wb else 1
-        a, b = a[len(lead_a):], b[len(lead_b):]
-        num_a = re.match(r"[0-9]*", a).group()  # type: ignore[union-attr]
-        num_b = re.match(r"[0-9]*", b).group()  # type: ignore[union-attr]
-        if int(num_a or 0) != int(num_b or 0):
-            return -1 if int(num_a or 0) < int(num_b or 0) else 1
-        a, b = a[len(num_a):], b[len(num_b):]
-    return 0
-
-
 def compare_versions(a: str, b: str) -> int:
-    """Debian version order (epoch, upstream, revision): -1, 0 or 1."""
-    def split(v: str) -> tuple[int, str, str]:
-        epoch, _, rest = v.rpartition(":") if ":" in v else ("0", "", v)
-        upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "0")
-        return int(epoch or 0), upstream, revision
-
-    ea, ua, ra = split(a)
-    eb, ub, rb = split(b)
-    if ea != eb:
-        return -1 if ea < eb else 1
-    return _compare_part(ua, ub) or _compare_part(ra, rb)
+    """Debian version order (epoch, upstream, revision): -1, 0 or 1, as dpkg itself decides."""
+    if run(["dpkg", "--compare-versions", a, "eq", b], check=False).returncode == 0:
+        return 0
+    return 1 if run(["dpkg", "--compare-versions", a, "gt", b], check=False).returncode == 0 else -1
 
 
 # --- control files -----------------------------------------------------------------------
