@@ -12,6 +12,7 @@ is removed only once its process is gone.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import glob
@@ -35,6 +36,23 @@ def key(parts: dict[str, Any]) -> str:
     """A short stable digest of the inputs (canonical JSON)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def code_digest(*modules: str | Path) -> str:
+    """The digest of the code that produces an entry: each module's syntax tree without
+    comments, docstrings or layout, so only a change in what the code does makes a new key.
+    Every stage keys its entries with it (no recipe numbers to remember to bump)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        tree = ast.parse(Path(module).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree, include_attributes=False).encode())
+    return digest.hexdigest()[:16]
 
 
 def sha256_file(path: Path) -> str:

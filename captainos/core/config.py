@@ -178,6 +178,11 @@ class Config:
     def build_dir(self) -> Path:
         return REPO / "build" / self.arch.value
 
+    def force(self, stage: str) -> bool:
+        """Rebuild this stage's entries even when cached: NO_CACHE for every stage, and
+        FORCE_KERNEL / FORCE_TOOLS for theirs. The one rule every cache lookup uses."""
+        return self.no_cache or bool(getattr(self, f"force_{stage}", False))
+
     def to_json(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 

@@ -30,7 +30,6 @@ from captainos.core.run import Runner
 from captainos.sources import debian
 from captainos.stages import kernel
 
-RECIPE = 1
 LIST = REPO / "kernel" / "firmware.txt"
 COMPONENT = "non-free-firmware"
 TARGET = Path("usr/lib/firmware")
@@ -168,9 +167,9 @@ def install(chosen: dict[str, tuple[str, Path, list[str]]], tree: Path) -> list[
 
 def inputs(kernel_entry: Path, fwlist: FirmwareList, packages: list[debian.Package],
            wanted: dict[str, list[str]]) -> dict[str, Any]:
-    return {"recipe": RECIPE, "kernel": kernel_entry.name, "declared": wanted,
+    return {"kernel": kernel_entry.name, "declared": wanted,
             "packages": [[p.name, p.version, p.sha256] for p in packages],
-            "skips": [[s.pattern, s.reason] for s in fwlist.skips], "code": cache.sha256_file(Path(__file__))}
+            "skips": [[s.pattern, s.reason] for s in fwlist.skips], "code": cache.code_digest(__file__)}
 
 
 def build(cfg: Config, runner: Runner, kernel_entry: Path, archive: debian.Archive | None = None,
@@ -206,4 +205,4 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, archive: debian.Archi
                  f"{len(skipped)} declared files skipped (reasons in {fwlist_path.name})")
 
     return cache.cached(cfg.cache_dir, "firmware", cfg.arch.value,
-                        inputs(kernel_entry, fwlist, packages, wanted), force=cfg.no_cache, produce=produce)
+                        inputs(kernel_entry, fwlist, packages, wanted), force=cfg.force("initramfs"), produce=produce)

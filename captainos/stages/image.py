@@ -157,7 +157,7 @@ def inputs(cfg: Config, kernel_entry: Path, tools_entry: Path, firmware_entry: P
         "extra_ca_certs": [cache.sha256_file(p) for p in cfg.extra_ca_certs],
         "mkosi": pins.MKOSI.version,
         # how the extra trees are staged and the segments compressed
-        "code": [cache.sha256_file(Path(p)) for p in (__file__, segments.__file__, sbom.__file__, cpio.__file__)],
+        "code": cache.code_digest(__file__, segments.__file__, sbom.__file__, cpio.__file__),
         "source_date_epoch": pins.SOURCE_DATE_EPOCH,
         "kernel_checker": [cache.sha256_file(p) for p in (KERNEL_REQUIRED, KERNEL_CHECKER) if p.is_file()],
     }
@@ -229,5 +229,6 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, tools_entry: Path) ->
                  f"tools {log.human_bytes(sizes['tools'])})")
 
     entry = cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value,
-                         inputs(cfg, kernel_entry, tools_entry, firmware_entry), force=cfg.no_cache, produce=produce)
+                         inputs(cfg, kernel_entry, tools_entry, firmware_entry), force=cfg.force("initramfs"),
+                         produce=produce)
     return site.build(cfg, runner, entry) if site.wanted(cfg) else entry

@@ -103,7 +103,7 @@ def grub_modules(cfg: Config, runner: Runner) -> Path:
         debs[0].unlink()
 
     entry = cache.cached(cfg.cache_dir, "grub", cfg.arch.value, {"package": GRUB_DEB[cfg.arch],
-                         "grub": _grub_version()}, force=cfg.no_cache, produce=fetch)
+                         "grub": _grub_version()}, force=cfg.force("iso"), produce=fetch)
     found = entry / "root" / "usr" / "lib" / "grub" / cfg.arch.efi_target()
     if not found.is_dir():
         raise CaptainError(f"{GRUB_DEB[cfg.arch]} has no {cfg.arch.efi_target()} modules")
@@ -159,7 +159,7 @@ def _apt_unpacked(cfg: Config, runner: Runner, name: str, packages: tuple[str, .
             deb.unlink()
 
     versions = {p: _package_version(p) for p in packages}
-    return cache.cached(cfg.cache_dir, name, cfg.arch.value, {"packages": versions}, force=cfg.no_cache,
+    return cache.cached(cfg.cache_dir, name, cfg.arch.value, {"packages": versions}, force=cfg.force("iso"),
                         produce=fetch) / "root"
 
 
@@ -195,7 +195,7 @@ def build(cfg: Config, runner: Runner, vmlinuz: Path, initramfs: Path) -> Path:
     menu = grub_cfg(cfg.arch, cfg.iso_cmdline)
     modules = None if cfg.secure_boot else grub_modules(cfg, runner)
     parts = {"vmlinuz": cache.sha256_file(vmlinuz), "initramfs": cache.sha256_file(initramfs), "menu": menu,
-             "grub": _grub_version(), "code": cache.sha256_file(Path(__file__)), "arch": cfg.arch.value,
+             "grub": _grub_version(), "code": cache.code_digest(__file__), "arch": cfg.arch.value,
              "secure_boot": cfg.secure_boot, "epoch": EPOCH}
 
     def produce(work: Path) -> None:
@@ -221,7 +221,7 @@ def build(cfg: Config, runner: Runner, vmlinuz: Path, initramfs: Path) -> Path:
         for scratch in (root, efi_dir, esp):
             cache.remove(scratch)
 
-    return cache.cached(cfg.cache_dir, "iso", cfg.arch.value, parts, force=cfg.no_cache, produce=produce)
+    return cache.cached(cfg.cache_dir, "iso", cfg.arch.value, parts, force=cfg.force("iso"), produce=produce)
 
 
 def check_magic(iso: Path) -> None:

@@ -35,7 +35,6 @@ KERNEL_DIR = REPO / "kernel"
 CONFIG_ROOT = KERNEL_DIR / "configs"
 REQUIRED = KERNEL_DIR / "required.txt"
 DEBIAN_MODULES = KERNEL_DIR / "debian-modules.txt"
-RECIPE = 1  # bump when the build steps change what an entry contains
 # What kbuild would otherwise take from the clock and from a counter in the object dir (the
 # "#N SMP PREEMPT_DYNAMIC <date>" in the version string): fixed, so that a compile gives the
 # same vmlinuz in a fresh object dir, an incremental one, today and next week.
@@ -446,7 +445,7 @@ def _compiler(cfg: Config, runner: Runner) -> str:
 def compile_parts(arch: Arch, source: Source, fragments: Sequence[Path], compiler: str) -> dict[str, Any]:
     """Every input of a compiled kernel: the cache key is a digest of this."""
     return {
-        "recipe": RECIPE, "arch": arch.value, "source": source.kind.value, "version": source.version,
+        "code": cache.code_digest(__file__), "arch": arch.value, "source": source.kind.value, "version": source.version,
         "source_id": source.identity, "command_line_size": COMMAND_LINE_SIZE,
         "init_env_arg_limit": INIT_ENV_ARG_LIMIT, "initramfs_options": INITRAMFS_OPTIONS, "compiler": compiler,
         "fragments": {f"{p.parent.name}/{p.name}": cache.sha256_file(p) for p in fragments},
@@ -457,7 +456,7 @@ def compile_parts(arch: Arch, source: Source, fragments: Sequence[Path], compile
 def _compiled(cfg: Config, runner: Runner, source: Source) -> Path:
     fragments = config_fragments(series(source.version), cfg.arch)
     parts = compile_parts(cfg.arch, source, fragments, _compiler(cfg, runner))
-    entry = cache.cached(cfg.cache_dir, "kernel", cfg.arch.value, parts, force=cfg.force_kernel or cfg.no_cache,
+    entry = cache.cached(cfg.cache_dir, "kernel", cfg.arch.value, parts, force=cfg.force("kernel"),
                          produce=lambda work: _compile(cfg, runner, source, fragments, parts, work))
     check_required(entry / "config")
     return entry
@@ -616,10 +615,11 @@ def _write_json(work: Path, info: dict[str, Any], modules: Path, release: str) -
 
 def _debian_image(cfg: Config, runner: Runner, source: Source) -> Path:
     assert source.package is not None
-    parts = {"recipe": RECIPE, "arch": cfg.arch.value, "source": source.kind.value, "package": source.package.name,
+    parts = {"code": cache.code_digest(__file__), "arch": cfg.arch.value, "source": source.kind.value,
+             "package": source.package.name,
              "version": source.package.version, "source_id": source.identity,
              "modules_list": cache.sha256_file(DEBIAN_MODULES)}
-    entry = cache.cached(cfg.cache_dir, "kernel", cfg.arch.value, parts, force=cfg.force_kernel or cfg.no_cache,
+    entry = cache.cached(cfg.cache_dir, "kernel", cfg.arch.value, parts, force=cfg.force("kernel"),
                          produce=lambda work: _unpack_image(cfg, runner, source, work))
     kept = {module_name(p.name) for p in (entry / "modules").rglob("*.ko*")}
     builtin = (entry / "modules" / "usr" / "lib" / "modules" / release(entry) / "modules.builtin")

@@ -55,7 +55,7 @@ def tools_segment(cfg: Config, runner: Runner, tools_entry: Path) -> Path:
     """The compressed archive of the tools entry's tree (cached by that entry)."""
     # The settings above are part of this file's hash.
     parts = {"tools": tools_entry.name, "mtime": pins.SOURCE_DATE_EPOCH,
-             "code": [cache.sha256_file(Path(path)) for path in (cpio.__file__, __file__)]}
+             "code": cache.code_digest(cpio.__file__, __file__)}
 
     def produce(work: Path) -> None:
         raw = work / "tools.cpio"
@@ -64,7 +64,7 @@ def tools_segment(cfg: Config, runner: Runner, tools_entry: Path) -> Path:
                             leave_out=TOOLS_LEFT_OUT)
         compress(runner, TOOLS_ZSTD, raw, work / TOOLS_SEGMENT)
 
-    return cache.cached(cfg.cache_dir, "initramfs-tools", cfg.arch.value, parts, force=cfg.no_cache,
+    return cache.cached(cfg.cache_dir, "initramfs-tools", cfg.arch.value, parts, force=cfg.force("initramfs"),
                         produce=produce) / TOOLS_SEGMENT
 
 

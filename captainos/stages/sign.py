@@ -48,7 +48,8 @@ def build(cfg: Config, runner: Runner, force: bool = False) -> Path:
             runner.run(install_argv(go), env={**env, "GOBIN": str(work)}, cwd=work, log_file=work / "build.log")
             log.info(f"    cosign: {log.human_bytes((work / 'cosign').stat().st_size)}")
 
-    entry = cache.cached(cfg.cache_dir, "cosign", arch.value, parts, force=force or cfg.no_cache, produce=produce)
+    entry = cache.cached(cfg.cache_dir, "cosign", arch.value, parts, force=force or cfg.force("publish"),
+                         produce=produce)
     binary = entry / "cosign"
     if not os.access(binary, os.X_OK):
         raise CaptainError(f"cached cosign {binary} is missing", f"remove {entry} and build again")

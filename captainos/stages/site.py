@@ -274,7 +274,7 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
              "embed": [[e.source, e.target, d] for e, d in zip(embeds, digests, strict=True)],
              "ssh_keys": hashlib.sha256("\n".join(keys).encode()).hexdigest() if keys else None,
              "mtime": pins.SOURCE_DATE_EPOCH,
-             "code": [cache.sha256_file(Path(p)) for p in (__file__, cpio.__file__, segments.__file__)]}
+             "code": cache.code_digest(__file__, cpio.__file__, segments.__file__)}
 
     def produce(work: Path) -> None:
         tree = work / "tree"
@@ -302,4 +302,5 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
         log.info(f"    site segment: {log.human_bytes(image['segments']['site'])} "
                  f"({len(embeds)} embedded images, {len(keys)} SSH keys)")
 
-    return cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value, parts, force=cfg.no_cache, produce=produce)
+    return cache.cached(cfg.cache_dir, "initramfs", cfg.arch.value, parts, force=cfg.force("initramfs"),
+                        produce=produce)

@@ -37,9 +37,6 @@ from captainos.core.run import Runner
 from captainos.sources import debian, fetch, golang
 
 STAGE = "tools"
-# Bump when the way a component is fetched or built, or what its record says, changes.
-# 2: the record's "go" is the version alone (1 also wrote the go binary's path on some hosts).
-RECIPE = 2
 MANIFEST = "manifest.json"
 COMPONENT = "component.json"
 IMAGE_MANIFEST = "usr/share/captainos/tools-manifest.json"
@@ -244,7 +241,7 @@ def libseccomp(cfg: Config, runner: Runner) -> Path:
         debian.extract(runner, file, work / "root")
 
     parts = {"package": deb.name, "version": deb.version, "sha256": deb.sha256}
-    return cache.cached(cfg.cache_dir, "tools-libseccomp", cfg.arch.value, parts, force=_force(cfg),
+    return cache.cached(cfg.cache_dir, "tools-libseccomp", cfg.arch.value, parts, force=cfg.force(STAGE),
                         produce=produce) / "root"
 
 
@@ -327,13 +324,9 @@ def _run_go_build(cfg: Config, runner: Runner, pin: pins.ToolPin, binary: str, a
 
 # --- cache entries -------------------------------------------------------------------------
 
-def _force(cfg: Config) -> bool:
-    return cfg.force_tools or cfg.no_cache
-
-
 def component_parts(cfg: Config, pin: pins.ToolPin, source: ToolsSource, go_version: str) -> dict[str, Any]:
     """Every input of one component's entry: a pin bump changes this component's key only."""
-    parts: dict[str, Any] = {"recipe": RECIPE, "component": pin.name, "version": pin.version,
+    parts: dict[str, Any] = {"code": cache.code_digest(__file__), "component": pin.name, "version": pin.version,
                              "arch": cfg.arch.value, "source": source.value, "binaries": list(pin.binaries)}
     if source is ToolsSource.RELEASE:
         parts.update(release=pin.release_path(cfg.arch.value), sha256=expected_digest(cfg, pin))
@@ -374,7 +367,7 @@ def build_component(cfg: Config, runner: Runner, pin: pins.ToolPin, source: Tool
         (work / COMPONENT).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
     parts = component_parts(cfg, pin, source, go_version)
-    return cache.cached(cfg.cache_dir, f"{STAGE}-{pin.name}", cfg.arch.value, parts, force=_force(cfg),
+    return cache.cached(cfg.cache_dir, f"{STAGE}-{pin.name}", cfg.arch.value, parts, force=cfg.force(STAGE),
                         produce=produce)
 
 
@@ -416,8 +409,9 @@ def build(cfg: Config, runner: Runner, *inputs: Path) -> Path:
     if ToolsSource.GO in sources.values():
         go_version = golang.go_version(runner, cfg.cache_dir, cfg.arch)
     components = {pin.name: build_component(cfg, runner, pin, sources[pin.name], go_version) for pin in pins.TOOLS}
-    parts = {"recipe": RECIPE, "components": {name: entry.name for name, entry in components.items()}}
-    entry = cache.cached(cfg.cache_dir, STAGE, cfg.arch.value, parts, force=_force(cfg),
+    parts = {"code": cache.code_digest(__file__),
+             "components": {name: entry.name for name, entry in components.items()}}
+    entry = cache.cached(cfg.cache_dir, STAGE, cfg.arch.value, parts, force=cfg.force(STAGE),
                          produce=lambda work: assemble(cfg, components, work))
     verify_entry(entry, cfg.arch)
     return entry

@@ -244,3 +244,26 @@ def test_atomic_write_from_many_threads_of_one_process(tmp_path):
         list(pool.map(write, range(4)))  # raises if a rename lost its temp file
     assert target.read_text() in {f"{n}\n" for n in range(4)}
     assert [p.name for p in tmp_path.iterdir()] == ["last"]
+
+
+def test_code_digest_ignores_comments_docstrings_and_layout_but_not_code(tmp_path):
+    module = tmp_path / "stage.py"
+    module.write_text('"""What it does."""\n\ndef build(x):\n    """Build."""\n    return x + 1  # one more\n')
+    first = cache.code_digest(module)
+    module.write_text('"""What it does, said better."""\n\n\ndef build(x):\n    # a new comment\n'
+                      '    return (x + 1)\n')
+    assert cache.code_digest(module) == first
+    module.write_text('"""What it does."""\n\ndef build(x):\n    return x + 2\n')
+    assert cache.code_digest(module) != first
+
+
+def test_one_force_rule_for_every_stage():
+    from captainos.core import config
+
+    plain = config.load(env={})
+    assert not any(plain.force(s) for s in ("kernel", "tools", "initramfs", "iso", "publish"))
+    kernel = config.load(env={"FORCE_KERNEL": "1"})
+    assert kernel.force("kernel") and not kernel.force("tools") and not kernel.force("iso")
+    assert config.load(env={"FORCE_TOOLS": "1"}).force("tools")
+    everything = config.load(env={"NO_CACHE": "1"})
+    assert all(everything.force(s) for s in ("kernel", "tools", "initramfs", "iso", "publish"))
