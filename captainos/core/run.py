@@ -12,12 +12,16 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from captainos.core import log
 from captainos.core.errors import CaptainError
+
+T = TypeVar("T")
 
 # Host variables a child may need; everything else must be passed explicitly. Of Go's, only the
 # proxy: golang.go_env sets the rest (GOFLAGS, GOSUMDB, GONOSUMDB... are never the host's).
@@ -152,6 +156,28 @@ def wait(proc: Process, timeout: float) -> int | None:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def poll(check: Callable[[], T | None], timeout: float, interval: float = 0.2) -> T | None:
+    """check()'s first answer that is not None, asked every interval seconds; None when it has
+    none after timeout seconds. The one wait loop: callers say what a timeout means."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if answer is not None or time.monotonic() >= deadline:
+            return answer
+        time.sleep(interval)
+
+
+def await_ready(proc: Process | None, ready: Callable[[], bool], timeout: float, interval: float = 0.2) -> str:
+    """How a spawned server's start ended: "ready" once ready() holds, "exited" when the
+    process ended first, "timeout" when neither happened within timeout seconds."""
+    def check() -> str | None:
+        if proc is not None and proc.poll() is not None:
+            return "exited"
+        return "ready" if ready() else None
+
+    return poll(check, timeout, interval) or "timeout"
 
 
 def stop(proc: Process | None, grace: float = 10.0) -> None:

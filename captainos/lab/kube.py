@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from captainos.core import run
 from captainos.core.errors import CaptainError
 from captainos.lab import netns, workflow
 
@@ -201,11 +201,13 @@ def conditions(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def wait_state(client: Client, name: str, timeout: float, poll: float = 2.0) -> dict[str, Any]:
     """The Workflow once its state is final, or CaptainError after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        obj = client.get("workflows", name)
-        if workflow_state(obj) in FINAL:
-            return dict(obj)
-        if time.monotonic() > deadline:
-            raise CaptainError(f"workflow {name} still {workflow_state(obj) or 'without state'} after {timeout:.0f}s")
-        time.sleep(poll)
+    last: dict[str, Any] = {}
+
+    def final() -> dict[str, Any] | None:
+        last.update(client.get("workflows", name))
+        return dict(last) if workflow_state(last) in FINAL else None
+
+    found = run.poll(final, timeout, poll)
+    if found is None:
+        raise CaptainError(f"workflow {name} still {workflow_state(last) or 'without state'} after {timeout:.0f}s")
+    return found

@@ -334,11 +334,9 @@ class Lab:
                                                     "--bind", self.network.address, "--port", str(ARTIFACT_PORT),
                                                     "--directory", str(self.artifacts)])
         proc = run.spawn(argv, self.root / "http.log", env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        deadline = time.monotonic() + 15
-        while not tinkerbell.listening(self.network.netns, self.network.address, ARTIFACT_PORT):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise CaptainError(f"the artifact server did not start; see {self.root / 'http.log'}")
-            time.sleep(0.2)
+        if run.await_ready(proc, lambda: tinkerbell.listening(self.network.netns, self.network.address,
+                                                              ARTIFACT_PORT), 15) != "ready":
+            raise CaptainError(f"the artifact server did not start; see {self.root / 'http.log'}")
         return proc
 
     def extra_kernel_args(self, registry_address: str, auth_address: str) -> list[str]:

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TypeVar
 
 from captainos.core import log
 from captainos.core.errors import CaptainError
-from captainos.core.run import Runner, run
+from captainos.core.run import Runner, poll, run
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -165,15 +164,10 @@ class Network:
         if not exists(self.netns):
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = pids(self.netns)
-            for pid in left:
+            for pid in pids(self.netns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while left and time.monotonic() < deadline:
-                time.sleep(0.2)
-                left = pids(self.netns)
-            if not left:
+            if poll(lambda: True if not pids(self.netns) else None, grace):
                 break
         runner.run(["ip", "netns", "del", self.netns], check=False)
         if exists(self.netns):

@@ -221,14 +221,13 @@ class Registry:
             return None
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise CaptainError(f"{self.name} exited with code {self.proc.returncode} at start",
-                                   f"see {self.log_file}:\n{self.log_tail()}")
-            if self.ping() in (200, 401):
-                return
-            time.sleep(0.2)
+        state = run.await_ready(self.proc, lambda: self.ping() in (200, 401), timeout)
+        if state == "ready":
+            return
+        if state == "exited":
+            assert self.proc is not None
+            raise CaptainError(f"{self.name} exited with code {self.proc.returncode} at start",
+                               f"see {self.log_file}:\n{self.log_tail()}")
         self.stop()
         raise CaptainError(f"{self.name} did not answer on {self.host_address} within {timeout:.0f}s",
                            f"see {self.log_file}")

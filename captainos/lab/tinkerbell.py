@@ -177,20 +177,22 @@ class Server:
     def wait_ready(self, timeout: float) -> None:
         """Until the API serves Tinkerbell's resources and tink server accepts connections."""
         started = time.monotonic()
-        deadline = started + timeout
         grpc = int(self.argv[self.argv.index("--tink-server-bind-port") + 1])
-        while not (self.client.ready() and listening(self.netns, self.client.host, grpc)):
-            if self.proc is not None and self.proc.poll() is not None:
-                taken = re.search(r"listen \w+ ([\d.]+:\d+): bind: address already in use", self.tail(200))
-                if taken:
-                    raise CaptainError(f"Tinkerbell could not start: {taken.group(1)} already taken",
-                                       f"another server listens there in {self.netns}; see {self.log_file}")
-                raise CaptainError(f"tinkerbell exited with code {self.proc.returncode} at start",
-                                   f"last lines of {self.log_file}:\n{self.tail(15)}")
-            if time.monotonic() > deadline:
-                raise CaptainError(f"Tinkerbell was not ready (API resources, tink server on port {grpc}) "
-                                   f"within {timeout:.0f}s", f"see {self.log_file}")
-            time.sleep(0.5)
+        def ready() -> bool:
+            return self.client.ready() and listening(self.netns, self.client.host, grpc)
+
+        state = run.await_ready(self.proc, ready, timeout, interval=0.5)
+        if state == "exited":
+            assert self.proc is not None
+            taken = re.search(r"listen \w+ ([\d.]+:\d+): bind: address already in use", self.tail(200))
+            if taken:
+                raise CaptainError(f"Tinkerbell could not start: {taken.group(1)} already taken",
+                                   f"another server listens there in {self.netns}; see {self.log_file}")
+            raise CaptainError(f"tinkerbell exited with code {self.proc.returncode} at start",
+                               f"last lines of {self.log_file}:\n{self.tail(15)}")
+        if state == "timeout":
+            raise CaptainError(f"Tinkerbell was not ready (API resources, tink server on port {grpc}) "
+                               f"within {timeout:.0f}s", f"see {self.log_file}")
         log.info(f"    Tinkerbell ready in {time.monotonic() - started:.1f}s")
 
     def tail(self, lines: int = 30) -> str:

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from captainos.core import log, run
@@ -41,3 +43,44 @@ def test_logged_run_keeps_full_output_and_reports_lines(tmp_path):
     assert sorted((tmp_path / "log").read_text().split()) == ["one", "two"]
     with pytest.raises(CaptainError, match=r"full log: .*log"):
         run.run(["sh", "-c", "exit 2"], log_file=tmp_path / "log")
+
+
+def test_poll_returns_the_first_answer_or_none_after_the_timeout():
+    answers = iter([None, None, "up"])
+    assert run.poll(lambda: next(answers), timeout=5, interval=0.01) == "up"
+    started = time.monotonic()
+    assert run.poll(lambda: None, timeout=0.3, interval=0.05) is None
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_await_ready_tells_ready_exited_and_timeout_apart(tmp_path):
+    flag = tmp_path / "ready"
+    server = run.spawn(["sh", "-c", f"sleep 0.3; touch {flag}; sleep 30"], tmp_path / "server.log")
+    try:
+        assert run.await_ready(server, flag.exists, timeout=10, interval=0.05) == "ready"
+    finally:
+        run.stop(server, grace=1)
+    dying = run.spawn(["sh", "-c", "exit 3"], tmp_path / "dying.log")
+    assert run.await_ready(dying, lambda: False, timeout=10, interval=0.05) == "exited"
+    slow = run.spawn(["sleep", "30"], tmp_path / "slow.log")
+    try:
+        assert run.await_ready(slow, lambda: False, timeout=0.3, interval=0.05) == "timeout"
+    finally:
+        run.stop(slow, grace=1)
+
+
+def test_pipe_feeds_bytes_and_names_what_failed():
+    assert run.pipe(["tr", "a", "b"], b"aaa") == b"bbb"
+    with pytest.raises(CaptainError, match="zstd failed on the blob"):
+        run.pipe(["zstd", "-dc"], b"not zstd", what="the blob")
+
+
+def test_spawn_masks_secrets_in_the_logged_command(tmp_path, capsys):
+    log.set_debug(True)
+    try:
+        proc = run.spawn(["sh", "-c", "exit 0", "hunter2"], tmp_path / "x.log", secret=("hunter2",))
+        proc.wait(timeout=10)
+    finally:
+        log.set_debug(False)
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "***" in err
