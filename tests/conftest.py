@@ -92,3 +92,27 @@ def arm64(lab_cfg, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     kernel_entry = pipeline.build_kernel(cfg)
     initramfs_entry = pipeline.build_initramfs(cfg, kernel_entry, pipeline.build_tools(cfg))
     return cfg, kernel_entry, initramfs_entry / "initramfs.cpio.zst"
+
+
+def _smee_patch(iso: Path, params: str, output: Path) -> None:
+    """What Smee does to an ISO it serves: overwrite the command-line placeholder in place,
+    padded with spaces (same size). A model for the ISO tests; the lab runs the real Smee."""
+    from captainos.core import cache, pins
+    from captainos.core.errors import CaptainError
+
+    data = bytearray(iso.read_bytes())
+    magic = pins.ISO_MAGIC.encode()
+    at = data.find(magic)
+    if at < 0:
+        raise CaptainError(f"{iso} has no command-line placeholder")
+    patch = params.encode()
+    if len(patch) > len(magic):
+        raise CaptainError(f"kernel parameters are {len(patch)} bytes; the placeholder holds {len(magic)}")
+    data[at:at + len(magic)] = patch.ljust(len(magic), b" ")
+    cache.atomic_write(output, bytes(data))
+
+
+@pytest.fixture
+def smee_patch():  # type: ignore[no-untyped-def]
+    """_smee_patch, for the tests of a Smee-patched ISO."""
+    return _smee_patch

@@ -192,10 +192,19 @@ def verify_inrelease(path: Path, keyring: Path, suite: str, now: datetime | None
     return fields
 
 
-def fetch_package(name: str, arch: str, suite: str = pins.DEBIAN_RELEASE, *, cache_dir: Path,
-                  mirror: str = pins.DEBIAN_MIRROR, keyring: Path = KEYRING) -> Path:
-    """The verified .deb of the newest `name` for `arch` in `suite`, cached by its sha256."""
-    archive = Archive(cache_dir, suite=suite, mirror=mirror, keyring=keyring)
+def package(name: str, arch: str, suite: str = pins.DEBIAN_RELEASE, *, cache_dir: Path,
+            pin: pins.DebPin | None = None, component: str = "main", mirror: str = pins.DEBIAN_MIRROR,
+            keyring: Path = KEYRING) -> Path:
+    """The one way to a Debian package: its verified .deb, cached by its sha256.
+
+    With a pin, the pinned file and digest (a version frozen in pins.py); without one, the
+    newest `name` for `arch` in `suite`, its digest taken from the signed archive index.
+    """
+    if pin is not None:
+        if pin.name != name:
+            raise CaptainError(f"pin {pin.name} {pin.version} asked for package {name}")
+        return fetch_verified(f"{mirror}/{pin.filename}", pin.sha256, cache_dir)
+    archive = Archive(cache_dir, suite=suite, mirror=mirror, keyring=keyring, component=component)
     return archive.fetch(archive.package(name, arch))
 
 

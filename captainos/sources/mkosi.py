@@ -13,7 +13,7 @@ from pathlib import Path
 from captainos.core import cache, log, pins
 from captainos.core.config import REPO
 from captainos.core.run import run
-from captainos.sources import fetch
+from captainos.sources import debian
 
 TOOLS_DIR = REPO / ".tools"
 
@@ -33,9 +33,8 @@ def install(pin: pins.DebPin, target: Path, mirror: str = pins.DEBIAN_MIRROR) ->
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".mkosi-") as tmp:
-        url = f"{mirror}/{pin.filename}"
-        log.info(f"    downloading {url}")
-        deb = fetch.download(url, Path(tmp) / Path(pin.filename).name, pin.sha256)
+        log.info(f"    downloading {mirror}/{pin.filename}")
+        deb = debian.package(pin.name, "all", cache_dir=Path(tmp) / "cache", pin=pin, mirror=mirror)
         unpacked = Path(tmp) / "root"
         run(["dpkg-deb", "-x", deb, unpacked])
         (unpacked / cache.STAMP).write_text(pin.sha256 + "\n")

@@ -23,6 +23,7 @@ from captainos.core import cache, pins
 from captainos.core.config import Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner, run
+from captainos.sources import debian
 
 # Fixed timestamp for every file and the volume (reproducible output): the image's.
 EPOCH = pins.SOURCE_DATE_EPOCH
@@ -132,8 +133,8 @@ def make_esp(runner: Runner, files: dict[str, Path], output: Path) -> None:
         staged.unlink()
 
 
-SIGNED_DEBS = {Arch.AMD64: ("shim-signed:amd64", "grub-efi-amd64-signed:amd64"),
-               Arch.ARM64: ("shim-signed:arm64", "grub-efi-arm64-signed:arm64")}
+SIGNED_DEBS = {Arch.AMD64: ("shim-signed", "grub-efi-amd64-signed"),
+               Arch.ARM64: ("shim-signed", "grub-efi-arm64-signed")}
 SIGNED_FILES = {
     # ESP name: path in the unpacked packages. shim (signed by the UEFI CA) loads grub<arch>.efi
     # from its own directory; Debian's signed CD GRUB finds the ISO by /.disk/info.
@@ -144,41 +145,28 @@ SIGNED_FILES = {
 }
 
 
-def _apt_unpacked(cfg: Config, runner: Runner, name: str, packages: tuple[str, ...]) -> Path:
-    """Debian packages fetched with apt (verified against the signed archive) and unpacked."""
+def _signed_unpacked(cfg: Config, runner: Runner) -> Path:
+    """Debian's signed shim and GRUB for cfg.arch, from the signed archive (the suite the image
+    and its signed kernel come from), unpacked once per pair of package digests."""
+    debs = [debian.package(name, cfg.arch.value, cache_dir=cfg.cache_dir) for name in SIGNED_DEBS[cfg.arch]]
 
-    def fetch(work: Path) -> None:
-        # Sandbox user root: the work dir is root's, apt still verifies against the signed indices.
-        runner.run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *packages], cwd=work)
-        debs = sorted(work.glob("*.deb"))
-        if len(debs) != len(packages):
-            raise CaptainError(f"apt-get download {' '.join(packages)} gave {len(debs)} packages",
-                               f"enable the architecture: dpkg --add-architecture {cfg.arch.value} && apt-get update")
+    def produce(work: Path) -> None:
         for deb in debs:
-            runner.run(["dpkg-deb", "-x", deb, work / "root"])
-            deb.unlink()
+            debian.extract(runner, deb, work / "root")
 
-    versions = {p: _package_version(p) for p in packages}
-    return cache.cached(cfg.cache_dir, name, cfg.arch.value, {"packages": versions}, force=cfg.force("iso"),
-                        produce=fetch) / "root"
-
-
-def _package_version(package: str) -> str:
-    result = run(["apt-cache", "policy", package], capture=True, capture_stderr=True, check=False)
-    for line in result.stdout.splitlines():
-        if line.strip().startswith("Candidate:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    parts = {"packages": {deb.name: deb.parent.name for deb in debs}}  # downloads/<sha256>/<file>
+    return cache.cached(cfg.cache_dir, "secureboot", cfg.arch.value, parts, force=cfg.force("iso"),
+                        produce=produce) / "root"
 
 
 def _efi_files(cfg: Config, runner: Runner, work: Path, modules: Path | None) -> dict[str, Path]:
     """The files of EFI/BOOT on the ESP: our GRUB, or signed shim + signed GRUB."""
     if cfg.secure_boot:
-        unpacked = _apt_unpacked(cfg, runner, "secureboot", SIGNED_DEBS[cfg.arch])
+        unpacked = _signed_unpacked(cfg, runner)
         files = {name: unpacked / rel for name, rel in SIGNED_FILES[cfg.arch].items()}
         for name, path in files.items():
             if not path.is_file():
-                raise CaptainError(f"{SIGNED_DEBS[cfg.arch]} has no {path.name} for {name}")
+                raise CaptainError(f"{' and '.join(SIGNED_DEBS[cfg.arch])} hold no {path.name} for {name}")
         return files
     assert modules is not None
     embedded = work / "embedded.cfg"
@@ -230,17 +218,3 @@ def check_magic(iso: Path) -> None:
     count = data.count(pins.ISO_MAGIC.encode())
     if count != 1:
         raise CaptainError(f"the ISO holds the command-line placeholder {count} times, expected once")
-
-
-def patch_cmdline(iso: Path, params: str, output: Path) -> None:
-    """Do what Smee does: overwrite the placeholder in place, padding with spaces (same size)."""
-    data = bytearray(iso.read_bytes())
-    magic = pins.ISO_MAGIC.encode()
-    at = data.find(magic)
-    if at < 0:
-        raise CaptainError(f"{iso} has no command-line placeholder")
-    patch = params.encode()
-    if len(patch) > len(magic):
-        raise CaptainError(f"kernel parameters are {len(patch)} bytes; the placeholder holds {len(magic)}")
-    data[at:at + len(magic)] = patch.ljust(len(magic), b" ")
-    cache.atomic_write(output, bytes(data))

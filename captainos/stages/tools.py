@@ -236,8 +236,7 @@ def libseccomp(cfg: Config, runner: Runner) -> Path:
     deb = pins.LIBSECCOMP[cfg.arch.value]
 
     def produce(work: Path) -> None:
-        dest = cfg.cache_dir / "downloads" / "debian" / posixpath.basename(deb.filename)
-        file = fetch.download(f"{pins.DEBIAN_MIRROR}/{deb.filename}", dest, deb.sha256)
+        file = debian.package(deb.name, cfg.arch.value, cache_dir=cfg.cache_dir, pin=deb)
         debian.extract(runner, file, work / "root")
 
     parts = {"package": deb.name, "version": deb.version, "sha256": deb.sha256}

@@ -35,8 +35,8 @@ def _boot_cmdline(iso_path: Path, workdir: Path) -> str:
     return line
 
 
-def test_iso_boots_under_uefi_and_is_patchable(lab_cfg: Config, kernel_entry: Path, busybox_initramfs: Path,
-                                               tmp_path: Path) -> None:
+def test_iso_boots_under_uefi_and_is_patchable(smee_patch, lab_cfg: Config, kernel_entry: Path,
+                                               busybox_initramfs: Path, tmp_path: Path) -> None:
     cfg = dataclasses.replace(lab_cfg, iso_cmdline="captainos.test=baked")
     entry = iso.build(cfg, Runner(), kernel_entry / "vmlinuz", busybox_initramfs)
     image = entry / "captainos.iso"
@@ -45,7 +45,7 @@ def test_iso_boots_under_uefi_and_is_patchable(lab_cfg: Config, kernel_entry: Pa
     assert line.rstrip().endswith(pins.ISO_MAGIC)
 
     patched = tmp_path / "patched.iso"
-    iso.patch_cmdline(image, "captainos.test=patched worker_id=52:54:00:12:34:56", patched)
+    smee_patch(image, "captainos.test=patched worker_id=52:54:00:12:34:56", patched)
     assert patched.stat().st_size == image.stat().st_size
     line = _boot_cmdline(patched, tmp_path / "patched")
     assert "captainos.test=patched worker_id=52:54:00:12:34:56" in line
@@ -121,13 +121,13 @@ def test_real_image_iso_reaches_selftest_pass(image_iso: Path, tmp_path: Path) -
     assert verdict == "PASS"
 
 
-def test_smee_patched_iso_applies_a_static_ipam(image_iso: Path, tmp_path: Path) -> None:
+def test_smee_patched_iso_applies_a_static_ipam(smee_patch, image_iso: Path, tmp_path: Path) -> None:
     """Patch a copy the way Smee does (same size, placeholder overwritten) with a static
     address; QEMU's DHCP would have leased 10.0.2.15, so seeing only .60 proves ipam= won."""
     patched = tmp_path / "patched.iso"
     params = (f"ipam={qemu.DEFAULT_MAC.replace(':', '-')}::10.0.2.60:24:10.0.2.2:isohost:10.0.2.3:: "
               f"worker_id={qemu.DEFAULT_MAC} hw_addr={qemu.DEFAULT_MAC}")
-    iso.patch_cmdline(image_iso, params, patched)
+    smee_patch(image_iso, params, patched)
     assert patched.stat().st_size == image_iso.stat().st_size
     verdict, text = _selftest_from_cd(patched, tmp_path / "patched")
     assert verdict == "PASS"

@@ -193,7 +193,7 @@ def test_cross_compile_from_debian_source_arm64(tmp_path: Path) -> None:
 
 def _arm64_busybox(cfg: Config, tmp_path: Path) -> Path:
     """busybox for arm64 from the Debian archive, verified like every other package."""
-    deb = debian.fetch_package("busybox-static", "arm64", cache_dir=cfg.cache_dir)
+    deb = debian.package("busybox-static", "arm64", cache_dir=cfg.cache_dir)
     debian.extract(Runner(), deb, tmp_path / "bb")
     return tmp_path / "bb" / "usr" / "bin" / "busybox"
 

@@ -110,7 +110,7 @@ def mirror(http_root: tuple[Path, str]) -> tuple[Path, str]:
 
 
 def _fetch(base: str, cache: Path, keyring: Path, suite: str = SUITE) -> Path:
-    return debian.fetch_package("hello", "amd64", suite, cache_dir=cache, mirror=base, keyring=keyring)
+    return debian.package("hello", "amd64", suite, cache_dir=cache, mirror=base, keyring=keyring)
 
 
 def test_fetch_package_verifies_and_picks_newest(keys, mirror, tmp_path: Path) -> None:
@@ -189,7 +189,7 @@ def test_unknown_package_names_the_suite(keys, mirror, tmp_path: Path) -> None:
     root, base = mirror
     make_archive(root, home, debs={"1.0": b"payload"})
     with pytest.raises(CaptainError, match="package nope not found in Debian testsuite"):
-        debian.fetch_package("nope", "amd64", SUITE, cache_dir=tmp_path, mirror=base, keyring=keyring)
+        debian.package("nope", "amd64", SUITE, cache_dir=tmp_path, mirror=base, keyring=keyring)
 
 
 def test_unreachable_mirror_is_one_clear_error(tmp_path: Path) -> None:

@@ -50,25 +50,25 @@ def test_xorriso_argv_makes_a_hybrid_efi_iso():
     assert any(a.startswith("--modification-date=") for a in argv)
 
 
-def test_patch_replaces_in_place_with_the_same_size(tmp_path):
+def test_patch_replaces_in_place_with_the_same_size(smee_patch, tmp_path):
     original = tmp_path / "a.iso"
     original.write_bytes(b"head " + pins.ISO_MAGIC.encode() + b" tail")
     patched = tmp_path / "b.iso"
-    iso.patch_cmdline(original, "ipam=x worker_id=y", patched)
+    smee_patch(original, "ipam=x worker_id=y", patched)
     data = patched.read_bytes()
     assert len(data) == original.stat().st_size
     assert data.startswith(b"head ipam=x worker_id=y ") and data.endswith(b" tail")
     assert pins.ISO_MAGIC.encode() not in data
 
 
-def test_patch_refuses_too_long_params_and_missing_magic(tmp_path):
+def test_patch_refuses_too_long_params_and_missing_magic(smee_patch, tmp_path):
     original = tmp_path / "a.iso"
     original.write_bytes(pins.ISO_MAGIC.encode())
     with pytest.raises(CaptainError, match="placeholder holds 1024"):
-        iso.patch_cmdline(original, "x" * 1025, tmp_path / "b.iso")
+        smee_patch(original, "x" * 1025, tmp_path / "b.iso")
     (tmp_path / "c.iso").write_bytes(b"nothing here")
     with pytest.raises(CaptainError, match="no command-line placeholder"):
-        iso.patch_cmdline(tmp_path / "c.iso", "x", tmp_path / "d.iso")
+        smee_patch(tmp_path / "c.iso", "x", tmp_path / "d.iso")
     assert not (tmp_path / "b.iso").exists() and not (tmp_path / "d.iso").exists()
 
 
