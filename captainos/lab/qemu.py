@@ -130,12 +130,16 @@ def probe_accel(arch: Arch, kernel: Path | None = None, timeout: float = 20.0) -
         machine = Machine(arch, kernel=kernel, append="panic=-1", accel=Accel.KVM, mem="256M", smp=1,
                           serial_log=serial)
         proc = run.spawn(argv(machine), Path(tmp) / "qemu.log")
-        if run.wait(proc, timeout) is None:
+        code = run.wait(proc, timeout)
+        if code is None:
             run.stop(proc, grace=0)
         text = serial.read_text(errors="replace") if serial.exists() else ""
+        failure = (Path(tmp) / "qemu.log").read_text(errors="replace").strip().splitlines()
     if "Kernel panic" in text or "VFS:" in text:
         return Accel.KVM
-    log.info(f"    KVM did not boot a kernel within {timeout:.0f}s here: using TCG (software emulation)")
+    why = (f"did not boot a kernel within {timeout:.0f}s" if code is None
+           else f"failed (QEMU exited with code {code}{': ' + failure[0] if failure else ''})")
+    log.info(f"    KVM {why} here: using TCG (software emulation)")
     return Accel.TCG
 
 
