@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -45,6 +46,38 @@ def test_cap_param_distinguishes_absent_from_empty(sandbox):
     result = sandbox.bash('cap_cmdline_load\ncap_param empty && echo "empty:yes"\n'
                           'cap_param missing || echo "missing:no"')
     assert result.stdout.split() == ["empty:yes", "missing:no"]
+
+
+GENERATOR = Path(__file__).resolve().parents[2] / "image/mkosi.extra/usr/lib/systemd/system-generators/captainos-cmdline"
+HOSTILE = ('console=tty0 console=ttyS1,115200 a="x y" token=a=b== quiet empty= '
+           "q='single' d=$(touch${IFS}/tmp/pwned) b=`id` s=a\\b g=[b]in star=* nl=end\n")
+
+
+def _dump(sandbox: Sandbox) -> str:
+    result = sandbox.bash('cap_cmdline_load\nfor k in "${!CAP_PARAMS[@]}"; do printf "%s=%s|%s\\n" "$k" '
+                          '"${CAP_PARAMS[$k]}" "${CAP_RAW[$k]}"; done | sort\nprintf "consoles %s\\n" '
+                          '"${CAP_CONSOLES[*]}"')
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_generator_parses_once_and_every_program_loads_the_same_values(sandbox):
+    sandbox.cmdline(HOSTILE)
+    parsed_by_each = _dump(sandbox)
+    result = sandbox.run(GENERATOR)
+    assert result.returncode == 0, result.stderr
+    saved = sandbox.root / "run/captainos/cmdline.parsed"
+    assert saved.stat().st_mode & 0o777 == 0o600  # it may hold a registry password
+    sandbox.cmdline("changed=1")  # the programs now read the boot's parse, not the file
+    assert _dump(sandbox) == parsed_by_each
+    assert "consoles tty0 ttyS1,115200" in parsed_by_each and "d=$(touch${IFS}/tmp/pwned)|" in parsed_by_each
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_without_the_boot_parse_a_program_parses_the_command_line_itself(sandbox):
+    sandbox.cmdline("worker_id=one")
+    assert "worker_id=one|worker_id=one" in _dump(sandbox)
+    assert not (sandbox.root / "run/captainos/cmdline.parsed").exists()
 
 
 def test_log_lines_are_one_json_object_each_even_with_hostile_text(sandbox):

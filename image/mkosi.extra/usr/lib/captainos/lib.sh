@@ -5,6 +5,8 @@
 # build host against a temporary root:
 #   CMDLINE_FILE  where the kernel command line is read (default /proc/cmdline)
 #   ROOT          prefix for every file a program reads or writes (default: the real root)
+#   CAP_CMDLINE_PARSED  the boot's parse of the command line, written once by the generator
+#                 captainos-cmdline (default $ROOT/run/captainos/cmdline.parsed)
 #   CAP_PROGRAM   the "prog" field of log lines (default: the script's file name)
 
 # Values from the command line and DHCP are split on "," "." ":" in loops; with globbing on,
@@ -14,6 +16,7 @@ set -o noglob
 
 CMDLINE_FILE=${CMDLINE_FILE:-/proc/cmdline}
 ROOT=${ROOT:-}
+CAP_CMDLINE_PARSED=${CAP_CMDLINE_PARSED:-$ROOT/run/captainos/cmdline.parsed}
 CAP_PROGRAM=${CAP_PROGRAM:-${0##*/}}
 
 # Parameters of the kernel command line, name -> value ("" for a bare word like "quiet"),
@@ -58,11 +61,31 @@ cap_info() { cap_log info "$@"; }
 cap_warn() { cap_log warning "$@"; }
 cap_error() { cap_log error "$@"; }
 
-# Read the command line into CAP_PARAMS, and every console= value into CAP_CONSOLES. Words
-# are split on blanks outside double quotes, quotes are dropped (as the kernel does), each
-# word is split on its FIRST "=" so values may contain "=", a trailing newline is ignored,
-# and the last occurrence of a name wins.
+# Load the command line into CAP_PARAMS, CAP_RAW and CAP_CONSOLES: from the boot's parse
+# when the generator wrote one (the command line does not change while the system runs), else
+# by parsing CMDLINE_FILE.
 cap_cmdline_load() {
+    if [[ -f $CAP_CMDLINE_PARSED ]]; then
+        # shellcheck source=/dev/null
+        . "$CAP_CMDLINE_PARSED"
+        return 0
+    fi
+    cap_cmdline_parse
+}
+
+# cap_cmdline_save: parse CMDLINE_FILE and write the result to CAP_CMDLINE_PARSED (0600: the
+# command line may hold a registry password), as global array declarations.
+cap_cmdline_save() {
+    cap_cmdline_parse || return 1
+    declare -p CAP_PARAMS CAP_RAW CAP_CONSOLES | sed 's/^declare -\([aA]\) /declare -g\1 /' |
+        cap_write_file "$CAP_CMDLINE_PARSED" 0600
+}
+
+# Parse CMDLINE_FILE into CAP_PARAMS, and every console= value into CAP_CONSOLES. Words are
+# split on blanks outside double quotes, quotes are dropped (as the kernel does), each word
+# is split on its FIRST "=" so values may contain "=", a trailing newline is ignored, and the
+# last occurrence of a name wins.
+cap_cmdline_parse() {
     local text word="" raw="" in_quote=0 i c
     CAP_PARAMS=()
     CAP_RAW=()
@@ -271,6 +294,23 @@ cap_image_full() {
 # A proxy URL: scheme://[user:pass@]host[:port][/], no blanks.
 cap_is_proxy() {
     [[ $1 =~ ^(https?|socks5)://[^[:space:]/]+/?$ ]]
+}
+
+# cap_export_proxies announce|quiet: export HTTP_PROXY, HTTPS_PROXY and NO_PROXY from the command
+# line in both spellings (containerd, nerdctl and the agent read either). An invalid proxy
+# URL is logged by name (it may hold a password) and left out; with "announce", each one set
+# is logged too ("quiet": only the invalid ones).
+cap_export_proxies() {
+    local name value
+    for name in HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+        value=$(cap_param "$name") || continue
+        if [[ $name != NO_PROXY ]] && ! cap_is_proxy "$value"; then
+            cap_error "ignoring an invalid proxy URL" param="$name"
+            continue
+        fi
+        export "$name=$value" "${name,,}=$value"
+        [[ $1 != announce ]] || cap_info "proxy configured" param="$name"
+    done
 }
 
 # cap_write_file PATH MODE: write stdin to PATH atomically (temp file + rename) with MODE,
