@@ -48,7 +48,8 @@ def test_cap_param_distinguishes_absent_from_empty(sandbox):
     assert result.stdout.split() == ["empty:yes", "missing:no"]
 
 
-GENERATOR = Path(__file__).resolve().parents[2] / "image/mkosi.extra/usr/lib/systemd/system-generators/captainos-cmdline"
+GENERATOR = (Path(__file__).resolve().parents[2] / "image/mkosi.extra/usr/lib/systemd/system-generators"
+             / "captainos-cmdline")
 HOSTILE = ('console=tty0 console=ttyS1,115200 a="x y" token=a=b== quiet empty= '
            "q='single' d=$(touch${IFS}/tmp/pwned) b=`id` s=a\\b g=[b]in star=* nl=end\n")
 
@@ -72,6 +73,16 @@ def test_the_generator_parses_once_and_every_program_loads_the_same_values(sandb
     assert _dump(sandbox) == parsed_by_each
     assert "consoles tty0 ttyS1,115200" in parsed_by_each and "d=$(touch${IFS}/tmp/pwned)|" in parsed_by_each
     assert not Path("/tmp/pwned").exists()
+
+
+def test_the_boot_parse_leaves_the_registry_credentials_out(sandbox):
+    sandbox.cmdline("docker_registry=reg.local registry_username=admin registry_password=s3cret-pw x=1")
+    assert sandbox.run(GENERATOR).returncode == 0
+    saved = (sandbox.root / "run/captainos/cmdline.parsed").read_text()
+    assert "s3cret-pw" not in saved and "admin" not in saved and "reg.local" in saved
+    result = sandbox.bash('cap_cmdline_load\ncap_param registry_password || echo absent\n'
+                          'cap_secrets_load\ncap_param registry_password')
+    assert result.stdout.split() == ["absent", "s3cret-pw"], result.stderr
 
 
 def test_without_the_boot_parse_a_program_parses_the_command_line_itself(sandbox):

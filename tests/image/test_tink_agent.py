@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+GENERATOR = (Path(__file__).resolve().parents[2] / "image/mkosi.extra/usr/lib/systemd/system-generators"
+             / "captainos-cmdline")
+
 if TYPE_CHECKING:
     from tests.image.conftest import Result, Sandbox
 
@@ -342,6 +345,19 @@ def test_credentials_go_to_a_private_file_for_their_registry_only(sandbox):
     everything_visible = result.stderr + result.stdout + "\n".join(sandbox.call_lines())
     assert PASSWORD not in everything_visible
     assert "admin" not in result.stderr
+
+
+def test_credentials_still_reach_the_pull_when_the_boot_parse_left_them_out(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline(f"docker_registry=reg.local:5000 registry_username=admin registry_password={PASSWORD}\n")
+    generator = GENERATOR
+    assert sandbox.run(generator).returncode == 0
+    assert PASSWORD not in (sandbox.root / "run/captainos/cmdline.parsed").read_text()
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode == 0, result.stderr
+    auth = json.loads((sandbox.tmp / "seen-auth.json").read_text())["auths"]["reg.local:5000"]["auth"]
+    assert base64.b64decode(auth).decode() == f"admin:{PASSWORD}"
+    assert PASSWORD not in result.stderr + result.stdout + "\n".join(sandbox.call_lines())
 
 
 def test_credentials_are_not_sent_to_another_registry(sandbox):

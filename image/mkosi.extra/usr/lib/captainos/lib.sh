@@ -73,12 +73,26 @@ cap_cmdline_load() {
     cap_cmdline_parse
 }
 
-# cap_cmdline_save: parse CMDLINE_FILE and write the result to CAP_CMDLINE_PARSED (0600: the
-# command line may hold a registry password), as global array declarations.
+# Parameters that never go into the saved parse: the registry credentials stay only in the
+# kernel's own command line; the one program that needs them parses it again (cap_secrets_load).
+CAP_SECRET_PARAMS=(registry_username registry_password)
+
+# cap_cmdline_save: parse CMDLINE_FILE and write the result, without CAP_SECRET_PARAMS, to
+# CAP_CMDLINE_PARSED (root-only, as global array declarations).
 cap_cmdline_save() {
+    local name
     cap_cmdline_parse || return 1
+    for name in "${CAP_SECRET_PARAMS[@]}"; do
+        unset 'CAP_PARAMS[$name]' 'CAP_RAW[$name]'
+    done
     declare -p CAP_PARAMS CAP_RAW CAP_CONSOLES | sed 's/^declare -\([aA]\) /declare -g\1 /' |
         cap_write_file "$CAP_CMDLINE_PARSED" 0600
+}
+
+# cap_secrets_load: CAP_PARAMS and CAP_RAW with the secret parameters too (the saved parse
+# leaves them out): the command line parsed again when the boot's parse is in use.
+cap_secrets_load() {
+    [[ ! -f $CAP_CMDLINE_PARSED ]] || cap_cmdline_parse
 }
 
 # Parse CMDLINE_FILE into CAP_PARAMS, and every console= value into CAP_CONSOLES. Words are
