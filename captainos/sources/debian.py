@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import email.utils
 import lzma
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from captainos.core import cache, pins
+from captainos.core import pins
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner, run
 from captainos.sources import fetch
@@ -30,22 +28,6 @@ TIMEOUT = 60.0
 
 
 # --- downloads ---------------------------------------------------------------------------
-
-def get(url: str, dest: Path, *, timeout: float = TIMEOUT) -> Path:
-    """A small file whose digest is not known beforehand (InRelease, sha256sums.asc): its
-    content is verified by the caller before anything in it is used."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except urllib.error.HTTPError as exc:
-        raise CaptainError(f"cannot download {url}: HTTP {exc.code} {exc.reason}",
-                           "check the URL or the mirror") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CaptainError(f"cannot download {url}: {getattr(exc, 'reason', exc)}",
-                           "check the network or the mirror") from None
-    cache.atomic_write(dest, data)
-    return dest
-
 
 def fetch_verified(url: str, sha256: str, cache_dir: Path) -> Path:
     """The file at url with this sha256, from the cache (downloads/<sha256>/<name>) or the network."""
@@ -120,7 +102,7 @@ class Archive:
         """The signed fields of InRelease (fetched fresh each run: it is what moves)."""
         if self._release is None:
             work = self.cache_dir / "debian" / self.suite
-            raw = get(f"{self.mirror}/dists/{self.suite}/InRelease", work / "InRelease")
+            raw = fetch.get(f"{self.mirror}/dists/{self.suite}/InRelease", work / "InRelease")
             self._release = verify_inrelease(raw, self.keyring, self.suite)
         return self._release
 

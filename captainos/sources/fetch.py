@@ -1,6 +1,8 @@
 """Download, verify, then use: pinned downloads and safe archive extraction.
 
 - `probe(url)`: does the host answer at all (a quick HEAD)?
+- `get(url, dest)`: a small file whose digest is not known beforehand (InRelease,
+  sha256sums.asc); the caller verifies its content (a signature) before using anything in it.
 - `download(url, dest, sha256)`: stream to a temp file beside dest with progress, refuse a
   short body (fewer bytes than Content-Length) and a digest mismatch, then rename into place.
   A dest that already has the digest is reused without touching the network. The temp file
@@ -46,6 +48,22 @@ def probe(url: str, timeout: float = 5.0) -> str | None:
         return None  # an HTTP error status is still an answer
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         return str(getattr(exc, "reason", exc)) or type(exc).__name__
+
+
+def get(url: str, dest: Path, *, timeout: float = TIMEOUT) -> Path:
+    """A small file whose digest is not known beforehand (InRelease, sha256sums.asc): its
+    content is verified by the caller before anything in it is used."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except urllib.error.HTTPError as exc:
+        raise CaptainError(f"cannot download {url}: HTTP {exc.code} {exc.reason}",
+                           "check the URL or the mirror") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CaptainError(f"cannot download {url}: {getattr(exc, 'reason', exc)}",
+                           "check the network or the mirror") from None
+    cache.atomic_write(dest, data)
+    return dest
 
 
 def download(url: str, dest: Path, sha256: str, *, label: str | None = None, timeout: float = TIMEOUT) -> Path:

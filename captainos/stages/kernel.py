@@ -169,7 +169,7 @@ def kernel_org_sha256(version: str, cache_dir: Path, base: str = pins.KERNEL_ORG
     if version in pins.KERNEL_ORG_SHA256:
         return pins.KERNEL_ORG_SHA256[version]
     sums_url = f"{base}/v{version.split('.')[0]}.x/sha256sums.asc"
-    sums = debian.get(sums_url, cache_dir / "kernel-org" / f"sha256sums-v{version.split('.')[0]}.asc")
+    sums = fetch.get(sums_url, cache_dir / "kernel-org" / f"sha256sums-v{version.split('.')[0]}.asc")
     name = f"linux-{version}.tar.xz"
     found = fetch.parse_sha256sums(sums.read_text(errors="replace")).get(name)
     if found is None:

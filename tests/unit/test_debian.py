@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from captainos.core.errors import CaptainError
-from captainos.sources import debian
+from captainos.sources import debian, fetch
 
 
 @pytest.mark.parametrize(("a", "b", "order"), [
@@ -194,7 +194,7 @@ def test_unknown_package_names_the_suite(keys, mirror, tmp_path: Path) -> None:
 
 def test_unreachable_mirror_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CaptainError, match=r"cannot download http://127\.0\.0\.1:9/x"):
-        debian.get("http://127.0.0.1:9/x", tmp_path / "x", timeout=2)
+        fetch.get("http://127.0.0.1:9/x", tmp_path / "x", timeout=2)
     assert not list(tmp_path.iterdir())
 
 

@@ -64,3 +64,9 @@ def test_the_layers_are_folders():
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
         "core", "sources", "stages", "lab"}
     assert sorted(p.stem for p in PACKAGE.glob("*.py")) == ["__init__", "__main__", "cli", "host", "summary"]
+
+
+def test_outside_the_lab_only_fetch_downloads():
+    downloaders = sorted(m for m, path in MODULES.items()
+                         if _layer(m) != "lab" and any(n.split(".")[0] in ("urllib", "http") for n in _imports(path)))
+    assert downloaders == ["captainos.sources.fetch"]
