@@ -1,5 +1,5 @@
 # The builder container for the `docker` stage mode: Debian trixie with mkosi, the kernel
-# toolchain, Go and the ISO tools. Its tag is this file's content hash (captainos/docker.py).
+# toolchain, Go and the ISO tools. Its tag is this file's content hash (captainos/core/docker.py).
 FROM debian:trixie
 
 ENV DEBIAN_FRONTEND=noninteractive

@@ -9,7 +9,7 @@ from pathlib import Path
 from captainos.core import cache, log, pins
 from captainos.core.config import REPO, Arch, Config, KernelSource, StageMode
 from captainos.core.errors import CaptainError
-from captainos.core.needs import DOCKER, LAB, QEMU, TOOLS_GO, Need
+from captainos.core.needs import DEBIAN_ARCHIVE, DOCKER, LAB, QEMU, TOOLS_GO, Need
 from captainos.core.run import base_env, run
 from captainos.sources import mkosi
 from captainos.sources.mkosi import TOOLS_DIR
@@ -42,6 +42,8 @@ def needs(cfg: Config, verb: str) -> list[Need]:
             found.append(DOCKER)
         elif mode is StageMode.NATIVE:
             found += stage.requires(cfg)
+    if cfg.secure_boot and "iso" in pipeline.stages_of(verb) and cfg.iso_mode is not StageMode.SKIP:
+        found += DEBIAN_ARCHIVE  # the signed shim and GRUB come from the archive, read on the host
     if verb == "publish":
         found.append(Need("skopeo", "pushing the image (publish --to)", "skopeo"))
     elif verb == "qemu-test":

@@ -17,10 +17,12 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
 import threading
+import tokenize
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +41,31 @@ def key(parts: dict[str, Any]) -> str:
 
 
 def code_digest(*modules: str | Path) -> str:
-    """The digest of the code that produces an entry: each module's syntax tree without
-    comments, docstrings or layout, so only a change in what the code does makes a new key.
-    Every stage keys its entries with it (no recipe numbers to remember to bump)."""
+    """The digest of the code that produces an entry: each module's source without its
+    comments, docstrings, blank lines and trailing blanks, so editing prose makes no new key
+    and changing code does. The text, not the syntax tree: `ast.dump` differs between Python
+    versions, and a Python upgrade must not rebuild a kernel. Every stage keys its entries
+    with it (no recipe numbers to remember to bump)."""
     digest = hashlib.sha256()
     for module in modules:
-        tree = ast.parse(Path(module).read_text())
-        for node in ast.walk(tree):
+        source = Path(module).read_text()
+        skip: set[int] = set()  # lines that are all docstring
+        for node in ast.walk(ast.parse(source)):
             body = getattr(node, "body", None)
             if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
                     and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                    and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]
-        digest.update(ast.dump(tree, include_attributes=False).encode())
+                    and isinstance(body[0].value.value, str)
+                    and body[0].lineno != getattr(node, "lineno", 0)):  # not `def f(): "doc"`
+                skip.update(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+        comment_at = {tok.start[0]: tok.start[1] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                      if tok.type == tokenize.COMMENT}
+        kept = []
+        for number, line in enumerate(source.splitlines(), 1):
+            if number not in skip:
+                line = line[:comment_at.get(number, len(line))].rstrip()
+                if line:
+                    kept.append(line)
+        digest.update("\n".join(kept).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 

@@ -42,6 +42,9 @@ TOOLS_GO = (Need("go", "building containerd/runc/nerdctl/CNI from Go modules", "
 INITRAMFS = (Need("python3", "running mkosi", "python3"), Need("zstd", "compressing the initramfs", "zstd"),
              Need("cpio", "writing the initramfs", "cpio"), Need("apt-get", "mkosi's Debian bootstrap", "apt"),
              Need("dpkg-deb", "unpacking Debian packages", "dpkg"))
+# Reading Debian's signed archive (debian.package) happens on the host in every stage mode.
+DEBIAN_ARCHIVE = (Need("gpgv", "Debian archive signature check", "gpgv"),
+                  Need("dpkg", "Debian version order", "dpkg"))
 ISO = (Need("xorriso", "writing the ISO", "xorriso"), Need("mformat", "the EFI system partition image", "mtools"),
        Need("grub-mkstandalone", "the GRUB EFI image", "grub-common"))
 QEMU = {Arch.AMD64: Need("qemu-system-x86_64", "booting images", "qemu-system-x86"),

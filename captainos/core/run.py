@@ -114,9 +114,10 @@ def _run_logged(
     return subprocess.CompletedProcess(args, rc)
 
 
-def pipe(argv: Sequence[str | os.PathLike[str]], data: bytes, *, what: str = "data") -> bytes:
-    """argv's stdout for data on its stdin (a filter such as zstd); one line naming `what` and
-    the filter's own message when it fails."""
+def pipe(argv: Sequence[str | os.PathLike[str]], data: bytes, *, what: str = "data",
+         error: str | None = None) -> bytes:
+    """argv's stdout for data on its stdin (a filter such as zstd); when it fails, one line:
+    `error` (default: which filter failed on `what`) and the filter's own message."""
     args = [str(a) for a in argv]
     log.debug(f"{quote(args)}  (< {len(data)} bytes of {what})")
     try:
@@ -126,7 +127,7 @@ def pipe(argv: Sequence[str | os.PathLike[str]], data: bytes, *, what: str = "da
             from exc
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip()
-        raise CaptainError(f"{args[0]} failed on {what}: {message or f'exit code {result.returncode}'}")
+        raise CaptainError(f"{error or f'{args[0]} failed on {what}'}: {message or f'exit code {result.returncode}'}")
     return result.stdout
 
 

@@ -201,13 +201,14 @@ def conditions(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def wait_state(client: Client, name: str, timeout: float, poll: float = 2.0) -> dict[str, Any]:
     """The Workflow once its state is final, or CaptainError after timeout."""
-    last: dict[str, Any] = {}
+    last: list[dict[str, Any]] = [{}]  # the object as the latest poll fetched it
 
     def final() -> dict[str, Any] | None:
-        last.update(client.get("workflows", name))
-        return dict(last) if workflow_state(last) in FINAL else None
+        last[0] = dict(client.get("workflows", name))
+        return last[0] if workflow_state(last[0]) in FINAL else None
 
     found = run.poll(final, timeout, poll)
     if found is None:
-        raise CaptainError(f"workflow {name} still {workflow_state(last) or 'without state'} after {timeout:.0f}s")
+        raise CaptainError(f"workflow {name} still {workflow_state(last[0]) or 'without state'} "
+                           f"after {timeout:.0f}s")
     return found

@@ -140,5 +140,5 @@ def decompress(path: Path) -> bytes:
 def decompress_data(data: bytes, name: str = "data") -> bytes:
     """decompress() for bytes already in memory (one or more zstd frames, or plain cpio)."""
     if data[:4] == b"\x28\xb5\x2f\xfd":  # zstd frame magic
-        return pipe(["zstd", "-dc"], data, what=name)
+        return pipe(["zstd", "-dc"], data, error=f"cannot decompress {name}")
     return data

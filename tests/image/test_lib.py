@@ -85,6 +85,16 @@ def test_the_boot_parse_leaves_the_registry_credentials_out(sandbox):
     assert result.stdout.split() == ["absent", "s3cret-pw"], result.stderr
 
 
+def test_a_broken_boot_parse_falls_back_and_a_failed_reparse_loses_nothing(sandbox):
+    sandbox.cmdline("worker_id=one HTTP_PROXY=http://p.local:3128")
+    parsed = sandbox.root / "run/captainos/cmdline.parsed"
+    parsed.parent.mkdir(parents=True)
+    parsed.write_text("declare -gA CAP_PARAMS=( [worker_id]=\"one\" \nthis is not bash (\n")
+    result = sandbox.bash('cap_cmdline_load\ncap_param worker_id\necho\n'
+                          'CMDLINE_FILE=/nonexistent; cap_secrets_load || echo failed\ncap_param HTTP_PROXY')
+    assert result.stdout.split() == ["one", "failed", "http://p.local:3128"], result.stderr
+
+
 def test_without_the_boot_parse_a_program_parses_the_command_line_itself(sandbox):
     sandbox.cmdline("worker_id=one")
     assert "worker_id=one|worker_id=one" in _dump(sandbox)

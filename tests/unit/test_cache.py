@@ -250,8 +250,8 @@ def test_code_digest_ignores_comments_docstrings_and_layout_but_not_code(tmp_pat
     module = tmp_path / "stage.py"
     module.write_text('"""What it does."""\n\ndef build(x):\n    """Build."""\n    return x + 1  # one more\n')
     first = cache.code_digest(module)
-    module.write_text('"""What it does, said better."""\n\n\ndef build(x):\n    # a new comment\n'
-                      '    return (x + 1)\n')
+    module.write_text('"""What it does,\nsaid better."""\n\n\ndef build(x):\n    # a new comment\n'
+                      '    return x + 1\n')
     assert cache.code_digest(module) == first
     module.write_text('"""What it does."""\n\ndef build(x):\n    return x + 2\n')
     assert cache.code_digest(module) != first

@@ -94,3 +94,12 @@ def test_clean_removes_outputs_and_with_all_the_caches(tmp_path, monkeypatch, ev
     assert not cfg.out_dir.exists() and not (repo / "build").exists()
     assert (repo / "image" / "f").is_file()  # sources are never touched
     assert cfg.cache_dir.exists() is not everything and (repo / ".tools").exists() is not everything
+
+
+def test_a_secure_boot_iso_needs_the_archive_tools_on_the_host_in_any_mode():
+    docker = {"KERNEL_MODE": "docker", "TOOLS_MODE": "docker", "INITRAMFS_MODE": "docker", "ISO_MODE": "docker"}
+    assert {n.command for n in host.needs(config.load(env=docker), "iso")} == {"docker"}
+    signed = config.load(env={**docker, "SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-image"})
+    assert {n.command for n in host.needs(signed, "iso")} == {"docker", "gpgv", "dpkg"}
+    native = config.load(env={"SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-image"})
+    assert {"gpgv", "dpkg", "xorriso"} <= {n.command for n in host.needs(native, "build")}

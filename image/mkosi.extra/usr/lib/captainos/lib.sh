@@ -3,7 +3,8 @@
 #
 # Source it after `set -euo pipefail`. Inputs are overridable so that the programs run on a
 # build host against a temporary root:
-#   CMDLINE_FILE  where the kernel command line is read (default /proc/cmdline)
+#   CMDLINE_FILE  where the kernel command line is read when there is no boot parse (below)
+#                 (default /proc/cmdline)
 #   ROOT          prefix for every file a program reads or writes (default: the real root)
 #   CAP_CMDLINE_PARSED  the boot's parse of the command line, written once by the generator
 #                 captainos-cmdline (default $ROOT/run/captainos/cmdline.parsed)
@@ -65,9 +66,8 @@ cap_error() { cap_log error "$@"; }
 # when the generator wrote one (the command line does not change while the system runs), else
 # by parsing CMDLINE_FILE.
 cap_cmdline_load() {
-    if [[ -f $CAP_CMDLINE_PARSED ]]; then
-        # shellcheck source=/dev/null
-        . "$CAP_CMDLINE_PARSED"
+    # shellcheck source=/dev/null
+    if [[ -f $CAP_CMDLINE_PARSED && -r $CAP_CMDLINE_PARSED ]] && . "$CAP_CMDLINE_PARSED"; then
         return 0
     fi
     cap_cmdline_parse
@@ -101,13 +101,14 @@ cap_secrets_load() {
 # last occurrence of a name wins.
 cap_cmdline_parse() {
     local text word="" raw="" in_quote=0 i c
-    CAP_PARAMS=()
-    CAP_RAW=()
-    CAP_CONSOLES=()  # every console= value, in order (the name keeps only the last one)
     if [[ ! -r $CMDLINE_FILE ]]; then
+        # What was loaded before stays: a failed re-parse (cap_secrets_load) loses nothing.
         cap_error "cannot read the kernel command line" file="$CMDLINE_FILE"
         return 1
     fi
+    CAP_PARAMS=()
+    CAP_RAW=()
+    CAP_CONSOLES=()  # every console= value, in order (the name keeps only the last one)
     text=$(<"$CMDLINE_FILE")  # command substitution also drops trailing newlines
     for ((i = 0; i < ${#text}; i++)); do
         c=${text:i:1}
@@ -323,7 +324,7 @@ cap_export_proxies() {
             continue
         fi
         export "$name=$value" "${name,,}=$value"
-        [[ $1 != announce ]] || cap_info "proxy configured" param="$name"
+        [[ ${1-} != announce ]] || cap_info "proxy configured" param="$name"
     done
 }
 
