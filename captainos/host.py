@@ -35,8 +35,8 @@ def needs(cfg: Config, verb: str) -> list[Need]:
     from captainos.stages import pipeline
 
     found: list[Need] = []
-    for stage in map(pipeline.BY_NAME.get, pipeline.stages_of(verb)):
-        assert stage is not None
+    for name in pipeline.stages_of(verb):
+        stage = pipeline.BY_NAME[name]
         mode = stage.mode(cfg)
         if mode is StageMode.DOCKER:
             found.append(DOCKER)

@@ -192,22 +192,22 @@ def build(cfg: Config) -> None:
 
 
 # One call per stage for callers that hold the entries already (tests, bench).
-def build_kernel(cfg: Config) -> Path:
-    entry = run_stage(cfg, BY_NAME["kernel"], {})
-    assert entry is not None
+def _entry(cfg: Config, name: str, entries: Entries) -> Path:
+    entry = run_stage(cfg, BY_NAME[name], entries)
+    assert entry is not None  # only the ISO, which these callers never skip, can give none
     return entry
+
+
+def build_kernel(cfg: Config) -> Path:
+    return _entry(cfg, "kernel", {})
 
 
 def build_tools(cfg: Config) -> Path:
-    entry = run_stage(cfg, BY_NAME["tools"], {})
-    assert entry is not None
-    return entry
+    return _entry(cfg, "tools", {})
 
 
 def build_initramfs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> Path:
-    entry = run_stage(cfg, BY_NAME["initramfs"], {"kernel": kernel_entry, "tools": tools_entry})
-    assert entry is not None
-    return entry
+    return _entry(cfg, "initramfs", {"kernel": kernel_entry, "tools": tools_entry})
 
 
 def build_iso(cfg: Config, kernel_entry: Path, initramfs_entry: Path) -> Path | None:
