@@ -108,6 +108,10 @@ def test_conditional_units_start_only_for_provisioning():
     assert "Restart=always" in agent and "StartLimitIntervalSec=0" in agent
     syslog = (EXTRA / "usr/lib/systemd/system/captainos-syslog@.service").read_text()
     assert "ConditionKernelCommandLine=syslog_host" in syslog
+    # The network unit runs only with something to write (it sits on networkd's start).
+    network = (EXTRA / "usr/lib/systemd/system/captainos-network.service").read_text()
+    for param in ("ipam", "vlan_id", "interface"):
+        assert f"ConditionKernelCommandLine=|{param}\n" in network
 
 
 def test_boot_target_first_boot_and_resolv_conf():
@@ -119,6 +123,20 @@ def test_boot_target_first_boot_and_resolv_conf():
     # in /usr/lib, since mkosi's `systemctl preset-all` removes template-instance masks in /etc.
     for name in ("drm", "fuse", "configfs"):
         assert os.readlink(EXTRA / f"usr/lib/systemd/system/modprobe@{name}.service") == "/dev/null"
+    # Units on udevd's way that have nothing to do here (issue 17): the static device nodes are
+    # written at build time (mkosi.postinst.chroot), and tmpfiles-setup-dev creates every /dev
+    # node the early pass would; a RAM OS has no journal to flush and no seed to load.
+    for name in ("kmod-static-nodes", "systemd-tmpfiles-setup-dev-early", "systemd-journal-flush",
+                 "systemd-random-seed"):
+        assert os.readlink(EXTRA / f"usr/lib/systemd/system/{name}.service") == "/dev/null"
+    # These two keep working when asked: a dracut-style network parameter or a credential.
+    generator = (EXTRA / "usr/lib/systemd/system/systemd-network-generator.service.d"
+                 / "captainos-only-when-asked.conf").read_text()
+    for param in ("ip", "nameserver", "vlan", "bond", "bridge"):
+        assert f"ConditionKernelCommandLine=|{param}\n" in generator
+    credentials = (EXTRA / "usr/lib/systemd/system/systemd-udev-load-credentials.service.d"
+                   / "captainos-only-when-asked.conf").read_text()
+    assert "ConditionDirectoryNotEmpty=|/run/credentials/@system" in credentials
     # Shipped "updated": the ConditionNeedsUpdate= units skip at boot (the build did their work).
     assert (EXTRA / "etc/.updated").is_file() and (EXTRA / "var/.updated").is_file()
     assert os.readlink(EXTRA / "etc/resolv.conf") == "/run/systemd/resolve/resolv.conf"

@@ -113,6 +113,48 @@ def test_units_for_code_the_kernel_has_built_in_are_masked(unpacked: Path) -> No
         assert state(f"modprobe@{name}.service") == "masked", name
     assert state("systemd-networkd.service") == "enabled"
     assert state("modprobe@loop.service") != "masked"
+    for name in ("kmod-static-nodes", "systemd-tmpfiles-setup-dev-early", "systemd-journal-flush",
+                 "systemd-random-seed"):
+        assert state(f"{name}.service") == "masked", name
+
+
+def test_the_static_device_nodes_are_written_at_build_time(unpacked: Path) -> None:
+    """kmod-static-nodes is masked; the image carries its list instead, made from the image's
+    own modules.devname: one tmpfiles line per node (and its directory), numbers as listed."""
+    devnames = list(unpacked.glob("usr/lib/modules/*/modules.devname"))
+    assert len(devnames) == 1
+    entries = [line.split() for line in devnames[0].read_text().splitlines() if line and not line.startswith("#")]
+    assert entries, "Debian's kernel has modular devices (tun, loop): the list cannot be empty"
+    lines = (unpacked / "usr/lib/tmpfiles.d/captainos-static-nodes.conf").read_text().splitlines()
+    for _module, devname, numbers in entries:
+        assert f"{numbers[0]}! /dev/{devname} 0600 - - - {numbers[1:]}" in lines, devname
+        if "/" in devname:
+            assert f"d /dev/{devname.rsplit('/', 1)[0]} 0755 - - -" in lines, devname
+
+
+def test_modules_to_load_at_boot_are_only_those_not_built_in(unpacked: Path) -> None:
+    """captainos.conf keeps the modules the image's kernel does not have built in; with none
+    left it is gone (systemd-modules-load then skips), and so is kmod's comment-only list."""
+    source = (REPO / "image/mkosi.extra/usr/lib/modules-load.d/captainos.conf").read_text().split("\n")
+    wanted = [line for line in source if line and not line.startswith("#")]
+    builtin_list = next(unpacked.glob("usr/lib/modules/*/modules.builtin")).read_text().split()
+    builtin = {Path(path).name.removesuffix(".ko").replace("-", "_") for path in builtin_list}
+    loadable = [name for name in wanted if name not in builtin]
+    conf = unpacked / "usr/lib/modules-load.d/captainos.conf"
+    if loadable:
+        assert [line for line in conf.read_text().splitlines() if not line.startswith("#")] == loadable
+    else:
+        assert not conf.exists()
+    assert not (unpacked / "etc/modules-load.d/modules.conf").exists()
+
+
+def test_only_the_generators_a_ram_os_uses_are_left(unpacked: Path) -> None:
+    generators = {p.name for p in (unpacked / "usr/lib/systemd/system-generators").iterdir()}
+    assert {"systemd-debug-generator", "systemd-fstab-generator", "systemd-getty-generator",
+            "systemd-run-generator", "captainos-cmdline"} <= generators
+    assert not generators & {"systemd-gpt-auto-generator", "systemd-sysv-generator", "systemd-tpm2-generator",
+                             "systemd-hibernate-resume-generator", "systemd-rc-local-generator",
+                             "systemd-system-update-generator", "systemd-ssh-generator"}
 
 
 def test_the_sbom_passes_the_spdx_validator_and_is_in_the_image(initramfs: Path, unpacked: Path) -> None:
