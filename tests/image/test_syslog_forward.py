@@ -3,6 +3,8 @@ entry once (a saved cursor), with the DHCP host name applied first."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.image.conftest import PROGRAMS
@@ -151,3 +153,44 @@ def test_bad_host_forwards_nothing(sandbox, cmdline):
     assert result.returncode == 2
     assert len(result.messages("error")) == 1
     assert sandbox.call_lines() == []
+
+
+def follower(sandbox, body: str) -> None:
+    """journalctl --follow runs BODY (the wake-up signal); every other call serves the journal."""
+    fake = sandbox.bin / "journalctl"
+    branch = f'\nif [[ " $* " == *" --follow "* ]]; then\n{body}\nfi\nafter='
+    fake.write_text(fake.read_text().replace("\nafter=", branch, 1))
+
+
+def test_an_entry_wakes_the_forwarder_at_once(sandbox):
+    """After the first round a `journalctl --follow` of the unit is the wake-up: an entry
+    written a second later is sent in the next round, long before the WAKE safety net."""
+    fake_tools(sandbox)
+    journal(sandbox, "early")
+    follower(sandbox, f'(sleep 1; printf "s=abc;i=2\\tlate\\n" >>"{sandbox.tmp}/journal") &\n'
+                      f'exec tail -n 0 -F "{sandbox.tmp}/journal"')
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    sandbox.env.update({"ROUNDS": "2", "POLL": "0.2", "WAKE": "60"})
+    result = sandbox.run("syslog-forward", "tink-agent", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["early", "late"]
+    calls = [line for line in sandbox.call_lines() if line.startswith("journalctl ")]
+    assert calls[1] == "journalctl --boot --quiet --follow --lines=0 --output=cat --unit=tink-agent.service"
+    assert len(calls) == 3  # two rounds and the follower
+
+
+def test_with_nothing_written_no_round_runs_until_wake(sandbox):
+    """Idle, the forwarder runs no journalctl at all (polling ran one a second per unit,
+    which under emulation took CPU from the boot); WAKE seconds later one round runs anyway."""
+    fake_tools(sandbox)
+    journal(sandbox, "only")
+    follower(sandbox, "exec sleep 30")
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    sandbox.env.update({"ROUNDS": "2", "POLL": "0.1", "WAKE": "2"})
+    started = time.monotonic()
+    result = sandbox.run("syslog-forward", "tink-agent", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started >= 1.9
+    rounds = [line for line in sandbox.call_lines() if line.startswith("journalctl ") and "--follow" not in line]
+    assert len(rounds) == 2
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["only"]
