@@ -194,3 +194,45 @@ def test_with_nothing_written_no_round_runs_until_wake(sandbox):
     rounds = [line for line in sandbox.call_lines() if line.startswith("journalctl ") and "--follow" not in line]
     assert len(rounds) == 2
     assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["only"]
+
+
+def test_a_stop_while_idle_ends_at_once_with_a_last_round(sandbox):
+    """SIGTERM while the forwarder waits for an entry: bash does not interrupt a read for a
+    trapped signal, so the trap stops the follower; the last round runs, the cursor is saved."""
+    fake_tools(sandbox)
+    journal(sandbox, "one")
+    follower(sandbox, '(sleep 1; kill -TERM "$PPID") &\nexec sleep 60')
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    sandbox.env.update({"ROUNDS": "0", "POLL": "0.1", "WAKE": "60"})
+    started = time.monotonic()
+    result = sandbox.run("syslog-forward", "tink-agent", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10
+    assert (sandbox.root / "run/captainos/syslog/tink-agent.cursor").read_text() == "s=abc;i=1\n"
+    assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["one"]
+
+
+def test_a_follower_that_ends_at_once_leaves_polling(sandbox):
+    fake_tools(sandbox)
+    journal(sandbox, "one")
+    follower(sandbox, "exit 0")
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    sandbox.env.update({"ROUNDS": "3", "POLL": "0.1", "WAKE": "60"})
+    result = sandbox.run("syslog-forward", "tink-agent", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "journalctl --follow ended; polling every 0.1s" in result.messages("info")
+    assert len([line for line in sandbox.call_lines() if line.startswith("journalctl --boot --quiet --output")]) == 3
+
+
+def test_a_unit_that_never_stops_writing_still_gets_rounds(sandbox):
+    """A follower printing every 10 ms: each wake-up gathers for POLL seconds, then a round."""
+    fake_tools(sandbox)
+    journal(sandbox, "one")
+    follower(sandbox, "while :; do echo x; sleep 0.01; done")
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    sandbox.env.update({"ROUNDS": "4", "POLL": "0.2", "WAKE": "60"})
+    started = time.monotonic()
+    result = sandbox.run("syslog-forward", "tink-agent", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10
+    assert len([line for line in sandbox.call_lines() if line.startswith("journalctl --boot --quiet --output")]) == 4
