@@ -155,22 +155,28 @@ def test_bad_host_forwards_nothing(sandbox, cmdline):
     assert sandbox.call_lines() == []
 
 
-def follower(sandbox, body: str) -> None:
-    """journalctl --follow runs BODY (the wake-up signal); every other call serves the journal."""
+def follower(sandbox, body: str, entry: str, **env: str) -> None:
+    """The fake tools with ENTRY in the journal and syslog_host set; journalctl --follow runs
+    BODY (the wake-up signal), every other call serves the journal; ENV for the forwarder."""
+    fake_tools(sandbox)
+    journal(sandbox, entry)
     fake = sandbox.bin / "journalctl"
     branch = f'\nif [[ " $* " == *" --follow "* ]]; then\n{body}\nfi\nafter='
     fake.write_text(fake.read_text().replace("\nafter=", branch, 1))
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    sandbox.env.update(env)
+
+
+def rounds(sandbox) -> int:
+    """How many rounds ran: the journalctl calls that read by cursor (not the follower)."""
+    return len([line for line in sandbox.call_lines() if line.startswith("journalctl ") and "--follow" not in line])
 
 
 def test_an_entry_wakes_the_forwarder_at_once(sandbox):
     """After the first round a `journalctl --follow` of the unit is the wake-up: an entry
     written a second later is sent in the next round, long before the WAKE safety net."""
-    fake_tools(sandbox)
-    journal(sandbox, "early")
     follower(sandbox, f'(sleep 1; printf "s=abc;i=2\\tlate\\n" >>"{sandbox.tmp}/journal") &\n'
-                      f'exec tail -n 0 -F "{sandbox.tmp}/journal"')
-    sandbox.cmdline("syslog_host=10.0.2.2")
-    sandbox.env.update({"ROUNDS": "2", "POLL": "0.2", "WAKE": "60"})
+                      f'exec tail -n 0 -F "{sandbox.tmp}/journal"', "early", ROUNDS="2", POLL="0.2", WAKE="60")
     result = sandbox.run("syslog-forward", "tink-agent", timeout=20)
     assert result.returncode == 0, result.stderr
     assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["early", "late"]
@@ -182,28 +188,19 @@ def test_an_entry_wakes_the_forwarder_at_once(sandbox):
 def test_with_nothing_written_no_round_runs_until_wake(sandbox):
     """Idle, the forwarder runs no journalctl at all (polling ran one a second per unit,
     which under emulation took CPU from the boot); WAKE seconds later one round runs anyway."""
-    fake_tools(sandbox)
-    journal(sandbox, "only")
-    follower(sandbox, "exec sleep 30")
-    sandbox.cmdline("syslog_host=10.0.2.2")
-    sandbox.env.update({"ROUNDS": "2", "POLL": "0.1", "WAKE": "2"})
+    follower(sandbox, "exec sleep 30", "only", ROUNDS="2", POLL="0.1", WAKE="2")
     started = time.monotonic()
     result = sandbox.run("syslog-forward", "tink-agent", timeout=20)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started >= 1.9
-    rounds = [line for line in sandbox.call_lines() if line.startswith("journalctl ") and "--follow" not in line]
-    assert len(rounds) == 2
+    assert rounds(sandbox) == 2
     assert [line.split(" ", 1)[1] for line in sent(sandbox)] == ["only"]
 
 
 def test_a_stop_while_idle_ends_at_once_with_a_last_round(sandbox):
     """SIGTERM while the forwarder waits for an entry: bash does not interrupt a read for a
     trapped signal, so the trap stops the follower; the last round runs, the cursor is saved."""
-    fake_tools(sandbox)
-    journal(sandbox, "one")
-    follower(sandbox, '(sleep 1; kill -TERM "$PPID") &\nexec sleep 60')
-    sandbox.cmdline("syslog_host=10.0.2.2")
-    sandbox.env.update({"ROUNDS": "0", "POLL": "0.1", "WAKE": "60"})
+    follower(sandbox, '(sleep 1; kill -TERM "$PPID") &\nexec sleep 60', "one", ROUNDS="0", POLL="0.1", WAKE="60")
     started = time.monotonic()
     result = sandbox.run("syslog-forward", "tink-agent", timeout=30)
     assert result.returncode == 0, result.stderr
@@ -213,26 +210,18 @@ def test_a_stop_while_idle_ends_at_once_with_a_last_round(sandbox):
 
 
 def test_a_follower_that_ends_at_once_leaves_polling(sandbox):
-    fake_tools(sandbox)
-    journal(sandbox, "one")
-    follower(sandbox, "exit 0")
-    sandbox.cmdline("syslog_host=10.0.2.2")
-    sandbox.env.update({"ROUNDS": "3", "POLL": "0.1", "WAKE": "60"})
+    follower(sandbox, "exit 0", "one", ROUNDS="3", POLL="0.1", WAKE="60")
     result = sandbox.run("syslog-forward", "tink-agent", timeout=30)
     assert result.returncode == 0, result.stderr
     assert "journalctl --follow ended; polling every 0.1s" in result.messages("info")
-    assert len([line for line in sandbox.call_lines() if line.startswith("journalctl --boot --quiet --output")]) == 3
+    assert rounds(sandbox) == 3
 
 
 def test_a_unit_that_never_stops_writing_still_gets_rounds(sandbox):
     """A follower printing every 10 ms: each wake-up gathers for POLL seconds, then a round."""
-    fake_tools(sandbox)
-    journal(sandbox, "one")
-    follower(sandbox, "while :; do echo x; sleep 0.01; done")
-    sandbox.cmdline("syslog_host=10.0.2.2")
-    sandbox.env.update({"ROUNDS": "4", "POLL": "0.2", "WAKE": "60"})
+    follower(sandbox, "while :; do echo x; sleep 0.01; done", "one", ROUNDS="4", POLL="0.2", WAKE="60")
     started = time.monotonic()
     result = sandbox.run("syslog-forward", "tink-agent", timeout=30)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10
-    assert len([line for line in sandbox.call_lines() if line.startswith("journalctl --boot --quiet --output")]) == 4
+    assert rounds(sandbox) == 4
