@@ -147,3 +147,24 @@ def test_rerun_replaces_earlier_files(sandbox):
     sandbox.cmdline("console=ttyS0")
     assert sandbox.run("network-setup").returncode == 0
     assert list((sandbox.root / "run/systemd/network").iterdir()) == []
+
+
+@pytest.mark.parametrize("cmdline", [IPAM, "ipam=de-ad-be-ef-fe-ed:100:192.168.2.193:24:192.168.2.1::1.1.1.1::",
+                                     "vlan_id=42 hw_addr=52:54:00:12:34:56", "interface=eno2"])
+def test_every_link_with_addresses_skips_ipv6_duplicate_address_detection(sandbox, cmdline):
+    # networkd calls a link configured (wait-online, network-online.target) only once its IPv6
+    # link-local address is usable; the probes would hold every boot back 1-2 s.
+    files, _ = setup(sandbox, cmdline)
+    with_addresses = {name: text for name, text in files.items()
+                      if name.endswith(".network") and "LinkLocalAddressing=no" not in text}
+    assert with_addresses
+    for name, text in with_addresses.items():
+        assert "\n[Network]\n" in text and "\nIPv6DuplicateAddressDetection=0\n" in text, name
+
+
+def test_the_shipped_dhcp_default_skips_ipv6_duplicate_address_detection():
+    from tests.image.test_tree import EXTRA
+
+    text = (EXTRA / "usr/lib/systemd/network/90-captainos-dhcp.network").read_text()
+    network = text.split("[Network]\n", 1)[1].split("\n[", 1)[0]
+    assert "IPv6DuplicateAddressDetection=0" in network.splitlines()
