@@ -181,7 +181,7 @@ def busybox_initramfs(output: Path, script: str) -> Path:
 # sd-bus cannot identify its peer: "No data available").
 ANALYSIS_OFFSET = 8 << 20
 BLAME_LINES = 15
-ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg", "agent-setup")
+ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg", "network", "agent-setup")
 ANALYSIS_TASK = {
     "name": "benchmark-boot-analysis",
     "actions": [{
@@ -194,6 +194,8 @@ ANALYSIS_TASK = {
                     "cd /tmp && sa='chroot /host /usr/bin/systemd-analyze'"
                     f" && $sa blame --no-pager | head -n {BLAME_LINES} >blame && test -s blame"
                     " && $sa critical-chain --no-pager >critical-chain && $sa plot >plot.svg"
+                    " && chroot /host /usr/bin/journalctl -b -u systemd-networkd -o short-monotonic --no-pager"
+                    " >network"
                     " && chroot /host /usr/bin/journalctl -b -u tink-agent-setup -o short-monotonic --no-pager"
                     " >agent-setup"
                     f" && tar -cf analysis.tar {' '.join(ANALYSIS_FILES)}"
@@ -265,6 +267,8 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
                    command)
     for name, title in (("blame", f"`systemd-analyze blame`, top {BLAME_LINES}"),
                         ("critical-chain", "`systemd-analyze critical-chain`"),
+                        ("network", "`journalctl -u systemd-networkd -o short-monotonic` (when the NIC is "
+                                    "renamed, configured, gets its lease)"),
                         ("agent-setup", "`journalctl -u tink-agent-setup -o short-monotonic` (where the setup's "
                                         "time goes)")):
         text = analysis.get(name, b"").decode(errors="replace").strip()

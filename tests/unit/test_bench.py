@@ -135,7 +135,8 @@ def test_the_boot_workflow_gets_the_analysis_task_and_still_parses(tmp_path):
     task = parsed.tasks[-1].actions[0]
     assert task.image == "10.0.2.2:5000/actions/busybox:e2e"
     assert "/:/host" in task.volumes and "seek=16384" in task.command[-1]
-    for word in ("blame", "critical-chain", "plot >plot.svg", "tar -cf analysis.tar blame critical-chain plot.svg"):
+    for word in ("blame", "critical-chain", "plot >plot.svg", "-u systemd-networkd -o short-monotonic",
+                 "tar -cf analysis.tar blame critical-chain plot.svg network agent-setup"):
         assert word in task.command[-1]
     assert task.pid_ns == "host"
     assert len(parsed.tasks[0].actions) == 3  # the original workflow is untouched
