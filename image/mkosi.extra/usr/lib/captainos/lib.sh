@@ -26,28 +26,34 @@ declare -gA CAP_PARAMS=()
 declare -gA CAP_RAW=()
 declare -ga CAP_CONSOLES=()
 
-# Print $1 as the inside of a JSON string: escape backslash and quote, encode the usual
-# control characters, and replace any other control character by "?".
+# cap_json_escape VAR TEXT: set VAR to TEXT as the inside of a JSON string: escape backslash
+# and quote, encode the usual control characters, and replace any other control character by
+# "?". (Into a variable, not printed: a command substitution per field would fork a shell for
+# every log line's every field, which costs under emulation.)
 cap_json_escape() {
-    local s=$1
-    s=${s//\\/\\\\}
-    s=${s//\"/\\\"}
-    s=${s//$'\n'/\\n}
-    s=${s//$'\r'/\\r}
-    s=${s//$'\t'/\\t}
-    s=${s//[[:cntrl:]]/?}
-    printf '%s' "$s"
+    local _cap_text=$2
+    _cap_text=${_cap_text//\\/\\\\}
+    _cap_text=${_cap_text//\"/\\\"}
+    _cap_text=${_cap_text//$'\n'/\\n}
+    _cap_text=${_cap_text//$'\r'/\\r}
+    _cap_text=${_cap_text//$'\t'/\\t}
+    _cap_text=${_cap_text//[[:cntrl:]]/?}
+    printf -v "$1" '%s' "$_cap_text"
 }
 
 # cap_log LEVEL MESSAGE [KEY=VALUE...]: one JSON object on one line, on stderr (the journal
 # under systemd). Never pass a credential here: callers log parameter names, not values.
 cap_log() {
-    local level=$1 msg=$2 pair line
+    local level=$1 msg=$2 pair line key value
     shift 2
-    line="{\"level\":\"$level\",\"prog\":\"$(cap_json_escape "$CAP_PROGRAM")\",\"msg\":\"$(cap_json_escape "$msg")\""
+    cap_json_escape key "$CAP_PROGRAM"
+    cap_json_escape value "$msg"
+    line="{\"level\":\"$level\",\"prog\":\"$key\",\"msg\":\"$value\""
     for pair in "$@"; do
         # Split each extra field on its first "=" like the command line itself.
-        line+=",\"$(cap_json_escape "${pair%%=*}")\":\"$(cap_json_escape "${pair#*=}")\""
+        cap_json_escape key "${pair%%=*}"
+        cap_json_escape value "${pair#*=}"
+        line+=",\"$key\":\"$value\""
     done
     printf '%s}\n' "$line" >&2
 }
@@ -165,8 +171,7 @@ cap_param() {
 
 # cap_param_or NAME DEFAULT: the value of NAME, or DEFAULT when absent or empty.
 cap_param_or() {
-    local value
-    value=$(cap_param "$1") || value=""
+    local value=${CAP_PARAMS["$1"]-}
     printf '%s' "${value:-$2}"
 }
 
