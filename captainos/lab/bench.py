@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from captainos.core import cache, log
-from captainos.core.config import REPO, Accel, Config
+from captainos.core.config import REPO, Accel, Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import pipe
 from captainos.lab import qemu
@@ -323,31 +323,55 @@ RAM_GIVE_UP = (r"Out of memory: Killed process", r"Initramfs unpacking failed", 
                r"Kernel panic")
 
 
-def ram_floor(report: Report, cfg: Config, workdir: Path, workflow_file: Path, low: int = 256, high: int = 1024,
-              step: int = 64) -> None:
-    """The smallest guest memory (64 MiB steps) with which a VM netboots through the real
-    Tinkerbell (the lab: Smee, iPXE, the tink server) and completes the workflow, with no
-    process killed for memory on the way."""
-    from captainos.lab.lab import Lab, Provision
-
-    command = "./build.py bench --only ram"
+def ram_floor(report: Report, cfg: Config, workdir: Path, workflow_file: Path, vmlinuz: Path, initramfs: Path,
+              low: int = 256, high: int = 1024, step: int = 64) -> None:
+    """The smallest guest memory (64 MiB steps) with which a VM boots and completes the
+    workflow, with no process killed for memory on the way: on amd64 netbooted through the
+    real Tinkerbell (the lab: Smee, iPXE, the tink server); on arm64, which the lab does not
+    boot, through the qemu-test harness (the kernel and initramfs given to QEMU, the real agent
+    and registry, the harness's workflow server)."""
+    command = f"./build.py bench --only ram{'' if cfg.arch is Arch.AMD64 else ' --arch ' + cfg.arch.value}"
     probes: list[str] = []
-    with Lab(cfg, root=workdir / "lab", iso=False) as lab:
-        def works(mib: int) -> bool:
+
+    def works(probe: Callable[[int], str]) -> Callable[[int], bool]:
+        def attempt(mib: int) -> bool:
             try:
-                out = lab.provision(Provision(workflow=workflow_file, mem=f"{mib}M", timeout=900,
-                                              give_up=RAM_GIVE_UP), workdir=workdir / f"ram-{mib}")
-                state = out.state
+                state = probe(mib)
             except CaptainError as exc:
                 state = f"failed ({exc.message})"
             log.info(f"    -m {mib}M: {state}")
             probes.append(f"{mib} MiB: {state}")
             return state == "SUCCESS"
+        return attempt
 
-        floor = floor_search(works, low, high, step)
+    if cfg.arch is Arch.AMD64:
+        from captainos.lab.lab import Lab, Provision
+
+        how = "netboot through the real Tinkerbell + workflow"
+        with Lab(cfg, root=workdir / "lab", iso=False) as lab:
+            def netboot(mib: int) -> str:
+                return lab.provision(Provision(workflow=workflow_file, mem=f"{mib}M", timeout=900, give_up=RAM_GIVE_UP),
+                                     workdir=workdir / f"ram-{mib}").state
+
+            floor = floor_search(works(netboot), low, high, step)
+    else:
+        how = "the qemu-test harness + workflow"
+        floor = floor_search(works(lambda mib: harness_probe(cfg, workdir / f"ram-{mib}", workflow_file, vmlinuz,
+                                                             initramfs, mib)), low, high, step)
     value = f"{floor} MiB" if floor is not None else f"fails even at {high} MiB"
-    report.add("RAM floor (netboot through the real Tinkerbell + workflow)", value, command)
+    report.add(f"RAM floor ({how})", value, command)
     report.tables.append(f"RAM floor probes, in order ({command}): " + "; ".join(probes))
+
+
+def harness_probe(cfg: Config, workdir: Path, workflow_file: Path, vmlinuz: Path, initramfs: Path, mib: int) -> str:
+    """One end-to-end run of the qemu-test harness with MIB of guest memory: the workflow's
+    final state, or "gave up" when the console showed memory running out."""
+    from captainos.lab import e2e
+
+    plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs, timeout=900.0,
+                    fail_patterns=e2e.Plan.fail_patterns + RAM_GIVE_UP)
+    with e2e.Lab(dataclasses.replace(cfg, qemu_mem=f"{mib}M"), plan, workdir=workdir) as lab:
+        return lab.run().state
 
 
 # --- build times and reproducibility ------------------------------------------------------------
@@ -505,7 +529,7 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                 elif section == "netboot":
                     netboot(report, cfg, runs, workdir, workflow_file)
                 elif section == "ram":
-                    ram_floor(report, cfg, workdir, workflow_file)
+                    ram_floor(report, cfg, workdir, workflow_file, vmlinuz, initramfs)
                 elif section == "build":
                     build_times(report, cfg, workdir)
                 elif section == "repro":

@@ -199,3 +199,72 @@ def test_floor_search_finds_the_smallest_working_step(floor, expected):
 
     assert bench.floor_search(works, 256, 1024, 64) == expected
     assert tried[0] == 1024 and len(tried) <= 6  # the top first, then a binary search of 13 steps
+
+
+def test_the_arm64_ram_floor_runs_the_harness_with_each_probes_memory(tmp_path, monkeypatch):
+    # The lab netboots amd64 only: on arm64 each probe is a qemu-test harness run.
+    from captainos.core import config
+
+    cfg = config.load(env={"ARCH": "arm64", "OUT_DIR": str(tmp_path / "out")})
+    seen = []
+
+    def probe(cfg_, workdir, workflow_file, vmlinuz, initramfs, mib):
+        seen.append((cfg_.arch.value, mib, workdir.name, vmlinuz.name, initramfs.name))
+        if mib == 448:
+            raise CaptainError("workflow w cannot run: the guest said 'Out of memory: Killed process 7 (tar)'")
+        return "SUCCESS" if mib >= 384 else "TIMEOUT"
+
+    monkeypatch.setattr(bench, "harness_probe", probe)
+    report = bench.Report()
+    bench.ram_floor(report, cfg, tmp_path, tmp_path / "wf.yaml", tmp_path / "vmlinuz-arm64",
+                    tmp_path / "initramfs-arm64.cpio.zst", low=256, high=512)
+    assert [m for _, m, *_ in seen] == [512, 384, 320]
+    assert all(s[0] == "arm64" and s[2] == f"ram-{s[1]}" and s[3] == "vmlinuz-arm64" for s in seen)
+    text = report.markdown(cfg)
+    row = "| RAM floor (the qemu-test harness + workflow) | 384 MiB | `./build.py bench --only ram --arch arm64` |"
+    assert row in text
+    assert "512 MiB: SUCCESS; 384 MiB: SUCCESS; 320 MiB: TIMEOUT" in text
+
+
+def test_a_probe_that_gives_up_counts_as_failed(tmp_path, monkeypatch):
+    from captainos.core import config
+
+    cfg = config.load(env={"ARCH": "arm64", "OUT_DIR": str(tmp_path / "out")})
+    monkeypatch.setattr(bench, "harness_probe", lambda *a: (_ for _ in ()).throw(
+        CaptainError("workflow w cannot run: the guest said 'Kernel panic - not syncing'")))
+    report = bench.Report()
+    bench.ram_floor(report, cfg, tmp_path, tmp_path / "wf.yaml", tmp_path / "v", tmp_path / "i", low=256, high=256)
+    text = report.markdown(cfg)
+    assert "fails even at 256 MiB" in text and "256 MiB: failed (workflow w cannot run" in text
+
+
+def test_a_harness_probe_boots_with_that_memory_and_gives_up_on_memory_messages(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from captainos.core import config
+    from captainos.lab import e2e
+
+    made = []
+
+    class FakeLab:
+        def __init__(self, cfg, plan, workdir):
+            made.append((cfg, plan, workdir))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def run(self):
+            return SimpleNamespace(state="SUCCESS")
+
+    monkeypatch.setattr(e2e, "Lab", FakeLab)
+    cfg = config.load(env={"ARCH": "arm64"})
+    state = bench.harness_probe(cfg, tmp_path / "ram-384", tmp_path / "wf.yaml", tmp_path / "v", tmp_path / "i", 384)
+    assert state == "SUCCESS"
+    probe_cfg, plan, workdir = made[0]
+    assert probe_cfg.qemu_mem == "384M" and probe_cfg.arch == cfg.arch and workdir == tmp_path / "ram-384"
+    assert plan.kernel == tmp_path / "v" and plan.initrd == tmp_path / "i"
+    assert set(bench.RAM_GIVE_UP) <= set(plan.fail_patterns)
+    assert r"Dependency failed for tink-agent\.service" in plan.fail_patterns
