@@ -126,8 +126,10 @@ def test_boot_target_first_boot_and_resolv_conf():
     # Units on udevd's way that have nothing to do here (issue 17): the static device nodes are
     # written at build time (mkosi.postinst.chroot), and tmpfiles-setup-dev creates every /dev
     # node the early pass would; a RAM OS has no journal to flush and no seed to load.
+    # Nor does it keep anything across boots: networkd's "persistent" state directory and a
+    # committed machine id would both be RAM.
     for name in ("kmod-static-nodes", "systemd-tmpfiles-setup-dev-early", "systemd-journal-flush",
-                 "systemd-random-seed"):
+                 "systemd-random-seed", "systemd-networkd-persistent-storage", "systemd-machine-id-commit"):
         assert os.readlink(EXTRA / f"usr/lib/systemd/system/{name}.service") == "/dev/null"
     # These two keep working when asked: a dracut-style network parameter or a credential.
     generator = (EXTRA / "usr/lib/systemd/system/systemd-network-generator.service.d"

@@ -114,7 +114,7 @@ def test_units_for_code_the_kernel_has_built_in_are_masked(unpacked: Path) -> No
     assert state("systemd-networkd.service") == "enabled"
     assert state("modprobe@loop.service") != "masked"
     for name in ("kmod-static-nodes", "systemd-tmpfiles-setup-dev-early", "systemd-journal-flush",
-                 "systemd-random-seed"):
+                 "systemd-random-seed", "systemd-networkd-persistent-storage", "systemd-machine-id-commit"):
         assert state(f"{name}.service") == "masked", name
 
 
