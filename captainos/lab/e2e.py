@@ -36,6 +36,7 @@ from captainos.core.config import Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
 from captainos.lab import agent, oci, qemu, registry, syslogd, workflow
+from captainos.sources import debian
 from captainos.stages import artifacts
 
 GUEST_HOST = "10.0.2.2"  # the host, as QEMU user networking shows it to the guest
@@ -107,16 +108,36 @@ class Cmdline:
 # Images
 
 
+def action_busybox(cfg: Config, runner: Runner) -> Path:
+    """The busybox of the action image: the host's (Debian's busybox-static) when the guest
+    has the host's architecture, else Debian's busybox-static for the guest's, from the signed
+    archive (cached by the package's digest)."""
+    if cfg.arch.is_host():
+        return oci.BUSYBOX
+    deb = debian.package("busybox-static", cfg.arch.value, cache_dir=cfg.cache_dir)
+
+    def produce(work: Path) -> None:
+        debian.extract(runner, deb, work / "root")
+
+    entry = cache.cached(cfg.cache_dir, "busybox", cfg.arch.value, {"deb": cache.sha256_file(deb)}, force=False,
+                         produce=produce)
+    found = [p for p in (entry / "root/usr/bin/busybox", entry / "root/bin/busybox") if p.is_file()]
+    if not found:
+        raise CaptainError(f"{deb.name} holds no busybox binary")
+    return found[0]
+
+
 def images(cfg: Config, runner: Runner) -> Path:
     """Cache entry with OCI layouts `agent/` (tag AGENT_TAG) and `busybox/` (tag ACTION_TAG)."""
     agent_entry = agent.build(cfg, runner)
     binary = agent_entry / agent.BINARY
-    parts = {"agent": cache.sha256_file(binary), "busybox": cache.sha256_file(oci.BUSYBOX),
+    busybox = action_busybox(cfg, runner)
+    parts = {"agent": cache.sha256_file(binary), "busybox": cache.sha256_file(busybox),
              "oci": cache.sha256_file(Path(oci.__file__)), "agent_tag": AGENT_TAG, "action_tag": ACTION_TAG}
 
     def produce(work: Path) -> None:
         oci.write_layout(oci.agent_image(binary, cfg.arch, AGENT_TAG), work / "agent", AGENT_TAG)
-        oci.write_layout(oci.busybox_image(cfg.arch), work / "busybox", ACTION_TAG)
+        oci.write_layout(oci.busybox_image(cfg.arch, busybox), work / "busybox", ACTION_TAG)
 
     return cache.cached(cfg.cache_dir, "e2e-images", cfg.arch.value, parts, force=False, produce=produce)
 

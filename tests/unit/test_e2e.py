@@ -149,3 +149,50 @@ def test_lab_gives_up_when_the_guest_says_the_agent_cannot_start(tmp_path):
     lab.syslog.messages.append(syslogd.parse(
         "<14>1 - vm tink-agent - - - Dependency failed for tink-agent.service - Tinkerbell agent."))
     assert lab._fatal() == "Dependency failed for tink-agent.service - Tinkerbell agent."
+
+
+def test_the_action_busybox_is_the_hosts_on_the_hosts_architecture():
+    from captainos.lab import oci
+
+    cfg = config.load(env={"ARCH": "amd64"})
+    assert e2e.action_busybox(cfg, runner=None) == oci.BUSYBOX  # type: ignore[arg-type]
+
+
+def test_the_action_busybox_of_another_architecture_comes_from_debian(tmp_path, monkeypatch):
+    from captainos.sources import debian
+
+    cfg = config.load(env={"ARCH": "arm64", "CAPTAINOS_CACHE": str(tmp_path / "cache")})
+    deb = tmp_path / "busybox-static_1.37.0-6_arm64.deb"
+    deb.write_bytes(b"a deb")
+    asked = []
+
+    def package(name, arch, **kwargs):
+        asked.append((name, arch))
+        return deb
+
+    def extract(runner, path, dest):
+        assert path == deb
+        asked.append(("extract", dest.name))
+        (dest / "usr/bin").mkdir(parents=True)
+        (dest / "usr/bin/busybox").write_bytes(b"\x7fELF arm64 busybox")
+
+    monkeypatch.setattr(debian, "package", package)
+    monkeypatch.setattr(debian, "extract", extract)
+    found = e2e.action_busybox(cfg, runner=None)  # type: ignore[arg-type]
+    assert asked == [("busybox-static", "arm64"), ("extract", "root")]
+    assert found.read_bytes() == b"\x7fELF arm64 busybox"
+    assert e2e.action_busybox(cfg, runner=None) == found  # type: ignore[arg-type]
+    # The index is asked each time; the extraction is cached by the package's digest.
+    assert asked[2:] == [("busybox-static", "arm64")]
+
+
+def test_a_busybox_package_without_busybox_is_refused(tmp_path, monkeypatch):
+    from captainos.sources import debian
+
+    cfg = config.load(env={"ARCH": "arm64", "CAPTAINOS_CACHE": str(tmp_path / "cache")})
+    deb = tmp_path / "busybox-static_arm64.deb"
+    deb.write_bytes(b"a deb")
+    monkeypatch.setattr(debian, "package", lambda name, arch, **kwargs: deb)
+    monkeypatch.setattr(debian, "extract", lambda runner, path, dest: dest.mkdir(parents=True))
+    with pytest.raises(CaptainError, match="holds no busybox binary"):
+        e2e.action_busybox(cfg, runner=None)  # type: ignore[arg-type]

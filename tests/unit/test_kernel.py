@@ -49,6 +49,15 @@ def test_6_12_exists_for_both_arches() -> None:
     assert "6.12" in kernel.available_series(Arch.ARM64)
 
 
+@pytest.mark.parametrize("arch", [Arch.ARM64])
+def test_arm64_sets_the_clock_from_the_rtc_at_boot(arch: Arch) -> None:
+    # arm64 has no early clock but the RTC: without it TLS to the registry fails (the clock
+    # starts at systemd's epoch) until NTP answers. Seen under qemu-system-aarch64, 2026-12-02.
+    for kseries in kernel.available_series(arch):
+        text = "\n".join(p.read_text() for p in kernel.config_fragments(kseries, arch))
+        assert "\nCONFIG_RTC_HCTOSYS=y\n" in text + "\n", kseries
+
+
 def test_missing_series_lists_what_exists() -> None:
     with pytest.raises(CaptainError, match=r"no config for 6\.13 on arm64; available: 6\.12"):
         kernel.config_fragments("6.13", Arch.ARM64)
