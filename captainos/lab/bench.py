@@ -365,7 +365,8 @@ def ram_floor(report: Report, cfg: Config, workdir: Path, workflow_file: Path, v
 
 def harness_probe(cfg: Config, workdir: Path, workflow_file: Path, vmlinuz: Path, initramfs: Path, mib: int) -> str:
     """One end-to-end run of the qemu-test harness with MIB of guest memory: the workflow's
-    final state, or "gave up" when the console showed memory running out."""
+    final state. A console line showing memory running out (RAM_GIVE_UP) ends the run at once
+    with a CaptainError, as anything else that stops it does."""
     from captainos.lab import e2e
 
     plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs, timeout=900.0,
