@@ -7,6 +7,7 @@ default test run (a smoke test runs `bench --only size` on a tiny image).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import shutil
@@ -332,9 +333,24 @@ def ram_floor(report: Report, cfg: Config, workdir: Path, workflow_file: Path, v
     and registry, the harness's workflow server)."""
     command = f"./build.py bench --only ram{'' if cfg.arch is Arch.AMD64 else ' --arch ' + cfg.arch.value}"
     probes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        probe: Callable[[int], str]
+        if cfg.arch is Arch.AMD64:
+            from captainos.lab.lab import Lab, Provision
 
-    def works(probe: Callable[[int], str]) -> Callable[[int], bool]:
-        def attempt(mib: int) -> bool:
+            how = "netboot through the real Tinkerbell + workflow"
+            lab = stack.enter_context(Lab(cfg, root=workdir / "lab", iso=False))
+
+            def probe(mib: int) -> str:
+                return lab.provision(Provision(workflow=workflow_file, mem=f"{mib}M", timeout=900, give_up=RAM_GIVE_UP),
+                                     workdir=workdir / f"ram-{mib}").state
+        else:
+            how = "the qemu-test harness + workflow"
+
+            def probe(mib: int) -> str:
+                return harness_probe(cfg, workdir / f"ram-{mib}", workflow_file, vmlinuz, initramfs, mib)
+
+        def works(mib: int) -> bool:
             try:
                 state = probe(mib)
             except CaptainError as exc:
@@ -342,22 +358,8 @@ def ram_floor(report: Report, cfg: Config, workdir: Path, workflow_file: Path, v
             log.info(f"    -m {mib}M: {state}")
             probes.append(f"{mib} MiB: {state}")
             return state == "SUCCESS"
-        return attempt
 
-    if cfg.arch is Arch.AMD64:
-        from captainos.lab.lab import Lab, Provision
-
-        how = "netboot through the real Tinkerbell + workflow"
-        with Lab(cfg, root=workdir / "lab", iso=False) as lab:
-            def netboot(mib: int) -> str:
-                return lab.provision(Provision(workflow=workflow_file, mem=f"{mib}M", timeout=900, give_up=RAM_GIVE_UP),
-                                     workdir=workdir / f"ram-{mib}").state
-
-            floor = floor_search(works(netboot), low, high, step)
-    else:
-        how = "the qemu-test harness + workflow"
-        floor = floor_search(works(lambda mib: harness_probe(cfg, workdir / f"ram-{mib}", workflow_file, vmlinuz,
-                                                             initramfs, mib)), low, high, step)
+        floor = floor_search(works, low, high, step)
     value = f"{floor} MiB" if floor is not None else f"fails even at {high} MiB"
     report.add(f"RAM floor ({how})", value, command)
     report.tables.append(f"RAM floor probes, in order ({command}): " + "; ".join(probes))
