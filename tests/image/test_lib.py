@@ -41,6 +41,71 @@ def test_last_occurrence_wins_and_empty_values_are_kept(sandbox):
     assert got == {"console": "ttyS1", "syslog_host": ""}
 
 
+def model_parse(text: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """The rules cap_cmdline_parse implements, a character at a time: words split on blanks
+    outside double quotes, quotes dropped from the value (kept in the raw word), each word
+    split on its first "=" (a word naming nothing is skipped), the last occurrence wins,
+    trailing newlines ignored."""
+    values: dict[str, str] = {}
+    raws: dict[str, str] = {}
+    consoles: list[str] = []
+    words: list[tuple[str, str]] = []
+    word = raw = ""
+    quoted = False
+    for c in text.rstrip("\n"):
+        if c == '"':
+            quoted = not quoted
+            raw += c
+        elif not quoted and c in " \t\n":
+            words.append((word, raw))
+            word = raw = ""
+        else:
+            word += c
+            raw += c
+    words.append((word, raw))
+    for word, raw in words:
+        name = word.split("=", 1)[0]
+        if not name:  # "=x" names nothing
+            continue
+        values[name] = word.split("=", 1)[1] if "=" in word else ""
+        raws[name] = raw
+        if name == "console" and "=" in word:
+            consoles.append(word.split("=", 1)[1])
+    return values, raws, consoles
+
+
+def test_the_parse_matches_the_kernel_word_rules_on_random_command_lines(sandbox):
+    """Random lines of names, values, blanks, quotes (unterminated ones too) and non-ASCII
+    bytes, parsed in one bash run, against model_parse."""
+    import random
+
+    rng = random.Random(17)
+    alphabet = ["a", "b", "console", "x", "=", "=", '"', '"', " ", " ", "\t", "\n", ",", ".", ":", "é", "\\", "*"]
+    lines = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(150)]
+    lines += ['=x a=1', 'a="x y', 'a="" b', '"" x=1', 'console="a b" console=c', "p=1\n\n\n", ' \t lead=1 ']
+    script = []
+    for number, line in enumerate(lines):
+        (sandbox.tmp / f"cmdline{number}").write_text(line)
+        script.append(f'CMDLINE_FILE="{sandbox.tmp}/cmdline{number}"; cap_cmdline_parse\n'
+                      f'for k in "${{!CAP_PARAMS[@]}}"; do\n'
+                      f'printf "{number}\\1V\\1%s\\1%s\\0" "$k" "${{CAP_PARAMS[$k]}}"; '
+                      f'printf "{number}\\1R\\1%s\\1%s\\0" "$k" "${{CAP_RAW[$k]}}"; done\n'
+                      f'for c in "${{CAP_CONSOLES[@]}}"; do printf "{number}\\1C\\1%s\\0" "$c"; done')
+    result = sandbox.bash("\n".join(script), timeout=120)
+    assert result.returncode == 0, result.stderr
+    got: dict[int, tuple[dict[str, str], dict[str, str], list[str]]] = {n: ({}, {}, []) for n in range(len(lines))}
+    for record in result.stdout.split("\0")[:-1]:
+        number, kind, rest = record.split("\x01", 2)
+        values, raws, consoles = got[int(number)]
+        if kind == "C":
+            consoles.append(rest)
+        else:
+            key, value = rest.split("\x01", 1)
+            (values if kind == "V" else raws)[key] = value
+    for number, line in enumerate(lines):
+        assert got[number] == model_parse(line), repr(line)
+
+
 def test_cap_param_distinguishes_absent_from_empty(sandbox):
     sandbox.cmdline("empty=")
     result = sandbox.bash('cap_cmdline_load\ncap_param empty && echo "empty:yes"\n'

@@ -106,7 +106,11 @@ cap_secrets_load() {
 # is split on its FIRST "=" so values may contain "=", a trailing newline is ignored, and the
 # last occurrence of a name wins.
 cap_cmdline_parse() {
-    local text word="" raw="" in_quote=0 i c
+    local text rest raw LC_ALL=C  # bytes, whatever the locale: no byte may stop the match
+    # One word: runs of characters that are neither blank nor quote, and quoted runs (blanks
+    # kept; an unterminated quote runs to the end). A word at a time, not a character at a
+    # time: the generator parses at every boot and the agent setup again, under emulation too.
+    local word_re=$'^[ \t\n]*(([^ \t\n"]+|"[^"]*("|$))+)'
     if [[ ! -r $CMDLINE_FILE ]]; then
         # What was loaded before stays: a failed re-parse (cap_secrets_load) loses nothing.
         cap_error "cannot read the kernel command line" file="$CMDLINE_FILE"
@@ -115,28 +119,22 @@ cap_cmdline_parse() {
     CAP_PARAMS=()
     CAP_RAW=()
     CAP_CONSOLES=()  # every console= value, in order (the name keeps only the last one)
-    text=$(<"$CMDLINE_FILE")  # command substitution also drops trailing newlines
-    for ((i = 0; i < ${#text}; i++)); do
-        c=${text:i:1}
-        if [[ $c == '"' ]]; then
-            in_quote=$((1 - in_quote))
-            raw+=$c
-        elif [[ $in_quote -eq 0 && ( $c == ' ' || $c == $'\t' || $c == $'\n' ) ]]; then
-            _cap_cmdline_store "$word" "$raw"
-            word=""
-            raw=""
-        else
-            word+=$c
-            raw+=$c
-        fi
+    IFS= read -r -d '' text <"$CMDLINE_FILE" || true
+    while [[ $text == *$'\n' ]]; do
+        text=${text%$'\n'}  # the kernel's trailing newline (and any more) is no part of a value
     done
-    _cap_cmdline_store "$word" "$raw"
+    rest=$text
+    while [[ $rest =~ $word_re ]]; do
+        raw=${BASH_REMATCH[1]}
+        rest=${rest:${#BASH_REMATCH[0]}}
+        _cap_cmdline_store "${raw//\"/}" "$raw"
+    done
 }
 
 _cap_cmdline_store() {
     local word=$1 raw=$2 name
-    [[ -n $word ]] || return 0
     name=${word%%=*}
+    [[ -n $name ]] || return 0  # an empty word, or one like "=x" that names nothing
     if [[ $word == *=* ]]; then
         CAP_PARAMS["$name"]=${word#*=}
     else
