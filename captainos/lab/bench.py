@@ -175,22 +175,49 @@ def busybox_initramfs(output: Path, script: str) -> Path:
     return output
 
 
-# One more task after the benchmark's workflow: `systemd-analyze blame`, `critical-chain` and
-# `plot` (an SVG of every unit's start) from the VM, packed as a tar into its disk, where the
-# harness reads them after the run. Actions run privileged; the host's root, /run and /proc
-# are bind-mounted for a chroot, and the action shares the host's PID namespace (without it
-# sd-bus cannot identify its peer: "No data available").
+# Two tasks around the benchmark's workflow. The first, run as soon as the agent asks for
+# work, writes where the CPU went until then (emulated, the boot is CPU-bound: a unit's CPU
+# time is what it costs the agent's start): each unit's CPUUsageNSec, and each process's own
+# and reaped children's time (kernel threads too: the initramfs unpack is a kworker), into the
+# VM's /run. The last packs `systemd-analyze blame`, `critical-chain` and `plot` (an SVG of
+# every unit's start), two units' journals and that CPU file as a tar into the VM's disk, where
+# the harness reads them after the run. Actions run privileged; the host's root, /run and
+# /proc are bind-mounted for a chroot, and the actions share the host's PID namespace (without
+# it sd-bus cannot identify its peer: "No data available").
 ANALYSIS_OFFSET = 8 << 20
 BLAME_LINES = 15
-ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg", "network", "agent-setup")
+CPU_LINES = 20
+ANALYSIS_FILES = ("blame", "critical-chain", "plot.svg", "network", "agent-setup", "cpu")
+HOST_MOUNTS = {"volumes": ["/dev:/dev", "/:/host", "/run:/host/run", "/proc:/host/proc"], "namespaces": {"pid": "host"}}
+# busybox sh and awk in the action; USER_HZ is 100 on every architecture we build.
+CPU_SCRIPT = (
+    "set -e; cd /tmp; read up idle </host/proc/uptime"
+    " && echo \"uptime ${up} s; idle (summed over CPUs) ${idle} s\" >cpu"
+    " && echo '-- CPU seconds by unit (systemd CPUUsageNSec)' >>cpu"
+    " && chroot /host /usr/bin/systemctl show --all -p Id -p CPUUsageNSec '*'"
+    " | awk -F= '$1 == \"Id\" { id = $2 } $1 == \"CPUUsageNSec\" { ns = $2 }"
+    " function out() { if (ns ~ /^[0-9]+$/ && ns > 0 && id !~ /\\.slice$/) printf \"%8.2f %s\\n\", ns / 1e9, id;"
+    " id = \"\"; ns = \"\" } /^$/ { out() } END { out() }'"
+    f" | sort -rn | head -n {CPU_LINES} >>cpu"
+    " && echo '-- CPU seconds by process: own, reaped children, pid, name' >>cpu"
+    " && for d in /host/proc/[0-9]*; do s=$(cat $d/stat 2>/dev/null) || continue; n=${s#*(}; n=${n%)*};"
+    " set -- ${s##*) }; echo \"$(( ${12} + ${13} )) $(( ${14} + ${15} )) ${d##*/} $n\"; done"
+    f" | sort -rn | head -n {CPU_LINES} | awk '{{ n = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ /, \"\", n);"
+    " printf \"%8.2f %8.2f %6s %s\\n\", $1 / 100, $2 / 100, $3, n }' >>cpu"
+    " && mv cpu /host/run/captainos-bench-cpu"
+)
+CPU_TASK = {
+    "name": "benchmark-boot-cpu",
+    "actions": [{"name": "boot-cpu", "image": "{{ action_image }}", "timeout": 120, **HOST_MOUNTS,
+                 "command": ["/bin/sh", "-c", CPU_SCRIPT]}],
+}
 ANALYSIS_TASK = {
     "name": "benchmark-boot-analysis",
     "actions": [{
         "name": "boot-analysis",
         "image": "{{ action_image }}",
         "timeout": 120,
-        "volumes": ["/dev:/dev", "/:/host", "/run:/host/run", "/proc:/host/proc"],
-        "namespaces": {"pid": "host"},
+        **HOST_MOUNTS,
         "command": ["/bin/sh", "-c",
                     "cd /tmp && sa='chroot /host /usr/bin/systemd-analyze'"
                     f" && $sa blame --no-pager | head -n {BLAME_LINES} >blame && test -s blame"
@@ -199,6 +226,7 @@ ANALYSIS_TASK = {
                     " >network"
                     " && chroot /host /usr/bin/journalctl -b -u tink-agent-setup -o short-monotonic --no-pager"
                     " >agent-setup"
+                    " && cp /host/run/captainos-bench-cpu cpu"
                     f" && tar -cf analysis.tar {' '.join(ANALYSIS_FILES)}"
                     f" && dd if=analysis.tar of=/dev/vda bs=512 seek={ANALYSIS_OFFSET // 512} conv=notrunc,fsync"],
     }],
@@ -206,7 +234,7 @@ ANALYSIS_TASK = {
 
 
 def with_analysis(workflow_file: Path, dest: Path) -> Path:
-    """A copy of the workflow with the boot-analysis task appended."""
+    """A copy of the workflow with the CPU snapshot task first and the boot-analysis task last."""
     import yaml
 
     try:
@@ -215,7 +243,7 @@ def with_analysis(workflow_file: Path, dest: Path) -> Path:
         raise CaptainError(f"cannot read workflow {workflow_file}: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list):
         raise CaptainError(f"workflow {workflow_file} has no 'tasks' list")
-    doc["tasks"].append(ANALYSIS_TASK)
+    doc["tasks"] = [CPU_TASK, *doc["tasks"], ANALYSIS_TASK]
     cache.atomic_write(dest, yaml.safe_dump(doc, sort_keys=False))
     return dest
 
@@ -271,7 +299,9 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
                         ("network", "`journalctl -u systemd-networkd -o short-monotonic` (when the NIC is "
                                     "renamed, configured, gets its lease)"),
                         ("agent-setup", "`journalctl -u tink-agent-setup -o short-monotonic` (where the setup's "
-                                        "time goes)")):
+                                        "time goes)"),
+                        ("cpu", f"CPU time at the agent's first request (top {CPU_LINES} units and processes; "
+                                "emulated, the boot is CPU-bound)")):
         text = analysis.get(name, b"").decode(errors="replace").strip()
         report.tables.append(f"{title} in the VM, last run ({command}; the workflow's last task writes it to "
                              "the VM's disk):\n\n```\n" + (text or "(the guest wrote nothing)") + "\n```")

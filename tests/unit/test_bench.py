@@ -131,15 +131,55 @@ def test_the_boot_workflow_gets_the_analysis_task_and_still_parses(tmp_path):
     variables = {"worker_id": "52:54:00:12:34:56", "device_1": "52:54:00:12:34:56", "registry": "10.0.2.2:5000",
                  "action_image": "10.0.2.2:5000/actions/busybox:e2e"}
     parsed = workflow.load(out, variables)
-    assert [t.name for t in parsed.tasks] == ["provision", "benchmark-boot-analysis"]
+    assert [t.name for t in parsed.tasks] == ["benchmark-boot-cpu", "provision", "benchmark-boot-analysis"]
     task = parsed.tasks[-1].actions[0]
     assert task.image == "10.0.2.2:5000/actions/busybox:e2e"
     assert "/:/host" in task.volumes and "seek=16384" in task.command[-1]
     for word in ("blame", "critical-chain", "plot >plot.svg", "-u systemd-networkd -o short-monotonic",
-                 "tar -cf analysis.tar blame critical-chain plot.svg network agent-setup"):
+                 "cp /host/run/captainos-bench-cpu cpu",
+                 "tar -cf analysis.tar blame critical-chain plot.svg network agent-setup cpu"):
         assert word in task.command[-1]
     assert task.pid_ns == "host"
-    assert len(parsed.tasks[0].actions) == 3  # the original workflow is untouched
+    cpu = parsed.tasks[0].actions[0]
+    assert cpu.pid_ns == "host" and "/proc:/host/proc" in cpu.volumes and "/run:/host/run" in cpu.volumes
+    assert len(parsed.tasks[1].actions) == 3  # the original workflow is untouched
+
+
+def test_the_cpu_snapshot_lists_units_and_processes_by_cpu_time(tmp_path):
+    """CPU_SCRIPT run by a POSIX shell against a fake
+    /host: units by CPUUsageNSec (slices and units without a value left out, the last record
+    without a blank line after it too), processes by own time with their reaped children's."""
+    host = tmp_path / "host"
+    for pid, stat in (("1", "1 (systemd) S 0 1 1 0 -1 4194560 1 2 3 4 150 50 900 100 20 0 1 0 5 6 7"),
+                      ("42", "42 (a) b) c) S 1 42 42 0 -1 4194560 1 2 3 4 300 20 0 0 20 0 1 0 5 6 7"),
+                      ("7", "7 (kworker/u8:0) I 2 0 0 0 -1 69238880 0 0 0 0 5 600 0 0 20 0 1 0 5 0 0")):
+        (host / "proc" / pid).mkdir(parents=True)
+        (host / "proc" / pid / "stat").write_text(stat + "\n")
+    (host / "proc/uptime").write_text("30.50 4.25\n")
+    (host / "run").mkdir()
+    (host / "usr/bin").mkdir(parents=True)
+    units = ("Id=containerd.service\nCPUUsageNSec=4500000000\n\nId=system.slice\nCPUUsageNSec=90000000000\n\n"
+             "CPUUsageNSec=[not set]\nId=tmp.mount\n\nId=init.scope\nCPUUsageNSec=8250000000\n")
+    (host / "usr/bin/systemctl").write_text(f"#!/bin/sh\nprintf '{units}'\n")
+    (host / "usr/bin/systemctl").chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chroot").write_text('#!/bin/sh\nroot=$1; shift; program=$1; shift; exec "$root$program" "$@"\n')
+    (bin_dir / "chroot").chmod(0o755)
+    script = bench.CPU_SCRIPT.replace("/host", str(host)).replace("cd /tmp", f"cd {tmp_path}")
+    # dash: busybox's sh would run its own chroot applet, not the fake (the real boot runs
+    # the script under busybox: every benchmark boot).
+    subprocess.run(["sh", "-c", script], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert (host / "run/captainos-bench-cpu").read_text().splitlines() == [
+        "uptime 30.50 s; idle (summed over CPUs) 4.25 s",
+        "-- CPU seconds by unit (systemd CPUUsageNSec)",
+        "    8.25 init.scope",
+        "    4.50 containerd.service",
+        "-- CPU seconds by process: own, reaped children, pid, name",
+        "    6.05     0.00      7 kworker/u8:0",
+        "    3.20     0.00     42 a) b) c",
+        "    2.00    10.00      1 systemd",
+    ]
 
 
 def test_with_analysis_refuses_a_workflow_without_tasks(tmp_path):
