@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,17 @@ class Sandbox:
                "CAPTAINOS_LIB": str(LIB), "HOME": str(self.tmp), "CAP_CONSOLE": str(self.tmp / "console"),
                "AGENT_MACHINE": "x86_64", **self.env}
         # Working directory "/", as systemd runs them: a glob in a value would match real paths.
-        proc = subprocess.run(["bash", str(path), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False, cwd="/")
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        # A session of its own: a program that hangs is killed with everything it started
+        # (a fake that follows forever must not outlive a failed test).
+        proc = subprocess.Popen(["bash", str(path), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, stdin=subprocess.DEVNULL, cwd="/", start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        return Result(proc.returncode, stdout, stderr)
 
     def bash(self, script: str, timeout: float = 30) -> Result:
         """Run a bash snippet with lib.sh sourced."""
