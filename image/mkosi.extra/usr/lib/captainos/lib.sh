@@ -106,7 +106,7 @@ cap_secrets_load() {
 # is split on its FIRST "=" so values may contain "=", a trailing newline is ignored, and the
 # last occurrence of a name wins.
 cap_cmdline_parse() {
-    local text rest raw LC_ALL=C  # bytes, whatever the locale: no byte may stop the match
+    local text raw LC_ALL=C  # bytes, whatever the locale: no byte may stop the match
     # One word: runs of characters that are neither blank nor quote, and quoted runs (blanks
     # kept; an unterminated quote runs to the end). A word at a time, not a character at a
     # time: the generator parses at every boot and the agent setup again, under emulation too.
@@ -123,10 +123,9 @@ cap_cmdline_parse() {
     while [[ $text == *$'\n' ]]; do
         text=${text%$'\n'}  # the kernel's trailing newline (and any more) is no part of a value
     done
-    rest=$text
-    while [[ $rest =~ $word_re ]]; do
+    while [[ $text =~ $word_re ]]; do
         raw=${BASH_REMATCH[1]}
-        rest=${rest:${#BASH_REMATCH[0]}}
+        text=${text:${#BASH_REMATCH[0]}}
         _cap_cmdline_store "${raw//\"/}" "$raw"
     done
 }
