@@ -35,6 +35,14 @@ KERNEL_COMPILE = (
 KERNEL_PACKAGES = (Need("dpkg-deb", "unpacking Debian packages", "dpkg"),
                    Need("gpgv", "Debian archive signature check", "gpgv"),
                    Need("depmod", "kernel module index", "kmod"))
+def c_compiler(arch: Arch) -> Need:
+    """Our own programs (programs/) are C: the host's gcc, or the cross compiler for arch."""
+    if arch.is_host():
+        return Need("gcc", "compiling reboot-guard", "gcc")
+    package = f"gcc-{arch.uname()}-linux-gnu".replace("_", "-")
+    return Need(f"{arch.cross_compile()}gcc", "compiling reboot-guard", package)
+
+
 TOOLS_GO = (Need("go", "building containerd/runc/nerdctl/CNI from Go modules", "golang-go",
                  install=f"./build.py setup (the pinned Go {pins.GO_TOOLCHAIN.version} from the Go module proxy; "
                          f"Debian's golang-go is older than the {pins.GO_TOOLCHAIN.minimum} the modules need)"),
@@ -55,4 +63,7 @@ LAB = (Need("ip", "the lab's network namespace, bridge and taps", "iproute2"),
        Need("skopeo", "pushing the agent and action images", "skopeo"),
        Need("openssl", "the lab's certificates", "openssl"),
        Need("htpasswd", "the lab's authenticated registry", "apache2-utils"),
-       Need("qemu-img", "the VMs' disks", "qemu-utils"))
+       Need("qemu-img", "the VMs' disks", "qemu-utils"),
+       Need("sfdisk", "the hub template's disk image", "fdisk"),
+       Need("mkfs.ext4", "the hub template's disk image", "e2fsprogs"),
+       Need("git", "the hub actions' source", "git"))

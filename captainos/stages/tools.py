@@ -12,6 +12,7 @@ Every component is its own cache entry (stage tools-<name>), keyed by version, a
 digests, so a bumped pin rebuilds that component only. The stage entry joins them into
     tree/usr/bin/{containerd,containerd-shim-runc-v2,ctr,runc,nerdctl}
     tree/opt/cni/bin/{bridge,host-local,loopback,portmap,firewall,tuning}
+    tree/usr/lib/captainos/reboot-guard (our own program, programs/reboot-guard: C, the image's glibc)
     tree/usr/share/captainos/tools-manifest.json, manifest.json
 Each binary is checked before it enters a cache entry: an ELF for the target architecture,
 executable, and reporting the pinned version when run (on a host of another architecture only
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from captainos.core import cache, log, pins
+from captainos.core import cache, log, needs, pins
 from captainos.core.config import Arch, Config, ToolsSource
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
@@ -41,6 +42,10 @@ MANIFEST = "manifest.json"
 COMPONENT = "component.json"
 IMAGE_MANIFEST = "usr/share/captainos/tools-manifest.json"
 GO_JOBS = "2"  # the build host's cores are shared
+PROGRAMS = Path(__file__).resolve().parents[2] / "programs"
+# Our own programs (programs/<name>/<name>.c): name -> where the image has it.
+OWN_PROGRAMS = {"reboot-guard": "usr/lib/captainos/reboot-guard"}
+C_FLAGS = ("-Os", "-s", "-Wall", "-Wextra", "-Werror", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong")
 VERSION_TIMEOUT = 30.0
 
 
@@ -370,15 +375,64 @@ def build_component(cfg: Config, runner: Runner, pin: pins.ToolPin, source: Tool
                         produce=produce)
 
 
+def program_sources(name: str) -> dict[str, str]:
+    """sha256 of every file of one of our programs."""
+    root = PROGRAMS / name
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if not any(p.suffix == ".c" for p in files):
+        raise CaptainError(f"{root} holds no C source", "the checkout is incomplete")
+    return {str(p.relative_to(root)): cache.sha256_file(p) for p in files}
+
+
+def compiler(arch: Arch) -> str:
+    """The C compiler for arch: the host's gcc, or the cross compiler (setup installs both)."""
+    return needs.c_compiler(arch).command
+
+
+def compile_argv(cc: str, name: str, output: Path) -> list[str]:
+    """How one of our programs is built: one C file, against the image's glibc, stripped.
+    Run in the program's directory, so that no build path enters the binary."""
+    return [cc, *C_FLAGS, "-o", str(output), f"{name}.c"]
+
+
+def build_program(cfg: Config, runner: Runner, name: str) -> Path:
+    """The entry holding bin/<name>, one of our own programs, for cfg.arch."""
+    cc = compiler(cfg.arch)
+    version = runner.run([cc, "--version"], capture=True).stdout.splitlines()[0]
+    parts = {"code": cache.code_digest(__file__), "program": name, "sources": program_sources(name),
+             "cc": version, "flags": list(C_FLAGS), "arch": cfg.arch.value}
+
+    def produce(work: Path) -> None:
+        output = work / "bin" / name
+        output.parent.mkdir()
+        try:
+            runner.run(compile_argv(cc, name, output), cwd=PROGRAMS / name, log_file=work / "build.log")
+        except CaptainError:
+            last = (work / "build.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise CaptainError(f"compiling {name} ({cfg.arch.value}) failed: {last[0]}", "nothing was kept") from None
+        if elf_machine(output) != cfg.arch.elf_machine():
+            raise CaptainError(f"{name} was not built for {cfg.arch.value}", "nothing was kept")
+        record = {**parts, "sha256": cache.sha256_file(output), "size": output.stat().st_size}
+        (work / COMPONENT).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        log.info(f"    {name}: {log.human_bytes(output.stat().st_size)} ({version})")
+
+    return cache.cached(cfg.cache_dir, f"{STAGE}-{name}", cfg.arch.value, parts, force=cfg.force(STAGE),
+                        produce=produce)
+
+
 def assemble(cfg: Config, components: Mapping[str, Path], work: Path) -> None:
     """The stage entry: every component's binaries in the image tree, plus the manifest."""
-    manifest: dict[str, Any] = {"format": 1, "arch": cfg.arch.value, "components": {}}
+    manifest: dict[str, Any] = {"format": 1, "arch": cfg.arch.value, "components": {}, "programs": {}}
     for pin in pins.TOOLS:
         entry = components[pin.name]
         record = json.loads((entry / COMPONENT).read_text())
         for binary in pin.binaries:
             cache.atomic_copy(entry / "bin" / binary, work / "tree" / pin.dest / binary)
         manifest["components"][pin.name] = record
+    for name, dest in OWN_PROGRAMS.items():
+        entry = components[name]
+        cache.atomic_copy(entry / "bin" / name, work / "tree" / dest)
+        manifest["programs"][name] = {**json.loads((entry / COMPONENT).read_text()), "path": f"/{dest}"}
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     (work / MANIFEST).write_text(text)
     cache.atomic_write(work / "tree" / IMAGE_MANIFEST, text)
@@ -399,6 +453,11 @@ def verify_entry(entry: Path, arch: Arch) -> None:
             want = record.get("binaries", {}).get(binary, {}).get("sha256")
             if want != cache.sha256_file(path):
                 raise CaptainError(f"{path} does not match its manifest", "rebuild with --force-tools")
+    for name, dest in OWN_PROGRAMS.items():
+        path = entry / "tree" / dest
+        want = manifest.get("programs", {}).get(name, {}).get("sha256")
+        if not path.is_file() or want != cache.sha256_file(path):
+            raise CaptainError(f"{path} is missing or does not match its manifest", "rebuild with --force-tools")
 
 
 def build(cfg: Config, runner: Runner, *inputs: Path) -> Path:
@@ -408,6 +467,7 @@ def build(cfg: Config, runner: Runner, *inputs: Path) -> Path:
     if ToolsSource.GO in sources.values():
         go_version = golang.go_version(runner, cfg.cache_dir, cfg.arch)
     components = {pin.name: build_component(cfg, runner, pin, sources[pin.name], go_version) for pin in pins.TOOLS}
+    components.update((name, build_program(cfg, runner, name)) for name in OWN_PROGRAMS)
     parts = {"code": cache.code_digest(__file__),
              "components": {name: entry.name for name, entry in components.items()}}
     entry = cache.cached(cfg.cache_dir, STAGE, cfg.arch.value, parts, force=cfg.force(STAGE),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 RUNNING = '1000.000001 captain tink-agent[7]: {"msg":"reported action status","action":{"name":"x"},"state":"running"}'
 SUCCESS = '1002.500000 captain tink-agent[7]: {"msg":"reported action status","action":{"name":"x"},"state":"success"}'
 EARLIER = '990.000000 captain tink-agent[7]: {"msg":"reported action status","action":{"name":"w"},"state":"success"}'
@@ -50,6 +52,17 @@ def test_an_earlier_actions_report_does_not_count(sandbox):
     assert "the agent reported nothing since the request; restarting anyway" in result.messages("warning")
 
 
+@pytest.mark.parametrize(("value", "polls"), [("08", 8), ("0010", 10), ("3", 3)])
+def test_restart_wait_is_read_in_base_10(sandbox, value, polls):
+    setup(sandbox, "reboot", [EARLIER, RUNNING])
+    sandbox.cmdline(f"captainos.restart_wait={value}")
+    result = sandbox.run("restart")
+    assert result.returncode == 0, result.stderr
+    calls = sandbox.call_lines()
+    assert [c for c in calls if c.startswith("sleep")] == ["sleep 1"] * polls
+    assert calls[-1] == "systemctl --no-block reboot"
+
+
 def test_kexec_loads_the_written_kernel_first(sandbox):
     setup(sandbox, "kexec", [RUNNING, SUCCESS], files={"kernel": "K", "initrd": "I", "cmdline": "console=ttyS1 x=1\n"})
     result = sandbox.run("restart")
@@ -62,12 +75,40 @@ def test_kexec_loads_the_written_kernel_first(sandbox):
     assert calls.index(kexec) < calls.index("systemctl --no-block kexec")
 
 
-def test_kexec_without_a_kernel_reboots_with_an_error(sandbox):
+def kexec_loaded(sandbox, value: str) -> None:
+    path = sandbox.root / "sys" / "kernel" / "kexec_loaded"
+    path.parent.mkdir(parents=True)
+    path.write_text(value + "\n")
+
+
+def test_kexec_boots_the_kernel_an_action_loaded(sandbox):
+    """What reboot-guard requests for the hub's kexec action: the kernel is in the kernel already."""
+    kexec_loaded(sandbox, "1")
+    setup(sandbox, "kexec", [RUNNING, SUCCESS])
+    result = sandbox.run("restart")
+    assert result.returncode == 0, result.stderr
+    assert sandbox.call_lines()[-1] == "systemctl --no-block kexec"
+    assert not any(c.startswith("kexec") for c in sandbox.call_lines())
+    assert "kexec into the kernel an action loaded" in result.messages("info")
+
+
+@pytest.mark.parametrize("loaded", [None, "0"])
+def test_kexec_without_a_kernel_reboots_with_an_error(sandbox, loaded):
+    if loaded is not None:
+        kexec_loaded(sandbox, loaded)
     setup(sandbox, "kexec", [RUNNING, SUCCESS])
     result = sandbox.run("restart")
     assert result.returncode == 0
     assert sandbox.call_lines()[-1] == "systemctl --no-block reboot"
     assert "kexec requested without a kernel file; rebooting instead" in result.messages("error")
+    assert not any("No such file" in line for line in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("word", ["poweroff", "halt"])
+def test_poweroff_and_halt_are_carried_out(sandbox, word):
+    setup(sandbox, word, [RUNNING, SUCCESS])
+    assert sandbox.run("restart").returncode == 0
+    assert sandbox.call_lines()[-1] == f"systemctl --no-block {word}"
 
 
 def test_a_kernel_kexec_cannot_load_reboots(sandbox):

@@ -1,9 +1,11 @@
-"""The runc wrapper containerd's shims call: containers are the OOM killer's first choice, and
-/proc/cmdline is masked in them when it holds a registry password."""
+"""The runc wrapper containerd's shims call: containers are the OOM killer's first choice,
+/proc/cmdline is masked in them when it holds a registry password, and a container in the host's
+PID namespace has its reboot(2) calls sent to reboot-guard."""
 
 from __future__ import annotations
 
 import json
+import socket
 from typing import TYPE_CHECKING
 
 import pytest
@@ -20,7 +22,11 @@ PRIVILEGED = {"ociVersion": "1.2.0", "process": {"user": {"uid": 0, "gid": 0}, "
 CONFINED = {**PRIVILEGED, "linux": {"maskedPaths": ["/proc/kcore"], "readonlyPaths": ["/proc/sys"]}}
 
 
+HOST_PID = {**PRIVILEGED, "linux": {"namespaces": [{"type": "mount"}, {"type": "network"}]}}
+
+
 def shim_call(sandbox: Sandbox, spec: dict[str, object], cmdline: str, *argv: str) -> dict[str, object]:
+    sandbox.env.setdefault("GUARD_SOCKET", str(sandbox.tmp / "no-guard.sock"))
     bundle = sandbox.tmp / "bundle"
     bundle.mkdir(exist_ok=True)
     (bundle / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
@@ -64,3 +70,49 @@ def test_other_calls_change_nothing(sandbox, argv):
     spec = shim_call(sandbox, PRIVILEGED, "registry_password=x", *argv)
     assert spec == PRIVILEGED
 
+
+
+# --- reboot(2) of host-PID containers goes to reboot-guard ------------------------------------------------------
+
+@pytest.fixture
+def guard(sandbox):
+    """A listening unix socket where the guard's would be."""
+    path = sandbox.tmp / "guard.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    sandbox.env["GUARD_SOCKET"] = str(path)
+    yield path
+    server.close()
+
+
+@pytest.mark.parametrize(("hosttype", "arches"), [
+    ("x86_64", ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]),
+    ("aarch64", ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]),
+])
+def test_a_host_pid_container_sends_reboot_to_the_guard(sandbox, guard, hosttype, arches):
+    sandbox.env["HOSTTYPE"] = hosttype
+    spec = shim_call(sandbox, HOST_PID, "registry_password=x", *SHIM_CREATE)
+    assert spec["linux"]["seccomp"] == {  # type: ignore[index]
+        "defaultAction": "SCMP_ACT_ALLOW", "listenerPath": str(guard), "architectures": arches,
+        "syscalls": [{"names": ["reboot"], "action": "SCMP_ACT_NOTIFY"}]}
+    assert spec["linux"]["namespaces"] == HOST_PID["linux"]["namespaces"]  # type: ignore[index]
+    assert spec["linux"]["maskedPaths"] == ["/proc/cmdline"]  # type: ignore[index]
+    assert spec["process"]["oomScoreAdj"] == 1000  # type: ignore[index]
+
+
+def test_a_spec_with_an_empty_linux_object_gets_the_profile(sandbox, guard):
+    spec = shim_call(sandbox, {**PRIVILEGED, "linux": {}}, "", *SHIM_CREATE)
+    assert spec["linux"]["seccomp"]["listenerPath"] == str(guard)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("why", ["own pid namespace", "own profile", "no guard", "unknown machine"])
+def test_no_profile_where_reboot_is_not_ours_to_defer(sandbox, guard, why):
+    own_profile = {**HOST_PID, "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}}
+    spec_in = {"own pid namespace": PRIVILEGED, "own profile": own_profile}.get(why, HOST_PID)
+    if why == "no guard":
+        sandbox.env["GUARD_SOCKET"] = str(sandbox.tmp / "absent.sock")
+    if why == "unknown machine":
+        sandbox.env["HOSTTYPE"] = "riscv64"
+    spec = shim_call(sandbox, spec_in, "", *SHIM_CREATE)
+    assert spec["linux"].get("seccomp") == spec_in["linux"].get("seccomp")  # type: ignore[union-attr,index]

@@ -16,7 +16,7 @@ EXTRA = IMAGE / "mkosi.extra"
 TEST_EXTRA = IMAGE / "mkosi.profiles" / "test" / "mkosi.extra"
 UNIT_DIRS = [EXTRA / "usr/lib/systemd/system", TEST_EXTRA / "usr/lib/systemd/system"]
 # Binaries the tools stage adds as an extra tree (not in image/).
-FROM_TOOLS = {"/usr/bin/containerd"}
+FROM_TOOLS = {"/usr/bin/containerd", "/usr/lib/captainos/reboot-guard"}
 
 
 def units() -> list[Path]:

@@ -112,6 +112,9 @@ def test_units_for_code_the_kernel_has_built_in_are_masked(unpacked: Path) -> No
     for name in ("drm", "fuse", "configfs"):
         assert state(f"modprobe@{name}.service") == "masked", name
     assert state("systemd-networkd.service") == "enabled"
+    assert state("captainos-reboot-guard.socket") == "enabled"  # actions' reboot(2) is deferred
+    guard = unpacked / "usr/lib/captainos/reboot-guard"  # from the tools segment
+    assert guard.is_file() and guard.stat().st_mode & 0o111
     assert state("modprobe@loop.service") != "masked"
     for name in ("kmod-static-nodes", "systemd-tmpfiles-setup-dev-early", "systemd-journal-flush",
                  "systemd-random-seed", "systemd-networkd-persistent-storage", "systemd-machine-id-commit"):

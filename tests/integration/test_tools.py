@@ -75,6 +75,12 @@ def test_amd64_from_go_modules_reports_the_pinned_versions():
     # Static where upstream is static (all of them): no program interpreter in any binary.
     for rel in PATHS:
         assert tools.is_static(entry / "tree" / rel), rel
+    guard = entry / "tree/usr/lib/captainos/reboot-guard"
+    assert elf_machine(guard) == Arch.AMD64.elf_machine()
+    # Run with no connection on standard input: one error line, exit 1, nothing else done.
+    result = subprocess.run([guard], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert json.loads(result.stderr)["msg"] == "no seccomp descriptor from runc; this container's reboot calls fail"
 
 
 @pytest.mark.slow
@@ -83,6 +89,7 @@ def test_arm64_cross_build_from_go_modules():
     check_entry(entry, Arch.ARM64)
     for rel in PATHS:
         assert tools.is_static(entry / "tree" / rel), rel
+    assert elf_machine(entry / "tree/usr/lib/captainos/reboot-guard") == Arch.ARM64.elf_machine()
     emulator = tools.emulator(Arch.ARM64)
     if emulator is None:
         pytest.skip("qemu-user-static is not installed: the arm64 binaries were built but not run")

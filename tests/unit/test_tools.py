@@ -540,7 +540,20 @@ def fake_components(tmp_path: Path) -> dict[str, Path]:
         record = {"name": pin.name, "version": pin.version, "source": "go", "binaries": binaries}
         (entry / tools.COMPONENT).write_text(json.dumps(record))
         entries[pin.name] = entry
+    for name in tools.OWN_PROGRAMS:
+        entries[name] = fake_program(tmp_path / "components", name, Arch.AMD64)
     return entries
+
+
+def fake_program(root: Path, name: str, arch: Arch) -> Path:
+    """An entry of one of our Go programs as build_program leaves it (a fake ELF, never run)."""
+    entry = root / name
+    (entry / "bin").mkdir(parents=True)
+    path = entry / "bin" / name
+    path.write_bytes(fake_elf(arch.elf_machine()) + name.encode())
+    path.chmod(0o755)
+    (entry / tools.COMPONENT).write_text(json.dumps({"program": name, "sha256": cache.sha256_file(path)}))
+    return entry
 
 
 def test_assemble_lays_out_the_tree_with_exec_bits_and_the_manifest(tmp_path):
@@ -556,6 +569,8 @@ def test_assemble_lays_out_the_tree_with_exec_bits_and_the_manifest(tmp_path):
     assert (work / "tree/usr/share/captainos/tools-manifest.json").read_text() == (work / "manifest.json").read_text()
     assert manifest["arch"] == "amd64"
     assert manifest["components"]["runc"]["version"] == "1.4.0"
+    assert manifest["programs"]["reboot-guard"]["path"] == "/usr/lib/captainos/reboot-guard"
+    assert (work / "tree/usr/lib/captainos/reboot-guard").stat().st_mode & 0o777 == 0o755
     tools.verify_entry(work, Arch.AMD64)
 
 
@@ -568,6 +583,14 @@ def test_verify_entry_notices_a_changed_or_missing_binary(tmp_path):
         tools.verify_entry(work, Arch.AMD64)
     bridge.unlink()
     with pytest.raises(CaptainError, match="bridge is missing or not executable"):
+        tools.verify_entry(work, Arch.AMD64)
+
+
+def test_verify_entry_notices_a_changed_program(tmp_path):
+    work = tmp_path / "entry"
+    tools.assemble(cfg_for(tmp_path), fake_components(tmp_path), work)
+    (work / "tree/usr/lib/captainos/reboot-guard").write_bytes(b"tampered")
+    with pytest.raises(CaptainError, match="reboot-guard is missing or does not match its manifest"):
         tools.verify_entry(work, Arch.AMD64)
 
 
@@ -598,6 +621,10 @@ def released(server, monkeypatch):
     """pins.TOOLS with every arm64 digest matching fixture archives served by the local server
     (the fake binaries are not run: no emulator)."""
     monkeypatch.setattr(tools, "emulator", lambda arch: None)
+    # Our own programs are compiled for real in tests/unit/test_programs.py.
+    monkeypatch.setattr(tools, "build_program", lambda cfg, runner, name: fake_program(
+        cfg.cache_dir / "programs", name, cfg.arch) if not (cfg.cache_dir / "programs" / name).exists()
+        else cfg.cache_dir / "programs" / name)
     def serve(table: tuple[pins.ToolPin, ...]) -> tuple[pins.ToolPin, ...]:
         table = tuple(pin_serving(p, server, fixture_release(p, Arch.ARM64), Arch.ARM64) for p in table)
         monkeypatch.setattr(pins, "TOOLS", table)
@@ -615,7 +642,7 @@ def test_release_stage_end_to_end_then_cached_then_one_pin_bumped(server, releas
     assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()) == sorted(
         [f"usr/bin/{b}" for b in ("containerd", "containerd-shim-runc-v2", "ctr", "runc", "nerdctl")]
         + [f"opt/cni/bin/{b}" for b in ("bridge", "host-local", "loopback", "portmap", "firewall", "tuning")]
-        + ["usr/share/captainos/tools-manifest.json"])
+        + ["usr/share/captainos/tools-manifest.json", "usr/lib/captainos/reboot-guard"])
     assert all(p.stat().st_mode & 0o111 for p in (tree / "usr/bin").iterdir())
     manifest = json.loads((entry / "manifest.json").read_text())
     runc = manifest["components"]["runc"]
