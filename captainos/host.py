@@ -26,6 +26,8 @@ APT_PACKAGES = (
     "openssh-client",
     # Runs the other architecture's binaries for the tools stage's --version checks.
     "qemu-user-static",
+    # The lab's hub template: its disk image (GPT, ext4 from a directory) and the hub actions' source.
+    "fdisk", "e2fsprogs", "git",
 )
 
 

@@ -42,7 +42,7 @@ def lab_config(kernel_source: str, out_dir: Path):  # type: ignore[no-untyped-de
     from captainos.core.run import Runner
     from captainos.lab import registry
 
-    cache = {k: v for k, v in os.environ.items() if k == "CAPTAINOS_CACHE"}
+    cache = {k: v for k, v in os.environ.items() if k in ("CAPTAINOS_CACHE", "CAPTAINOS_HUB_ACTIONS")}
     ca = registry.ensure_ca(config.load(env=cache).cache_dir, Runner())
     env = {
         **cache,

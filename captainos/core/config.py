@@ -155,6 +155,9 @@ class Config:
     iso_cmdline: str = _opt("", "kernel parameters baked into the ISO's boot entry (e.g. a static ipam=)")
     secure_boot: bool = _opt(False, "ISO boots through Debian's signed shim and GRUB (needs --kernel-source "
                              "debian-image for a signed kernel)")
+    hub_actions_src: Path | None = _opt(None, "git repository of github.com/tinkerbell/actions holding the pinned "
+                                        "commit: the lab builds the hub actions from it", "CAPTAINOS_HUB_ACTIONS",
+                                        metavar="DIR")
     qemu_append: str = _opt("", "extra kernel command line for qemu-test")
     qemu_mem: str = _opt("2G", "guest memory for qemu-test (e.g. 512M, 2G)")
     qemu_smp: int = _opt(2, "guest CPUs for qemu-test")

@@ -98,6 +98,22 @@ TINKERBELL_TAGS = ("embedded",)
 QUAMINA_PATH = "quamina.net/go/quamina"
 QUAMINA = GoModulePin("github.com/timbray/quamina", "v1.4.0", "h1:nU2v0Y+mhoL/nyF0XBqnluq6Hf9fuOaWxfj0+Y2xnc8=")
 
+# Tinkerbell's hub actions (github.com/tinkerbell/actions): the module proxy does not serve
+# this repository, so the lab builds them from a git repository holding this commit (the
+# commit names the tree; go.sum, checked against its sha256 here, names every dependency,
+# each of which the proxy serves and the checksum database vouches for).
+@dataclass(frozen=True)
+class SourcePin:
+    repository: str
+    commit: str
+    go_sum_sha256: str
+    programs: tuple[str, ...]
+
+
+HUB_ACTIONS = SourcePin("github.com/tinkerbell/actions", "ae3e51dfb3c1dd54c143e6d2fe48c248ae86e78d",
+                        "306a177bef54fca9f9006b04af9aeb1f8ef5a55f1736ae97f5b11cd087f93349",
+                        ("image2disk", "oci2disk", "writefile", "cexec", "kexec"))
+
 # sigstore's cosign v2, which signs what `publish` pushes (key-based, offline): `go install`
 # works for it, every module checked against the checksum database.
 COSIGN = GoModulePin("github.com/sigstore/cosign/v2", "v2.6.5", "h1:D7kFSWS2HzfD+LpEuBO89D1KfOAODlkWuuhzXS8yzi0=")

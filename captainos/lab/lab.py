@@ -40,7 +40,7 @@ from captainos.core import cache, log, run
 from captainos.core.config import Accel, Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
-from captainos.lab import agent, e2e, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
+from captainos.lab import agent, e2e, hub, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
 from captainos.stages import artifacts
 
 REGISTRY_PORT = 5000
@@ -74,6 +74,7 @@ class State:
     auth_registry: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     iso_url: str = ""
+    hub: bool = False  # the hub actions are in the registry and the hub disk image is served
 
     def save(self, path: Path) -> None:
         cache.atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
@@ -96,6 +97,7 @@ class Provision:
     settle: float = 8.0  # keep the VM up this long after the end, for the last logs to arrive
     restart: str = ""  # the workflow ends in a restart request: "reboot" or "kexec"; wait until it is seen
     restart_timeout: float = 300.0
+    after_restart: str = ""  # a regex: after the restart, wait (restart_timeout) for an OS console line matching it
     registry_delay: float = 0.0  # stop the registries before power-on and start them this much later
     mem: str = ""  # guest memory (QEMU's -m); empty: the config's qemu_mem
     give_up: tuple[str, ...] = ()  # regexes: a line of the OS console matching one ends the run at once
@@ -277,6 +279,7 @@ class Lab:
         binary = agent.build(self.cfg, self.runner, program=agent.TINKERBELL) / agent.TINKERBELL.binary
         ca = registry.ensure_ca(self.cfg.cache_dir, self.runner)
         layouts = e2e.images(self.cfg, self.runner)
+        hub_entries = self._hub(ca)
         if self.root.exists():
             cache.remove(self.root)
         self.root.mkdir(parents=True)
@@ -284,13 +287,25 @@ class Lab:
         log.info(f"==> lab {self.name}: namespace {self.network.netns}, bridge {self.network.bridge} {addr}/24")
         self.network.create(self.runner)
         try:
-            self._start(binary, ca, layouts)
+            self._start(binary, ca, layouts, hub_entries)
         except BaseException:
             self.down()
             raise
         return self
 
-    def _start(self, binary: Path, ca: registry.CA, layouts: Path) -> None:
+    def _hub(self, ca: registry.CA) -> tuple[Path, Path] | None:
+        """(action images, disk image) entries of the hub template: built when the source is
+        given, else taken from the cache when an earlier lab built them."""
+        images = hub.images(self.cfg, self.runner, ca.cert)
+        if images is None:
+            log.info("    hub actions: not built (no --hub-actions-src); templates naming them are refused")
+            return None
+        links = artifacts.smee_links(self.cfg.arch)
+        kernel, initramfs = (self.artifacts / name for name in links)
+        disk = hub.disk_image(self.cfg, self.runner, kernel, initramfs, e2e.action_busybox(self.cfg, self.runner))
+        return images, disk
+
+    def _start(self, binary: Path, ca: registry.CA, layouts: Path, hub_entries: tuple[Path, Path] | None) -> None:
         addr = self.network.address
         probe = lambda fn: netns.call_in(self.network.netns, fn)  # noqa: E731
         reg = registry.Registry(ca, self.root, "registry", runner=self.inside, port=REGISTRY_PORT,
@@ -300,6 +315,8 @@ class Lab:
                  f"{e2e.ACTION_TAG}", cert_dir=reg.cert_dir)
         oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{reg.host_address}/{AGENT_IMAGE_PATH}",
                  cert_dir=reg.cert_dir)
+        if hub_entries is not None:
+            hub.push(self.inside, *hub_entries, reg.host_address, reg.cert_dir)
         auth_address = ""
         if self.auth:
             creds = oci.Credentials(self.username, self.password)
@@ -309,7 +326,7 @@ class Lab:
             oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{auth.host_address}/{e2e.AGENT_REPO}:latest",
                      cert_dir=auth.cert_dir, creds=creds)
             auth_address = auth.host_address
-        self.http = self._serve_artifacts()
+        self.http = self._serve_artifacts(hub_entries[1] if hub_entries else None)
         certs = tinkerbell.make_certs(self.root / "pki", addr, tinkerbell.API_PORT, self.runner)
         self.client = kube.Client(self.network.netns, addr, tinkerbell.API_PORT, certs.ca, certs.admin,
                                   certs.admin_key)
@@ -326,13 +343,15 @@ class Lab:
         pids = {"tinkerbell": self.server.proc.pid if self.server.proc else 0,
                 "http": self.http.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
         self.state = State(self.name, str(self.root), self.network.netns, addr, str(self.artifacts),
-                           str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url)
+                           str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url,
+                           hub=hub_entries is not None)
         self.state.save(self.root / "lab.json")
 
-    def _serve_artifacts(self) -> run.Process:
+    def _serve_artifacts(self, hub_disk: Path | None) -> run.Process:
+        extra = ["--extra", f"hub={hub_disk}"] if hub_disk else []
         argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", "captainos.lab.artifacts_server",
                                                     "--bind", self.network.address, "--port", str(ARTIFACT_PORT),
-                                                    "--directory", str(self.artifacts)])
+                                                    "--directory", str(self.artifacts), *extra])
         proc = run.spawn(argv, self.root / "http.log", env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
         if run.await_ready(proc, lambda: tinkerbell.listening(self.network.netns, self.network.address,
                                                               ARTIFACT_PORT), 15) != "ready":
@@ -399,6 +418,8 @@ class Lab:
         mac, ip = plan.mac, self.network.host(plan.index)
         variables = {"worker_id": "{{.device_1}}", "device_1": "{{.device_1}}", "registry": self.state.registry,
                      "action_image": f"{self.state.registry}/{e2e.ACTION_REPO}:{e2e.ACTION_TAG}",
+                     "hub": f"{self.state.registry}/{hub.REPO_PATH}",
+                     "hub_disk": f"{self.state.registry}/{hub.DISK_REPO}:{hub.DISK_TAG}",
                      "artifacts": f"http://{self.state.address}:{ARTIFACT_PORT}"}
         wf = workflow.load(plan.workflow, variables)
         self._check_workflow(wf, mac)
@@ -583,9 +604,13 @@ class Lab:
             if plan.restart == "kexec" and len(kernels) >= 2:
                 if len(firmware) > 1:
                     raise CaptainError("the machine went through its firmware again: a reboot, not a kexec")
-                return kernels[1]
+                restarted = kernels[1]
+                if not plan.after_restart or any(t >= restarted and re.search(plan.after_restart, line)
+                                                 for t, line in list(con.lines)):
+                    return restarted
             time.sleep(1.0)
-        raise CaptainError(f"no {plan.restart} seen within {plan.restart_timeout:.0f}s after the workflow ended")
+        seen = f"no {plan.restart}" + (f" followed by {plan.after_restart!r}" if plan.after_restart else "")
+        raise CaptainError(f"{seen} seen within {plan.restart_timeout:.0f}s after the workflow ended")
 
     def _power_off(self, guest: qemu.Guest) -> None:
         if guest.proc is None or guest.proc.poll() is not None:

@@ -41,7 +41,7 @@ __all__ = ["MEDIA_INDEX", "MEDIA_MANIFEST", "REF_NAME", "Image", "Member", "push
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 # Applets the action images expose as /bin/<name> (the scenarios use only these).
 BUSYBOX_APPLETS = ("[", "cat", "cmp", "dd", "echo", "env", "false", "grep", "head", "hexdump", "id", "ls",
-                   "od", "printf", "sh", "sleep", "sync", "test", "true", "uname", "wc")
+                   "od", "poweroff", "printf", "reboot", "sh", "sleep", "sync", "test", "true", "uname", "wc")
 
 
 @dataclass(frozen=True)
