@@ -113,6 +113,9 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--auth", action="store_true",
                              help="up (or a run that starts the lab): the agent only in an htpasswd registry, "
                                   "pulled with docker_registry= and credentials")
+            sub.add_argument("--chart", action="store_true",
+                             help="up: also serve the OS the Helm chart's way (its nginx over the published "
+                                  "image); run: the VM netboots from it")
             sub.add_argument("--vm", type=int, default=1, help="VM number: its MAC and address (default 1)")
             sub.add_argument("--timeout", type=float, default=900.0,
                              help="run: seconds from power-on to the workflow's end (default 900)")

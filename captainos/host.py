@@ -28,6 +28,8 @@ APT_PACKAGES = (
     "qemu-user-static",
     # The lab's hub template: its disk image (GPT, ext4 from a directory) and the hub actions' source.
     "fdisk", "e2fsprogs", "git",
+    # The lab's Helm-chart file server (Debian's nginx, run with the chart's configuration).
+    "nginx",
 )
 
 

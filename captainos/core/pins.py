@@ -97,6 +97,10 @@ TINKERBELL_PACKAGE = "./cmd/tinkerbell"
 TINKERBELL_TAGS = ("embedded",)
 QUAMINA_PATH = "quamina.net/go/quamina"
 QUAMINA = GoModulePin("github.com/timbray/quamina", "v1.4.0", "h1:nU2v0Y+mhoL/nyF0XBqnluq6Hf9fuOaWxfj0+Y2xnc8=")
+# Helm, built from the module proxy for the lab's file server: `helm template` of the chart in
+# the tinkerbell module (helm/tinkerbell) renders the nginx configuration the chart deploys.
+HELM = GoModulePin("helm.sh/helm/v4", "v4.3.2", "h1:zdd8DgKTlLrlYIzdoAntDHLH0V3RkgNIpQ3yjzuD84M=")
+HELM_PACKAGE = "./cmd/helm"
 
 # Tinkerbell's hub actions (github.com/tinkerbell/actions): the module proxy does not serve
 # this repository, so the lab builds them from a git repository holding this commit (the

@@ -1,5 +1,6 @@
 """Programs of github.com/tinkerbell/tinkerbell built from the Go module proxy's sources: the
-real tink-agent (the image runs it) and the real Tinkerbell server (the lab runs it).
+real tink-agent (the image runs it) and the real Tinkerbell server (the lab runs it); and
+helm (the lab renders the Helm chart's nginx configuration with it), built the same way.
 
 `go install .../cmd/agent@v0.25.0` is refused (the root go.mod replaces the api module with
 `./api`, which is not in the root module's zip), so: download the root module and every
@@ -27,22 +28,24 @@ LDFLAGS = "-s -w"
 
 @dataclass(frozen=True)
 class Program:
-    """One command of the tinkerbell module and how it is built."""
+    """One command of a module (the tinkerbell module unless named) and how it is built."""
 
     binary: str  # file name in the cache entry
     package: str  # ./cmd/...
     replaces: tuple[tuple[str, pins.GoModulePin], ...]  # (module path in go.mod, module that stands in)
     tags: tuple[str, ...] = ()
+    module: pins.GoModulePin = pins.TINK_AGENT
 
     @property
     def modules(self) -> tuple[pins.GoModulePin, ...]:
-        return (pins.TINK_AGENT, *(pin for _, pin in self.replaces))
+        return (self.module, *(pin for _, pin in self.replaces))
 
 
 AGENT = Program("tink-agent", pins.TINK_AGENT_PACKAGE, ((pins.TINK_AGENT_API.path, pins.TINK_AGENT_API),))
 TINKERBELL = Program("tinkerbell", pins.TINKERBELL_PACKAGE,
                      ((pins.TINK_AGENT_API.path, pins.TINK_AGENT_API), (pins.QUAMINA_PATH, pins.QUAMINA)),
                      tags=pins.TINKERBELL_TAGS)
+HELM = Program("helm", pins.HELM_PACKAGE, (), module=pins.HELM)
 BINARY = AGENT.binary
 
 
@@ -56,7 +59,7 @@ def build(cfg: Config, runner: Runner, *, force: bool = False, program: Program 
     """Return the cache entry holding the program (static, for cfg.arch) and <binary>.json."""
     env = golang.go_env(cfg.cache_dir, cfg.arch)
     parts = {
-        "module": pins.TINK_AGENT.query, "module_h1": pins.TINK_AGENT.h1,
+        "module": program.module.query, "module_h1": program.module.h1,
         "replaces": {path: [pin.query, pin.h1] for path, pin in program.replaces},
         "package": program.package, "tags": list(program.tags), "ldflags": LDFLAGS,
         "go": golang.go_version(runner, cfg.cache_dir, cfg.arch), "arch": cfg.arch.value,
@@ -65,17 +68,18 @@ def build(cfg: Config, runner: Runner, *, force: bool = False, program: Program 
 
     def produce(work: Path) -> None:
         go = golang.go_binary()
-        with log.stage(program.binary, f"{pins.TINK_AGENT.query} {program.package} for {cfg.arch.value} "
+        with log.stage(program.binary, f"{program.module.query} {program.package} for {cfg.arch.value} "
                                        f"({parts['go']})"):
             result = runner.run([go, "mod", "download", "-json", *(pin.query for pin in program.modules)],
                                 env=env, cwd=work, capture=True)
             modules = golang.parse_download(result.stdout)
             golang.verify(modules, program.modules)
             src = work / "src"
-            shutil.copytree(modules[pins.TINK_AGENT.path]["Dir"], src, symlinks=True)
+            shutil.copytree(modules[program.module.path]["Dir"], src, symlinks=True)
             golang.make_writable(src)
             edits = [f"-replace={path}={modules[pin.path]['Dir']}" for path, pin in program.replaces]
-            runner.run([go, "mod", "edit", *edits], env=env, cwd=src)
+            if edits:
+                runner.run([go, "mod", "edit", *edits], env=env, cwd=src)
             output = work / program.binary
             runner.run(build_argv(go, output, program), env=env, cwd=src, log_file=work / "build.log")
             shutil.rmtree(src)

@@ -15,7 +15,7 @@ from captainos.stages import artifacts
 
 def _start(cfg: Config, args: argparse.Namespace) -> Lab:
     iso = (cfg.out_dir / artifacts.iso_name(cfg.arch)).is_file()
-    return Lab(cfg, name=args.name, auth=args.auth, iso=iso).up()
+    return Lab(cfg, name=args.name, auth=args.auth, iso=iso, chart=args.chart).up()
 
 
 def up(cfg: Config, args: argparse.Namespace) -> None:
@@ -29,6 +29,8 @@ def up(cfg: Config, args: argparse.Namespace) -> None:
     auth = f", with credentials {state.auth_registry}" if state.auth_registry else ""
     print(f"  registry:   {state.registry}{auth}")
     print(f"  artifacts:  http://{state.address}:8080/ serves {state.artifacts}")
+    if state.chart_url:
+        print(f"  Helm chart's nginx: {state.chart_url}/ serves the published image ('lab run --chart')")
     print(f"  logs:       {state.root}/tinkerbell.log")
     print("next: ./build.py lab run examples/workflow.yaml; ./build.py lab down")
 
@@ -42,7 +44,8 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     started_here = not (lab_dir(cfg, args.name) / "lab.json").is_file()
     lab = _start(cfg, args) if started_here else Lab.attach(cfg, args.name)
     try:
-        outcome = lab.provision(Provision(workflow=path, boot=args.boot, index=args.vm, timeout=args.timeout))
+        outcome = lab.provision(Provision(workflow=path, boot=args.boot, index=args.vm, timeout=args.timeout,
+                                              osie="chart" if args.chart else ""))
     finally:
         if started_here:
             lab.down()

@@ -119,8 +119,10 @@ def object_name(mac: str) -> str:
 
 
 def hardware(name: str, *, mac: str, ip: str, netmask: str, gateway: str, hostname: str, uefi: bool,
-             kernel_params: tuple[str, ...] = (), arch: str = "x86_64") -> dict[str, Any]:
-    """A Hardware for one NIC: Smee's DHCP reservation, netboot allowed, extra kernel parameters."""
+             kernel_params: tuple[str, ...] = (), arch: str = "x86_64", osie_url: str = "") -> dict[str, Any]:
+    """A Hardware for one NIC: Smee's DHCP reservation, netboot allowed, extra kernel parameters,
+    and where its OSIE comes from when not from Smee's default URL."""
+    osie: dict[str, Any] = {"kernelParams": list(kernel_params), **({"baseURL": osie_url} if osie_url else {})}
     return {
         "apiVersion": GROUP, "kind": "Hardware",
         "metadata": {"name": name, "namespace": NAMESPACE},
@@ -129,7 +131,7 @@ def hardware(name: str, *, mac: str, ip: str, netmask: str, gateway: str, hostna
                 "dhcp": {"mac": mac.lower(), "hostname": hostname, "arch": arch, "uefi": uefi, "lease_time": 86400,
                          "ip": {"address": ip, "netmask": netmask, "gateway": gateway}},
                 "netboot": {"allowPXE": True, "allowWorkflow": True,
-                            "osie": {"kernelParams": list(kernel_params)}},
+                            "osie": osie},
             }],
             "metadata": {"instance": {"hostname": hostname, "id": mac.lower()}},
         },

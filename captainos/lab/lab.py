@@ -41,6 +41,7 @@ from captainos.core.config import Accel, Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
 from captainos.lab import agent, e2e, hub, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
+from captainos.lab import chart as helm_chart
 from captainos.stages import artifacts
 
 REGISTRY_PORT = 5000
@@ -75,6 +76,7 @@ class State:
     pids: dict[str, int] = field(default_factory=dict)
     iso_url: str = ""
     hub: bool = False  # the hub actions are in the registry and the hub disk image is served
+    chart_url: str = ""  # the Helm chart's nginx serving the published image (empty: not started)
 
     def save(self, path: Path) -> None:
         cache.atomic_write(path, json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
@@ -101,6 +103,7 @@ class Provision:
     registry_delay: float = 0.0  # stop the registries before power-on and start them this much later
     mem: str = ""  # guest memory (QEMU's -m); empty: the config's qemu_mem
     give_up: tuple[str, ...] = ()  # regexes: a line of the OS console matching one ends the run at once
+    osie: str = ""  # "chart": the Hardware's OSIE URL is the Helm chart's nginx (else Smee's default)
 
     @property
     def mac(self) -> str:
@@ -239,7 +242,7 @@ class Lab:
 
     def __init__(self, cfg: Config, *, artifacts_dir: Path | None = None, name: str = "",
                  root: Path | None = None, runner: Runner | None = None, auth: bool = False,
-                 iso: bool = True) -> None:
+                 iso: bool = True, chart: bool = False) -> None:
         if cfg.arch is not Arch.AMD64:
             raise CaptainError("the lab boots amd64 VMs only", "use --arch amd64")
         self.cfg = cfg
@@ -251,6 +254,8 @@ class Lab:
         self.inside = netns.NetnsRunner(netns=self.network.netns)
         self.auth = auth
         self.iso = iso
+        self.chart = chart
+        self.file_server: helm_chart.FileServer | None = None
         self.password = secrets.token_urlsafe(18)
         self.username = "captain"
         self.registries: list[registry.Registry] = []
@@ -327,6 +332,12 @@ class Lab:
                      cert_dir=auth.cert_dir, creds=creds)
             auth_address = auth.host_address
         self.http = self._serve_artifacts(hub_entries[1] if hub_entries else None)
+        if self.chart:
+            from captainos.stages import pipeline
+
+            tools_bin = pipeline.build_tools(self.cfg) / "tree" / "usr" / "bin"
+            self.file_server = helm_chart.FileServer(self.cfg, self.runner, self.root / "chart", self.network.netns,
+                                                addr).start(self.artifacts, reg.host_address, reg.cert_dir, tools_bin)
         certs = tinkerbell.make_certs(self.root / "pki", addr, tinkerbell.API_PORT, self.runner)
         self.client = kube.Client(self.network.netns, addr, tinkerbell.API_PORT, certs.ca, certs.admin,
                                   certs.admin_key)
@@ -344,7 +355,8 @@ class Lab:
                 "http": self.http.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
         self.state = State(self.name, str(self.root), self.network.netns, addr, str(self.artifacts),
                            str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url,
-                           hub=hub_entries is not None)
+                           hub=hub_entries is not None,
+                           chart_url=self.file_server.url if self.file_server else "")
         self.state.save(self.root / "lab.json")
 
     def _serve_artifacts(self, hub_disk: Path | None) -> run.Process:
@@ -393,6 +405,8 @@ class Lab:
         for reg in self.registries:
             reg.stop()
         run.stop(self.http)
+        if self.file_server is not None:
+            self.file_server.stop()
         self.network.destroy(self.runner)
         with contextlib.suppress(FileNotFoundError):
             (self.root / "lab.json").unlink()
@@ -413,6 +427,10 @@ class Lab:
         assert self.state is not None and self.client is not None
         if plan.boot == "iso" and not self.state.iso_url:
             raise CaptainError("this lab serves no ISO", "bring it up with the ISO built")
+        if plan.osie not in ("", "chart"):
+            raise CaptainError(f"unknown OSIE server {plan.osie!r}", "use chart, or none for the artifact server")
+        if plan.osie == "chart" and not self.state.chart_url:
+            raise CaptainError("this lab runs no Helm chart file server", "bring it up with --chart")
         work = workdir or Path(tempfile.mkdtemp(prefix=f"captainos-lab-{self.name}-"))
         work.mkdir(parents=True, exist_ok=True)
         mac, ip = plan.mac, self.network.host(plan.index)
@@ -429,7 +447,8 @@ class Lab:
         self._clear(hw_name)
         self.client.create("hardware", kube.hardware(
             hw_name, mac=mac, ip=ip, netmask=self.network.netmask, gateway=self.network.address, hostname=hostname,
-            uefi=plan.boot != "bios", kernel_params=plan.append))
+            uefi=plan.boot != "bios", kernel_params=plan.append,
+            osie_url=self.state.chart_url if plan.osie == "chart" else ""))
         self.client.create("templates", kube.template(run_name, wf))
         self.client.create("workflows", kube.workflow_object(run_name, template_name=run_name, hardware_name=hw_name,
                                                              mac=mac))
@@ -441,6 +460,8 @@ class Lab:
         machine = self._machine(plan, tap, disk, work)
         log_offset = self._log_size()
         http_offset = (self.root / "http.log").stat().st_size if (self.root / "http.log").exists() else 0
+        access = self.root / "chart" / "root" / "var" / "log" / "nginx" / "access.log"
+        access_offset = access.stat().st_size if access.exists() else 0
         guest = qemu.Guest(machine, workdir=work / "qemu", secrets=(self.password,))
         fw = e2e.Console(work / "serial0.log")
         con = e2e.Console(work / "serial1.log")
@@ -471,7 +492,10 @@ class Lab:
             events = [e for e in self.client.events() if e.get("involvedObject", {}).get("name") in (run_name, hw_name)]
         syslog = [m for m in smee_syslog(records, stamps) if m.peer == ip]  # other VMs may share the lab
         out = Outcome(run_name, mac, plan.index, kube.workflow_state(obj), obj, events, records, syslog,
-                      list(fw.lines), list(con.lines), self._http_lines(http_offset, ip), started, disk)
+                      list(fw.lines), list(con.lines), self.http_lines(http_offset, ip), started, disk)
+        out.http += [(r.time, f"{r.method} {r.path}") for r in helm_chart.access_log(access, access_offset)
+                     if r.client == ip]
+        out.http.sort()
         out.timeline = timeline(out)
         (work / "outcome.json").write_text(json.dumps({"workflow": obj, "events": events}, indent=1, default=str))
         return out
@@ -625,7 +649,7 @@ class Lab:
         path = self.root / "tinkerbell.log"
         return path.stat().st_size if path.exists() else 0
 
-    def _http_lines(self, offset: int, client: str) -> list[tuple[float, str]]:
+    def http_lines(self, offset: int, client: str) -> list[tuple[float, str]]:
         """(time, "GET /path") of the artifact server's requests from one client since offset."""
         path = self.root / "http.log"
         if not path.exists():

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from captainos.core import run
 from captainos.core.config import Arch, Config
 from captainos.core.run import Runner
 from captainos.lab import oci, registry
+from captainos.lab.containerd import Containerd
 from captainos.lab.oci import Credentials, Image, Member
 from tests.image.conftest import LIB, PROGRAMS, Result
 from tests.image.test_tink_agent import ELF_ARM64
@@ -45,25 +45,8 @@ def tools_bin(lab_cfg: Config) -> Path:
 @pytest.fixture(scope="module")
 def containerd(tools_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private containerd: its own root, state and socket; CRI off as in the image."""
-    work = tmp_path_factory.mktemp("containerd")
-    socket = work / "containerd.sock"
-    config = work / "config.toml"
-    config.write_text(f'version = 3\nroot = "{work}/root"\nstate = "{work}/state"\n'
-                      'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime", '
-                      '"io.containerd.cri.v1.images"]\n'
-                      f'[grpc]\n  address = "{socket}"\n[ttrpc]\n  address = "{socket}.ttrpc"\n')
-    env = {"PATH": f"{tools_bin}:/usr/sbin:/usr/bin:/sbin:/bin"}
-    proc = run.spawn([tools_bin / "containerd", "--config", config], work / "containerd.log", env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while not socket.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (work / "containerd.log").read_text()[-2000:]
-            time.sleep(0.2)
-        yield socket
-    finally:
-        run.stop(proc)
-        # Snapshots nerdctl cp mounted are gone with their containers; unmount what is left.
-        subprocess.run(["umount", "-R", str(work / "root")], capture_output=True, check=False)
+    with Containerd(tools_bin, tmp_path_factory.mktemp("containerd")) as daemon:
+        yield daemon.socket
 
 
 @pytest.fixture(scope="module")

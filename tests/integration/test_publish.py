@@ -21,6 +21,7 @@ import pytest
 from captainos.core.config import REPO, Arch, Config
 from captainos.core.run import Runner
 from captainos.lab import registry
+from captainos.lab.containerd import chain_id, hosts_toml
 from captainos.lab.oci import Credentials, auth_file_json
 from captainos.stages import artifacts, oci, pipeline
 from tests.integration.test_agent_setup import containerd, tools_bin  # noqa: F401
@@ -132,17 +133,14 @@ def test_containerd_pulls_and_mounts_it_with_every_file_intact(out, pushed, regi
     host = registries["open"].host_address
     hosts = tmp_path / "certs.d" / host / "hosts.toml"  # containerd's own trust configuration
     hosts.parent.mkdir(parents=True)
-    hosts.write_text(f'server = "https://{host}"\n[host."https://{host}"]\n  capabilities = ["pull", "resolve"]\n'
-                     f'  ca = "{registries["open"].cert_dir / "ca.crt"}"\n')
+    hosts.write_text(hosts_toml(host, registries["open"].cert_dir / "ca.crt"))
     ctr("images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), "--platform", platform, pushed["ref"])
     # What the kubelet's image volume gets from containerd's CRI: a read-only view of the
     # image's top snapshot (named by the chain ID of its diff_ids), mounted at the volume's
     # path. (`ctr images mount` would be shorter, but containerd 2.2.1's mount manager hands
     # it a bind mount without options, which the kernel refuses: "no such device".)
     config = json.loads(skopeo_raw(pushed["ref"], "--config", "--override-arch", platform.split("/")[1]))
-    chain = config["rootfs"]["diff_ids"][0]
-    for diff_id in config["rootfs"]["diff_ids"][1:]:
-        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    chain = chain_id(config["rootfs"]["diff_ids"])
     key = f"captain-{platform.replace('/', '-')}"
     # (ctr's lease ends when it exits and the view goes with it; the layers it names stay,
     # held by the image.)

@@ -18,20 +18,23 @@ from captainos.lab.lab import Lab
 
 @pytest.fixture(scope="session")
 def lab_artifacts(lab_cfg: Config) -> Path:
-    """out/ of the test image: vmlinuz-x86_64, initramfs-x86_64 and the ISO."""
-    from captainos.stages import pipeline
+    """out/ of the test image: vmlinuz-x86_64, initramfs-x86_64, the ISO and their sums (which
+    the Helm chart's file server publishes)."""
+    from captainos.stages import artifacts, pipeline
 
     kernel_entry = pipeline.build_kernel(lab_cfg)
     initramfs_entry = pipeline.build_initramfs(lab_cfg, kernel_entry, pipeline.build_tools(lab_cfg))
     pipeline.build_iso(lab_cfg, kernel_entry, initramfs_entry)
+    artifacts.write_checksums(lab_cfg.out_dir, lab_cfg.arch)
     return lab_cfg.out_dir
 
 
 @pytest.fixture(scope="session")
 def real_lab(lab_cfg: Config, lab_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The real Tinkerbell with its registry and the ISO patcher, up for the whole session."""
+    """The real Tinkerbell with its registry, the ISO patcher and the Helm chart's nginx, up for
+    the whole session."""
     root = tmp_path_factory.mktemp("lab")
-    with Lab(lab_cfg, artifacts_dir=lab_artifacts, root=root, iso=True) as lab:
+    with Lab(lab_cfg, artifacts_dir=lab_artifacts, root=root, iso=True, chart=True) as lab:
         yield lab
 
 

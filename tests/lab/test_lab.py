@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from captainos.core.errors import CaptainError
-from captainos.lab import hub, kube, netns, tinkerbell
+from captainos.lab import chart, hub, kube, netns, tinkerbell
 from captainos.lab.lab import Lab, Outcome, Provision
 
 pytestmark = pytest.mark.lab
@@ -69,7 +69,8 @@ SCENARIOS = {
     "fail": Provision(workflow=WORKFLOWS / "fail.yaml", index=3),
     "timeout": Provision(workflow=WORKFLOWS / "timeout.yaml", index=4),
     "iso": Provision(workflow=WORKFLOWS / "hello.yaml", boot="iso", index=5),
-    "reboot": Provision(workflow=REPO / "examples" / "reboot.yaml", index=8, restart="reboot"),
+    # Netboots from the Helm chart's nginx (the Hardware's OSIE URL), not the artifact server.
+    "reboot": Provision(workflow=REPO / "examples" / "reboot.yaml", index=8, restart="reboot", osie="chart"),
     "kexec": Provision(workflow=REPO / "examples" / "kexec.yaml", index=10, restart="kexec"),
     "hub": Provision(workflow=REPO / "examples" / "hub.yaml", index=12, restart="kexec", disk_size="128M",
                      after_restart=f"{hub.MARK} cexec:"),
@@ -300,6 +301,22 @@ def test_reboot_f_reaches_success_and_the_machine_restarts(real_lab, runs):
     assert out.actions() == [("write-marker", "SUCCESS"), ("reboot", "SUCCESS")]
     firmware = [line for _, line in out.firmware_console if "SeaBIOS (version" in line]
     assert len(firmware) >= 2, explain(real_lab, out)
+
+
+def test_the_helm_charts_nginx_served_the_reboot_netboot(real_lab, runs):
+    """The reboot scenario's Hardware names the chart's nginx as its OSIE URL: Smee's script sent
+    the VM there, and nginx, with the configuration `helm template` rendered from Tinkerbell's
+    chart, served the kernel and initramfs whole from the published image as containerd mounts
+    it; the artifact server saw no kernel request from that VM."""
+    out = scenario(runs, "reboot")
+    assert out.state == "SUCCESS", explain(real_lab, out)
+    ip = real_lab.network.host(out.index)
+    assert real_lab.file_server is not None
+    served = {(r.path, r.status, r.size) for r in chart.access_log(real_lab.file_server.access) if r.client == ip}
+    for name in ("vmlinuz-x86_64", "initramfs-x86_64"):
+        assert (f"/{name}", 200, (real_lab.artifacts / name).stat().st_size) in served, served
+    fetched = [line for _, line in real_lab.http_lines(0, ip)]
+    assert not [line for line in fetched if "vmlinuz" in line or "initramfs" in line], fetched
 
 
 def test_the_hub_template_ends_in_the_installed_os_by_the_hub_kexec(real_lab, runs):

@@ -109,3 +109,31 @@ def test_a_different_go_version_is_a_new_entry(tmp_path, monkeypatch):
     first = agent.build(cfg, FakeGo(tmp_path / "a"))
     monkeypatch.setattr(golang, "go_version", lambda *a: "go1.27.0")
     assert agent.build(cfg, FakeGo(tmp_path / "b")) != first
+
+
+def test_helm_builds_from_its_own_module_with_nothing_replaced(tmp_path, monkeypatch):
+    """A program of another module (helm): that module is downloaded, checked and built, and
+    its go.mod is left as it is (no replaces: no `go mod edit`, which refuses no arguments)."""
+    monkeypatch.setattr(golang, "go_binary", lambda: "go")
+    cfg = config.Config(cache_dir=tmp_path / "cache")
+    fake = FakeGo(tmp_path)
+    helm_dir = tmp_path / "mod" / "helm"
+    (helm_dir / "cmd" / "helm").mkdir(parents=True)
+    (helm_dir / "go.mod").write_text("module helm.sh/helm/v4\n")
+    original = fake.run
+
+    def run(argv, **kwargs):
+        if [str(a) for a in argv][1:3] == ["mod", "download"]:
+            fake.calls.append(([str(a) for a in argv], {}, kwargs.get("cwd")))
+            out = json.dumps({"Path": pins.HELM.path, "Version": pins.HELM.version, "Dir": str(helm_dir),
+                              "Sum": pins.HELM.h1})
+            return subprocess.CompletedProcess(argv, 0, out, "")
+        return original(argv, **kwargs)
+    object.__setattr__(fake, "run", run)
+    entry = agent.build(cfg, fake, program=agent.HELM)
+    assert (entry / "helm").read_bytes() == b"\x7fELF"
+    info = json.loads((entry / "helm.json").read_text())
+    assert info["module"] == pins.HELM.query and info["package"] == "./cmd/helm" and info["replaces"] == {}
+    assert not [c for c in fake.calls if c[0][1:3] == ["mod", "edit"]]
+    download = next(c for c in fake.calls if c[0][1:3] == ["mod", "download"])
+    assert download[0][-1] == pins.HELM.query
