@@ -262,3 +262,12 @@ def exclusive(lock_file: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_text_from(path: Path, offset: int = 0) -> str:
+    """A log's text from byte offset on ("" when the file is not there yet)."""
+    if not path.exists():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode(errors="replace")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from captainos.core import log, pins, run
+from captainos.core import cache, log, pins, run
 from captainos.core.config import Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
@@ -155,13 +155,8 @@ class Request:
 
 def access_log(path: Path, offset: int = 0) -> list[Request]:
     """nginx's access log (its default format) from offset on."""
-    if not path.exists():
-        return []
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        text = handle.read().decode(errors="replace")
     found = []
-    for line in text.splitlines():
+    for line in cache.read_text_from(path, offset).splitlines():
         if m := ACCESS.match(line):
             when = datetime.strptime(m.group(2), "%d/%b/%Y:%H:%M:%S %z").timestamp()
             found.append(Request(m.group(1), when, m.group(3), m.group(4), int(m.group(5)), int(m.group(6))))

@@ -651,14 +651,8 @@ class Lab:
 
     def http_lines(self, offset: int, client: str) -> list[tuple[float, str]]:
         """(time, "GET /path") of the artifact server's requests from one client since offset."""
-        path = self.root / "http.log"
-        if not path.exists():
-            return []
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            text = handle.read().decode(errors="replace")
         found = []
-        for line in text.splitlines():
+        for line in cache.read_text_from(self.root / "http.log", offset).splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
