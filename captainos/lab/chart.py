@@ -163,6 +163,12 @@ def access_log(path: Path, offset: int = 0) -> list[Request]:
     return found
 
 
+def access_path(work: Path) -> Path:
+    """nginx's access log of a file server whose work directory is work (Debian's build path,
+    inside the server's root)."""
+    return work / "root" / "var" / "log" / "nginx" / "access.log"
+
+
 class FileServer:
     """The chart's nginx serving the published image, in the lab's network namespace."""
 
@@ -183,7 +189,7 @@ class FileServer:
 
     @property
     def access(self) -> Path:
-        return self.root / "var" / "log" / "nginx" / "access.log"
+        return access_path(self.work)
 
     def start(self, out_dir: Path, registry_host: str, cert_dir: Path, tools_bin: Path) -> FileServer:
         from captainos.lab import tinkerbell

@@ -266,6 +266,11 @@ class Lab:
         self._owner = True  # this object made the lab (and takes it down)
         self._accel: Accel | None = None
 
+    @property
+    def chart_work(self) -> Path:
+        """The Helm chart file server's directory (its layout, containerd, nginx's root)."""
+        return self.root / "chart"
+
     # --- bring up --------------------------------------------------------------------------
     def check_artifacts(self) -> None:
         names = artifacts.smee_links(self.cfg.arch)
@@ -336,7 +341,7 @@ class Lab:
             from captainos.stages import pipeline
 
             tools_bin = pipeline.build_tools(self.cfg) / "tree" / "usr" / "bin"
-            self.file_server = helm_chart.FileServer(self.cfg, self.runner, self.root / "chart", self.network.netns,
+            self.file_server = helm_chart.FileServer(self.cfg, self.runner, self.chart_work, self.network.netns,
                                                 addr).start(self.artifacts, reg.host_address, reg.cert_dir, tools_bin)
         certs = tinkerbell.make_certs(self.root / "pki", addr, tinkerbell.API_PORT, self.runner)
         self.client = kube.Client(self.network.netns, addr, tinkerbell.API_PORT, certs.ca, certs.admin,
@@ -460,7 +465,7 @@ class Lab:
         machine = self._machine(plan, tap, disk, work)
         log_offset = self._log_size()
         http_offset = (self.root / "http.log").stat().st_size if (self.root / "http.log").exists() else 0
-        access = self.root / "chart" / "root" / "var" / "log" / "nginx" / "access.log"
+        access = helm_chart.access_path(self.chart_work)
         access_offset = access.stat().st_size if access.exists() else 0
         guest = qemu.Guest(machine, workdir=work / "qemu", secrets=(self.password,))
         fw = e2e.Console(work / "serial0.log")
