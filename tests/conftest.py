@@ -14,6 +14,18 @@ from pathlib import Path
 import pytest
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """What `-n auto` (pyproject's addopts) means: the default run, the fast suite, spreads over
+    every core; a run given its own -m (CI's, the VM tests') stays in one process, where the
+    session fixtures build each image once and the VM tests set their own parallelism.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still overrides both."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    addopts = config.getini("addopts")
+    default = addopts[addopts.index("-m") + 1]
+    return len(os.sched_getaffinity(0)) if config.option.markexpr == default else 0
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -26,7 +38,8 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     root.mkdir()
     handler = functools.partial(_Quiet, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits for the next poll (0.5 s by default, per test).
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield root, f"http://127.0.0.1:{server.server_address[1]}"
