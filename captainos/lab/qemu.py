@@ -22,6 +22,7 @@ from captainos.core import log, run
 from captainos.core.config import Accel, Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import base_env
+from captainos.lab import boots
 
 ALWAYS_APPEND = "audit=0"
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -48,6 +49,7 @@ class Machine:
     firmware_vars: Path | None = None  # a writable copy of the UEFI variable store (pflash unit 1)
     secure_boot: bool = False  # SMM + secure pflash, as OVMF's Secure Boot build requires (amd64)
     monitor: Path | None = None  # unix socket for the human monitor
+    serial_socket: Path | None = None  # the first serial port also takes input: a unix socket (Guest.type)
     serial2_log: Path | None = None  # a second serial port (ttyS1: where Smee's command line puts the console)
     net_boot: bool = False  # the NIC is the first boot device (its option ROM's iPXE netboots)
     reboot: bool = False  # a guest reboot restarts the machine (default: QEMU exits, -no-reboot)
@@ -102,8 +104,13 @@ def argv(machine: Machine) -> list[str]:
         cmd += ["-drive", f"file={machine.cdrom},media=cdrom,readonly=on,if=none,id=cd0",
                 "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-cd,drive=cd0,bootindex=0"]
     cmd += ["-device", "virtio-rng-pci"]
-    if machine.serial_log is not None:
+    if machine.serial_log is not None and machine.serial_socket is not None:
+        # The output still goes to the log file (logfile=), whether or not a client is connected.
+        cmd += ["-chardev", f"socket,id=serial0,path={machine.serial_socket},server=on,wait=off,"
+                            f"logfile={machine.serial_log}", "-serial", "chardev:serial0"]
+    elif machine.serial_log is not None:
         cmd += ["-serial", f"file:{machine.serial_log}"]
+    if machine.serial_log is not None:
         if machine.serial2_log is not None:
             cmd += ["-serial", f"file:{machine.serial2_log}"]
         monitor = f"unix:{machine.monitor},server=on,wait=off" if machine.monitor else "none"
@@ -168,6 +175,8 @@ class Guest:
         self.proc: run.Process | None = None
         self.started = 0.0
         self._offset = 0
+        self._test = ""  # the test that started it (captainos.lab.boots)
+        self._recorded = False
 
     def __enter__(self) -> Guest:
         self.start()
@@ -182,6 +191,8 @@ class Guest:
     def start(self) -> None:
         self.serial_log.write_bytes(b"")
         self.started = time.monotonic()
+        self._test = boots.current_test()
+        self._recorded = False
         self.proc = run.spawn(argv(self.machine), self.workdir / "qemu.stderr", secret=self.secrets, truncate=True)
 
     def elapsed(self) -> float:
@@ -228,17 +239,40 @@ class Guest:
                     chunks.append(data)
         return b"".join(chunks).decode(errors="replace")
 
+    def type(self, text: str) -> None:
+        """Send text to the first serial port, as if typed (the machine needs serial_socket)."""
+        if self.machine.serial_socket is None:
+            raise ValueError("typing on the console needs a machine with serial_socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.machine.serial_socket))
+            sock.sendall(text.encode())
+            time.sleep(0.5)  # let QEMU read it before the connection closes
+
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
         code = run.wait(self.proc, timeout)
         if code is None:
             raise CaptainError(f"QEMU still running {timeout:.0f}s later; serial tail:\n{self.tail()}")
+        self._record()
         return code
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._record()
+
+    def _record(self) -> None:
+        """One line in the boot log (captainos.lab.boots), once per start."""
+        if self.proc is None or self._recorded:
+            return
+        self._recorded = True
+        m = self.machine
+        kind = "kernel" if m.kernel else "netboot" if m.net_boot else "cdrom" if m.cdrom else "disk"
+        label = self.workdir.parent.name if self.workdir.name == "qemu" else self.workdir.name
+        boots.record(boots.Boot(test=self._test, label="" if self._tmp else label, kind=kind, mem=m.mem,
+                                seconds=round(self.elapsed(), 1)))
 
     def _stderr(self) -> str:
         path = self.workdir / "qemu.stderr"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -255,3 +256,49 @@ def test_a_value_with_a_quote_inside_is_not_verbatim(sandbox, cmdline, verbatim)
     name = "quiet" if cmdline == "quiet" else "registry_password"
     result = sandbox.bash(f"cap_cmdline_load\ncap_param_verbatim {name}")
     assert (result.returncode == 0) is verbatim
+
+
+def _gettys_told_to_wait(sandbox: Sandbox, active: str | None) -> list[str]:
+    """Run the generator with this /sys/class/tty/console/active; the gettys it defers."""
+    if active is not None:
+        path = sandbox.root / "sys/class/tty/console/active"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(active + "\n")
+    out = sandbox.root / "run/systemd/generator"
+    out.mkdir(parents=True)
+    result = sandbox.run(GENERATOR, str(out), str(out) + ".early", str(out) + ".late")
+    assert result.returncode == 0, result.stderr
+    drop_ins = sorted(out.glob("*.service.d/captainos-wait.conf"))
+    assert all(p.read_text() == "[Service]\nEnvironment=CAPTAINOS_GETTY_WAIT=1\n" for p in drop_ins)
+    return [p.parent.name.removesuffix(".d") for p in drop_ins]
+
+
+@pytest.mark.parametrize(("active", "waiting"), [
+    ("tty0 ttyS1", ["getty@tty1.service"]),  # Smee's netboot set: ttyS1 is /dev/console
+    ("ttyS1 tty0", ["serial-getty@ttyS1.service"]),  # the VT is /dev/console
+    ("tty0 ttyS0 ttyS1", ["getty@tty1.service", "serial-getty@ttyS0.service"]),
+    ("ttyS0", ["getty@tty1.service"]),  # the harness's console= only
+    ("tty1", []),
+    ("", []),
+    (None, []),  # no sysfs: every console at once, as before
+])
+def test_only_dev_console_gets_its_shell_at_once(sandbox, active, waiting):
+    sandbox.cmdline("quiet")
+    assert _gettys_told_to_wait(sandbox, active) == waiting
+
+
+def _getty_on_enter(tmp_path: Path, wait: bool, typed: bytes) -> subprocess.CompletedProcess[bytes]:
+    program = GENERATOR.parents[2] / "captainos/getty-on-enter"
+    env = {"PATH": "/usr/bin:/bin", **({"CAPTAINOS_GETTY_WAIT": "1"} if wait else {})}
+    return subprocess.run([str(program), "echo", "agetty", "started"], input=typed, env=env,
+                          capture_output=True, timeout=10, check=False)
+
+
+def test_getty_on_enter_starts_the_getty_at_once_unless_told_to_wait(tmp_path):
+    at_once = _getty_on_enter(tmp_path, wait=False, typed=b"")
+    assert (at_once.returncode, at_once.stdout) == (0, b"agetty started\n")
+    waited = _getty_on_enter(tmp_path, wait=True, typed=b"\n")
+    assert waited.returncode == 0 and waited.stdout.endswith(b"press Enter for a root shell on this console.\n"
+                                                             b"agetty started\n"), waited.stdout
+    nobody = _getty_on_enter(tmp_path, wait=True, typed=b"")  # end of input: no getty
+    assert nobody.returncode != 0 and b"agetty started" not in nobody.stdout

@@ -466,14 +466,15 @@ SMEE_ISO_CONSOLES = ("console=tty0 console=ttyS0,115200 console=ttyAMA0 console=
 
 
 def console_report(kernel: Path, initramfs: Path, tmp_path: Path, consoles: str, report_tty: str,
-                   serial_ports: int, extra: tuple[str, ...] = ()
+                   serial_ports: int, extra: tuple[str, ...] = (), enter_on_ttys0: bool = False
                    ) -> tuple[dict[str, tuple[str, int]], dict[str, str], list[str]]:
     """Boot with exactly these console= words and this many serial ports; return (getty unit ->
-    (state, restarts), the other report fields, the text each serial port received)."""
+    (state, restarts), the other report fields, the text each serial port received). With
+    enter_on_ttys0, Enter is then typed on ttyS0 and its text is what came after the report."""
     logs = [tmp_path / "ttyS0.log", tmp_path / "ttyS1.log"][:serial_ports]
     m = machine(kernel, initramfs, f"{consoles} captainos.selftest=off captainos.test.consoles={report_tty}",
                 default_console=False, serial_log=logs[0], serial2_log=logs[1] if serial_ports > 1 else None,
-                extra=extra)
+                serial_socket=tmp_path / "ttyS0.sock" if enter_on_ttys0 else None, extra=extra)
     report_log = logs[int(report_tty[-1])]
     with qemu.Guest(m, workdir=tmp_path / "qemu") as guest:
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -482,6 +483,11 @@ def console_report(kernel: Path, initramfs: Path, tmp_path: Path, consoles: str,
             assert guest.proc is None or guest.proc.poll() is None, "QEMU exited"
             time.sleep(2)
         texts = [log.read_text(errors="replace").replace("\r", "") for log in logs]
+        if enter_on_ttys0:
+            guest.wait_for("CONSOLES: done", timeout=10)
+            guest.type("\r")
+            guest.wait_for(r"root@\S+:~#", timeout=120)
+            texts[0] = guest.serial().replace("\r", "").split("CONSOLES: done", 1)[1]
     report = texts[int(report_tty[-1])]
     # Not anchored at the line's start: the autologin shell's prompt may land on the same port
     # just before a report line (seen in CI: "root@localhost:~# CONSOLES: getty getty@tty1...").
@@ -507,15 +513,21 @@ def test_smee_netboot_consoles_get_a_root_shell(kernel: Path, initramfs: Path, t
 def test_smee_iso_consoles_with_missing_ones_do_not_stall(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
     """The ISO set on a machine with one serial port: ttyS0 without a baud rate gets a getty,
     ttyAMA0 (not on amd64) and ttyS1 (no UART here, yet the last console=) get none and
-    stall nothing."""
-    gettys, fields, (ttys0,) = console_report(kernel, initramfs, tmp_path, SMEE_ISO_CONSOLES, "ttyS0", 1)
+    stall nothing. With the last console= missing, the first console registered (the VT) is
+    /dev/console and gets its shell at once; ttyS0's getty waits for Enter, then logs root in."""
+    with_report = tmp_path / "ttyS0.log"
+    gettys, fields, (after_enter,) = console_report(kernel, initramfs, tmp_path, SMEE_ISO_CONSOLES, "ttyS0", 1,
+                                                    enter_on_ttys0=True)
     assert fields["system"] == "running", fields
     assert sorted(gettys) == ["getty@tty1.service", "serial-getty@ttyS0.service"], gettys
     # Running, and not in a restart loop (agetty on ttyS0 was seen restarting once, in one
     # boot of three, while the kernel was still printing to that port).
     assert all(state == "active/running" and restarts <= 1 for state, restarts in gettys.values()), gettys
-    assert "ttyAMA0" not in fields["active"]
-    assert re.search(r"root@\S+:~#", ttys0), ttys0[-2000:]
+    assert fields["active"].split() == ["ttyS0", "tty0"], fields  # the last is /dev/console
+    before_enter = with_report.read_text(errors="replace").split("CONSOLES: done", 1)[0]
+    assert "press Enter for a root shell on this console." in before_enter, before_enter[-2000:]
+    assert not re.search(r"root@\S+:~#", before_enter), before_enter[-2000:]
+    assert re.search(r"root@\S+:~#", after_enter), after_enter[-2000:]
 
 
 def test_a_usb_serial_console_gets_a_root_shell(kernel: Path, initramfs: Path, tmp_path: Path) -> None:

@@ -57,6 +57,21 @@ def test_disks_serial_log_and_monitor():
     assert sum("virtio-blk-pci" in a for a in argv) == 2
 
 
+def test_a_serial_socket_takes_input_and_still_logs_to_the_file():
+    argv = qemu.argv(qemu.Machine(Arch.AMD64, serial_log=Path("/s.log"), serial_socket=Path("/s.sock"),
+                                  serial2_log=Path("/s2.log")))
+    pairs = _pairs(argv)
+    assert ("-chardev", "socket,id=serial0,path=/s.sock,server=on,wait=off,logfile=/s.log") in pairs
+    serials = [b for a, b in pairs if a == "-serial"]
+    assert serials == ["chardev:serial0", "file:/s2.log"]  # ttyS0, then ttyS1
+
+
+def test_typing_needs_a_serial_socket(tmp_path):
+    guest = qemu.Guest(qemu.Machine(Arch.AMD64, kernel=Path("/k")), workdir=tmp_path)
+    with pytest.raises(ValueError, match="serial_socket"):
+        guest.type("\r")
+
+
 def test_monitor_without_serial_log_is_refused():
     with pytest.raises(ValueError):
         qemu.argv(qemu.Machine(Arch.AMD64, monitor=Path("/m.sock")))
