@@ -299,8 +299,10 @@ def selftest(guest: qemu.Guest) -> tuple[str, dict[str, str], list[dict[str, str
     return verdict, info, logs
 
 
-def test_selftest_passes(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
-    with qemu.Guest(machine(kernel, initramfs), workdir=tmp_path) as guest:
+def test_selftest_passes_and_the_power_button_powers_off(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
+    """The self-test's checks on the test profile's default boot; then, the system up with
+    logind, the power button (ACPI) powers the machine off. One boot for both."""
+    with qemu.Guest(machine(kernel, initramfs, "captainos.selftest=nopoweroff"), workdir=tmp_path) as guest:
         verdict, info, _ = selftest(guest)
         log.info(f"time from QEMU start to verdict: {guest.elapsed():.0f}s")
         assert verdict == "PASS", guest.tail()
@@ -313,7 +315,11 @@ def test_selftest_passes(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
         units = dict(pair.split("=") for pair in info["update units"].split())
         assert units["systemd-sysusers"] == units["systemd-update-done"] == "skipped", units
         assert "ran" not in units.values(), units
-        assert guest.wait_exit(120) == 0
+        pressed = time.monotonic()
+        guest.monitor("system_powerdown")
+        assert guest.wait_exit(180) == 0
+        log.info(f"power button to QEMU exit: {time.monotonic() - pressed:.0f}s")
+        assert "reboot: Power down" in guest.serial()
 
 
 def test_a_root_that_does_not_fit_stops_in_init_with_the_reason(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
@@ -365,18 +371,6 @@ def test_static_ipam_on_a_maximal_smee_command_line(kernel: Path, initramfs: Pat
         assert info["hostname"] == "captest"
         assert info["dns"].split() == ["10.0.2.3"]
         assert any(entry["msg"] == "static network from ipam" for entry in logs), logs
-
-
-def test_power_button_powers_off(kernel: Path, initramfs: Path, tmp_path: Path) -> None:
-    m = machine(kernel, initramfs, "captainos.selftest=nopoweroff")
-    with qemu.Guest(m, workdir=tmp_path) as guest:
-        verdict, _, _ = selftest(guest)  # the system is up, logind included
-        assert verdict == "PASS", guest.tail()
-        pressed = time.monotonic()
-        guest.monitor("system_powerdown")
-        assert guest.wait_exit(180) == 0
-        log.info(f"power button to QEMU exit: {time.monotonic() - pressed:.0f}s")
-        assert "reboot: Power down" in guest.serial()
 
 
 def test_bad_parameters_are_logged_and_the_system_still_boots(kernel: Path, initramfs: Path,
@@ -470,7 +464,8 @@ def console_report(kernel: Path, initramfs: Path, tmp_path: Path, consoles: str,
                    ) -> tuple[dict[str, tuple[str, int]], dict[str, str], list[str]]:
     """Boot with exactly these console= words and this many serial ports; return (getty unit ->
     (state, restarts), the other report fields, the text each serial port received). With
-    enter_on_ttys0, Enter is then typed on ttyS0 and its text is what came after the report."""
+    enter_on_ttys0, Enter is then typed on ttyS0 once the report is there (ttyS0's text goes on
+    past the report's last line to the shell it started)."""
     logs = [tmp_path / "ttyS0.log", tmp_path / "ttyS1.log"][:serial_ports]
     m = machine(kernel, initramfs, f"{consoles} captainos.selftest=off captainos.test.consoles={report_tty}",
                 default_console=False, serial_log=logs[0], serial2_log=logs[1] if serial_ports > 1 else None,
@@ -482,12 +477,11 @@ def console_report(kernel: Path, initramfs: Path, tmp_path: Path, consoles: str,
             assert time.monotonic() < deadline, f"no console report within {BOOT_TIMEOUT}s"
             assert guest.proc is None or guest.proc.poll() is None, "QEMU exited"
             time.sleep(2)
-        texts = [log.read_text(errors="replace").replace("\r", "") for log in logs]
         if enter_on_ttys0:
             guest.wait_for("CONSOLES: done", timeout=10)
             guest.type("\r")
             guest.wait_for(r"root@\S+:~#", timeout=120)
-            texts[0] = guest.serial().replace("\r", "").split("CONSOLES: done", 1)[1]
+        texts = [log.read_text(errors="replace").replace("\r", "") for log in logs]
     report = texts[int(report_tty[-1])]
     # Not anchored at the line's start: the autologin shell's prompt may land on the same port
     # just before a report line (seen in CI: "root@localhost:~# CONSOLES: getty getty@tty1...").
@@ -515,16 +509,15 @@ def test_smee_iso_consoles_with_missing_ones_do_not_stall(kernel: Path, initramf
     ttyAMA0 (not on amd64) and ttyS1 (no UART here, yet the last console=) get none and
     stall nothing. With the last console= missing, the first console registered (the VT) is
     /dev/console and gets its shell at once; ttyS0's getty waits for Enter, then logs root in."""
-    with_report = tmp_path / "ttyS0.log"
-    gettys, fields, (after_enter,) = console_report(kernel, initramfs, tmp_path, SMEE_ISO_CONSOLES, "ttyS0", 1,
-                                                    enter_on_ttys0=True)
+    gettys, fields, (ttys0,) = console_report(kernel, initramfs, tmp_path, SMEE_ISO_CONSOLES, "ttyS0", 1,
+                                              enter_on_ttys0=True)
+    before_enter, after_enter = ttys0.split("CONSOLES: done", 1)
     assert fields["system"] == "running", fields
     assert sorted(gettys) == ["getty@tty1.service", "serial-getty@ttyS0.service"], gettys
     # Running, and not in a restart loop (agetty on ttyS0 was seen restarting once, in one
     # boot of three, while the kernel was still printing to that port).
     assert all(state == "active/running" and restarts <= 1 for state, restarts in gettys.values()), gettys
     assert fields["active"].split() == ["ttyS0", "tty0"], fields  # the last is /dev/console
-    before_enter = with_report.read_text(errors="replace").split("CONSOLES: done", 1)[0]
     assert "press Enter for a root shell on this console." in before_enter, before_enter[-2000:]
     assert not re.search(r"root@\S+:~#", before_enter), before_enter[-2000:]
     assert re.search(r"root@\S+:~#", after_enter), after_enter[-2000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,19 +118,3 @@ def _selftest_from_cd(image: Path, workdir: Path) -> tuple[str, str]:
 def test_real_image_iso_reaches_selftest_pass(image_iso: Path, tmp_path: Path) -> None:
     verdict, _ = _selftest_from_cd(image_iso, tmp_path / "plain")
     assert verdict == "PASS"
-
-
-def test_smee_patched_iso_applies_a_static_ipam(smee_patch, image_iso: Path, tmp_path: Path) -> None:
-    """Patch a copy the way Smee does (same size, placeholder overwritten) with a static
-    address; QEMU's DHCP would have leased 10.0.2.15, so seeing only .60 proves ipam= won."""
-    patched = tmp_path / "patched.iso"
-    params = (f"ipam={qemu.DEFAULT_MAC.replace(':', '-')}::10.0.2.60:24:10.0.2.2:isohost:10.0.2.3:: "
-              f"worker_id={qemu.DEFAULT_MAC} hw_addr={qemu.DEFAULT_MAC}")
-    smee_patch(image_iso, params, patched)
-    assert patched.stat().st_size == image_iso.stat().st_size
-    verdict, text = _selftest_from_cd(patched, tmp_path / "patched")
-    assert verdict == "PASS"
-    addresses = re.search(r"CAPTAINOS-SELFTEST: info addresses: (.*?)\r?$", text, re.M)
-    assert addresses and [a.split("=")[1] for a in addresses.group(1).split()] == ["10.0.2.60/24"], text[-3000:]
-    hostname = re.search(r"CAPTAINOS-SELFTEST: info hostname: (.*?)\r?$", text, re.M)
-    assert hostname and hostname.group(1) == "isohost"
