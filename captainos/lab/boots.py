@@ -68,16 +68,12 @@ def table(boots: Iterable[Boot]) -> str:
     for boot in boots:
         rows.setdefault(boot.test, []).append(boot)
     lines = ["| test | boots | VM seconds | how | what it proves |", "| --- | ---: | ---: | --- | --- |"]
-    total = 0.0
-    count = 0
     for test, group in rows.items():
-        seconds = sum(b.seconds for b in group)
-        total += seconds
-        count += len(group)
         kinds = ", ".join(sorted({f"{b.kind} {b.mem}" + (f" ({b.label})" if b.label else "") for b in group}))
-        where = test.split("::", 1)[0].removeprefix("tests/") + "::" + test.rsplit("::", 1)[-1] if test else "(no test)"
-        lines.append(f"| `{where}` | {len(group)} | {seconds:.0f} | {kinds} | {proves(test)} |")
-    lines.append(f"| total | {count} | {total:.0f} | | |")
+        where = test.removeprefix("tests/") if test else "(no test)"
+        lines.append(f"| `{where}` | {len(group)} | {sum(b.seconds for b in group):.0f} | {kinds} | {proves(test)} |")
+    every = [boot for group in rows.values() for boot in group]
+    lines.append(f"| total | {len(every)} | {sum(b.seconds for b in every):.0f} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -104,13 +104,13 @@ def argv(machine: Machine) -> list[str]:
         cmd += ["-drive", f"file={machine.cdrom},media=cdrom,readonly=on,if=none,id=cd0",
                 "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-cd,drive=cd0,bootindex=0"]
     cmd += ["-device", "virtio-rng-pci"]
-    if machine.serial_log is not None and machine.serial_socket is not None:
-        # The output still goes to the log file (logfile=), whether or not a client is connected.
-        cmd += ["-chardev", f"socket,id=serial0,path={machine.serial_socket},server=on,wait=off,"
-                            f"logfile={machine.serial_log}", "-serial", "chardev:serial0"]
-    elif machine.serial_log is not None:
-        cmd += ["-serial", f"file:{machine.serial_log}"]
     if machine.serial_log is not None:
+        if machine.serial_socket is not None:
+            # The output still goes to the log file (logfile=), whether or not a client is connected.
+            cmd += ["-chardev", f"socket,id=serial0,path={machine.serial_socket},server=on,wait=off,"
+                                f"logfile={machine.serial_log}", "-serial", "chardev:serial0"]
+        else:
+            cmd += ["-serial", f"file:{machine.serial_log}"]
         if machine.serial2_log is not None:
             cmd += ["-serial", f"file:{machine.serial2_log}"]
         monitor = f"unix:{machine.monitor},server=on,wait=off" if machine.monitor else "none"
