@@ -46,7 +46,8 @@ def model_parse(text: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """The rules cap_cmdline_parse implements, a character at a time: words split on blanks
     outside double quotes, quotes dropped from the value (kept in the raw word), each word
     split on its first "=" (a word naming nothing is skipped), the last occurrence wins,
-    trailing newlines ignored."""
+    trailing newlines ignored; a word holding a control character (a tab or newline inside
+    quotes) is refused and drops the earlier value of its name."""
     values: dict[str, str] = {}
     raws: dict[str, str] = {}
     consoles: list[str] = []
@@ -67,6 +68,10 @@ def model_parse(text: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
     for word, raw in words:
         name = word.split("=", 1)[0]
         if not name:  # "=x" names nothing
+            continue
+        if any(ord(c) < 32 or ord(c) == 127 for c in word):
+            values.pop(name, None)
+            raws.pop(name, None)
             continue
         values[name] = word.split("=", 1)[1] if "=" in word else ""
         raws[name] = raw
@@ -92,7 +97,7 @@ def test_the_parse_matches_the_kernel_word_rules_on_random_command_lines(sandbox
                       f'printf "{number}\\1V\\1%s\\1%s\\0" "$k" "${{CAP_PARAMS[$k]}}"; '
                       f'printf "{number}\\1R\\1%s\\1%s\\0" "$k" "${{CAP_RAW[$k]}}"; done\n'
                       f'for c in "${{CAP_CONSOLES[@]}}"; do printf "{number}\\1C\\1%s\\0" "$c"; done')
-    result = sandbox.bash("\n".join(script), timeout=120)
+    result = sandbox.bash("CAP_PARSE_QUIET=1\n" + "\n".join(script), timeout=120)
     assert result.returncode == 0, result.stderr
     got: dict[int, tuple[dict[str, str], dict[str, str], list[str]]] = {n: ({}, {}, []) for n in range(len(lines))}
     for record in result.stdout.split("\0")[:-1]:
@@ -105,6 +110,32 @@ def test_the_parse_matches_the_kernel_word_rules_on_random_command_lines(sandbox
             (values if kind == "V" else raws)[key] = value
     for number, line in enumerate(lines):
         assert got[number] == model_parse(line), repr(line)
+
+
+def test_a_control_character_inside_a_value_refuses_that_parameter_alone(sandbox):
+    """A newline inside quotes would be a second line in authorized_keys, or crash the network
+    setup; a raw control byte is no part of any value. Each such word is one error line."""
+    sandbox.cmdline_file.write_bytes(b'ipam=de-ad-be-ef-fe-ed::10.0.0.9:24 ipam="de-ad-be-ef-fe-ed::10.0.0.9:24\nx" '
+                                     b'ssh_authorized_keys="ssh-ed25519 AAAA c\nrestrict,command=\\"x\\" junk" '
+                                     b'syslog_host=h\x01x worker_id="a\tb" interface=eth1 grpc_authority=t:1\n')
+    result = sandbox.bash('cap_cmdline_load\nfor k in "${!CAP_PARAMS[@]}"; do echo "$k=${CAP_PARAMS[$k]}"; done | sort')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["grpc_authority=t:1", "interface=eth1"]
+    errors = [json.loads(line) for line in result.stderr.splitlines()]
+    assert sorted(e["param"] for e in errors) == ["ipam", "ssh_authorized_keys", "syslog_host", "worker_id"]
+    assert {e["msg"] for e in errors} == {"refusing a parameter: its value holds a control character "
+                                          "(a newline inside quotes?)"}
+
+
+def test_log_lines_stay_json_with_bytes_that_are_not_utf8(sandbox):
+    """A value with bytes that are not UTF-8 (from the command line, DHCP, a tool's error) still
+    makes a line every JSON parser reads: those bytes become "?", valid UTF-8 stays as it is."""
+    result = sandbox.bash(r"""cap_error m a="$(printf 'ok\xc3\xa9 bad\xff end')" """
+                          r"""b="$(printf 'caf\xc3\xa9 \xe2\x82\xac')" c="$(printf '\xc0\xaf')" """
+                          r"""d="$(printf '\xed\xa0\x80')" 2>"$HOME/log" """)
+    assert result.returncode == 0, result.stderr
+    entry = json.loads((sandbox.tmp / "log").read_bytes().decode("utf-8"))  # strict: any bad byte raises
+    assert (entry["a"], entry["b"], entry["c"], entry["d"]) == ("ok?? bad? end", "café €", "??", "???")
 
 
 def test_cap_param_distinguishes_absent_from_empty(sandbox):

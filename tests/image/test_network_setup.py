@@ -168,3 +168,14 @@ def test_the_shipped_dhcp_default_skips_ipv6_duplicate_address_detection():
     text = (EXTRA / "usr/lib/systemd/network/90-captainos-dhcp.network").read_text()
     network = text.split("[Network]\n", 1)[1].split("\n[", 1)[0]
     assert "IPv6DuplicateAddressDetection=0" in network.splitlines()
+
+
+def test_a_newline_inside_a_quoted_ipam_is_refused_and_interface_still_applies(sandbox):
+    """network-setup never stops on one bad value: the parse refuses the word, DHCP stays, the
+    later interface= is applied."""
+    files, sb = setup(sandbox, 'ipam="de-ad-be-ef-fe-ed::10.0.0.5:24::::\nx" interface=eth1\n')
+    assert "10-captainos-static.network" not in files
+    unit = files["90-captainos-dhcp.network"]
+    assert "Name=eth1" in unit and "DHCP=yes" in unit
+    assert sb.result.messages("error") == [
+        "refusing a parameter: its value holds a control character (a newline inside quotes?)"]

@@ -133,3 +133,29 @@ def test_no_request_does_nothing(sandbox):
     sandbox.fake("systemctl")
     assert sandbox.run("restart").returncode == 0
     assert sandbox.call_lines() == []
+
+
+@pytest.mark.parametrize("kind", ["directory", "link to a file", "dangling link", "fifo"])
+def test_a_request_that_is_not_a_regular_file_is_refused_and_removed(sandbox, kind):
+    """The path unit starts us while `request` exists: one left in place would start us again
+    and again, until its start limit made a genuine request go unheard. A link is never
+    followed (its target could be any file, and the refusal logs what it read)."""
+    restart = setup(sandbox, "reboot", [RUNNING, SUCCESS])
+    request = restart / "request"
+    request.unlink()
+    target = sandbox.tmp / "elsewhere"
+    target.write_text("reboot\n")
+    if kind == "directory":
+        (request / "inner").mkdir(parents=True)
+    elif kind == "link to a file":
+        request.symlink_to(target)
+    elif kind == "dangling link":
+        request.symlink_to(sandbox.tmp / "nothing")
+    else:
+        os.mkfifo(request)
+    result = sandbox.run("restart")
+    assert result.returncode == 2
+    assert not any(c.startswith("systemctl") for c in sandbox.call_lines())
+    assert not request.exists() and not request.is_symlink()
+    assert target.read_text() == "reboot\n"
+    assert result.messages("error") == ["refusing a restart request that is not a regular file; removed it"]

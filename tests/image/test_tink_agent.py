@@ -443,13 +443,41 @@ def test_agent_argv_from_the_command_line(sandbox):
 
 def test_agent_id_falls_back_to_hw_addr_and_tls_defaults_off(sandbox):
     fake_agent(sandbox)
-    sandbox.cmdline("grpc_authority=10.0.2.2:42113 hw_addr=52:54:00:aa:bb:cc tinkerbell_tls=maybe")
+    sandbox.cmdline("grpc_authority=10.0.2.2:42113 hw_addr=52:54:00:aa:bb:cc")
     result = sandbox.run("tink-agent-start")
     assert result.returncode == 0, result.stderr
     argv = agent_argv(sandbox)
     assert argv[argv.index("--id") + 1] == "52:54:00:aa:bb:cc"
     assert "--grpc-tls=false" in argv and "--grpc-insecure-tls=false" in argv
-    assert result.messages("warning") == ["invalid boolean, using false"]
+    assert result.messages("warning") == result.messages("error") == []
+
+
+# Go's strconv.ParseBool (what Smee's template writes) and our yes/no/on/off, any case.
+@pytest.mark.parametrize(("value", "flag"), [("1", "true"), ("t", "true"), ("T", "true"), ("TRUE", "true"),
+                                             ("True", "true"), ("yes", "true"), ("On", "true"), ("0", "false"),
+                                             ("f", "false"), ("F", "false"), ("FALSE", "false"), ("False", "false"),
+                                             ("no", "false"), ("off", "false")])
+def test_tls_switches_take_every_parsebool_spelling(sandbox, value, flag):
+    fake_agent(sandbox)
+    sandbox.cmdline(f"grpc_authority=t:1 worker_id=x tinkerbell_tls={value} tinkerbell_insecure_tls={value}")
+    result = sandbox.run("tink-agent-start")
+    assert result.returncode == 0, result.stderr
+    argv = agent_argv(sandbox)
+    assert f"--grpc-tls={flag}" in argv and f"--grpc-insecure-tls={flag}" in argv
+
+
+@pytest.mark.parametrize("param", ["tinkerbell_tls", "tinkerbell_insecure_tls"])
+@pytest.mark.parametrize("value", ["enabled", "y", "tru", "10", "yes!", "'true'"])
+def test_a_tls_switch_that_is_not_a_boolean_keeps_the_agent_from_starting(sandbox, param, value):
+    """Fail closed: a misspelled `tinkerbell_tls=enabled` must not become plaintext gRPC."""
+    fake_agent(sandbox)
+    sandbox.cmdline(f"grpc_authority=t:1 worker_id=x {param}={value}")
+    result = sandbox.run("tink-agent-start")
+    assert result.returncode == 2  # RestartPreventExitStatus: bad input does not heal
+    assert not (sandbox.tmp / "argv").exists()
+    assert result.messages("error") == ["invalid boolean: the agent does not start (TLS settings fail closed)"]
+    console = (sandbox.tmp / "console").read_text()
+    assert f"{param}=" in console and "the agent does not start" in console
 
 
 @pytest.mark.parametrize(("cmdline", "why"), [("worker_id=x", "grpc_authority must be host:port"),

@@ -233,16 +233,21 @@ def test_an_action_that_fills_the_disk_fails_alone(real_lab, runs):
     """1 GiB VM: the action writes until the root is full. It fails with "No space left on
     device"; no process is killed for memory; the agent lives on to report it; the action saw
     oom_score_adj 1000, a masked /proc/cmdline (the command line holds a password) and the
-    zram swap a machine under 1 GiB gets (captainos-zram.service's ConditionMemory=)."""
+    zram swap a machine under 1 GiB gets (captainos-zram.service's ConditionMemory=). No
+    process's environment (PID 1's, every service's, the action's; read from the host's PID
+    namespace) holds the command line's credentials."""
     out = scenario(runs, "fill")
     assert out.state == "FAILED", explain(real_lab, out)
     states = dict(out.actions())
-    assert states["probe"] == "SUCCESS" and states["fill"] == "FAILED", states
+    assert states["probe"] == states["environ"] == "SUCCESS" and states["fill"] == "FAILED", states
     assert states["never"] in ("", "PENDING"), states
     text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
     assert "No space left on device" in text, explain(real_lab, out)
     assert "probe oom_score_adj=1000 cmdline=[] swaps=[/dev/zram0]" in text, explain(real_lab, out)
     assert FILL_SECRET not in "\n".join(m.raw for m in out.syslog)
+    scan = re.search(r"environ pid1=(\w+) read=(\d+) leaks=\[(.*?)\]", text)
+    assert scan and scan.group(1) == "read" and int(scan.group(2)) >= 15, explain(real_lab, out)
+    assert scan.group(3) == "", f"credentials in the environment of {scan.group(3)}"
     assert not re.search(r"Out of memory|oom-kill|invoked oom-killer", text), explain(real_lab, out)
     # The agent reported the failure after the disk was full: it was alive. (v0.25.0 logs the
     # state it reports in lower case: "running", "success", "failure".)

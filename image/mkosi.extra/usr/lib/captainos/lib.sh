@@ -31,15 +31,24 @@ declare -ga CAP_CONSOLES=()
 # "?". (Into a variable, not printed: a command substitution per field would fork a shell for
 # every log line's every field, which costs under emulation.)
 cap_json_escape() {
-    local _cap_text=$2
+    local _cap_text=$2 LC_ALL=C  # bytes, whatever the locale
     _cap_text=${_cap_text//\\/\\\\}
     _cap_text=${_cap_text//\"/\\\"}
     _cap_text=${_cap_text//$'\n'/\\n}
     _cap_text=${_cap_text//$'\r'/\\r}
     _cap_text=${_cap_text//$'\t'/\\t}
     _cap_text=${_cap_text//[[:cntrl:]]/?}
+    # Bytes that are not UTF-8 make the line no JSON at all: then every byte above 0x7f is "?"
+    # (the check costs nothing for plain ASCII, which is nearly every line).
+    if [[ $_cap_text == *[$'\x80'-$'\xff']* && ! $_cap_text =~ $_CAP_UTF8_RE ]]; then
+        _cap_text=${_cap_text//[$'\x80'-$'\xff']/?}
+    fi
     printf -v "$1" '%s' "$_cap_text"
 }
+# Well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates), byte by byte.
+_CAP_UTF8_RE=$'^([\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf][\x80-\xbf]'
+_CAP_UTF8_RE+=$'|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf][\x80-\xbf][\x80-\xbf]'
+_CAP_UTF8_RE+=$'|\xf4[\x80-\x8f][\x80-\xbf][\x80-\xbf])*$'
 
 # cap_log LEVEL MESSAGE [KEY=VALUE...]: one JSON object on one line, on stderr (the journal
 # under systemd). Never pass a credential here: callers log parameter names, not values.
@@ -98,13 +107,15 @@ cap_cmdline_save() {
 # cap_secrets_load: CAP_PARAMS and CAP_RAW with the secret parameters too (the saved parse
 # leaves them out): the command line parsed again when the boot's parse is in use.
 cap_secrets_load() {
+    local CAP_PARSE_QUIET=1  # the boot's parse already logged what it refused
     [[ ! -f $CAP_CMDLINE_PARSED ]] || cap_cmdline_parse
 }
 
 # Parse CMDLINE_FILE into CAP_PARAMS, and every console= value into CAP_CONSOLES. Words are
 # split on blanks outside double quotes, quotes are dropped (as the kernel does), each word
-# is split on its FIRST "=" so values may contain "=", a trailing newline is ignored, and the
-# last occurrence of a name wins.
+# is split on its FIRST "=" so values may contain "=", a trailing newline is ignored, the
+# last occurrence of a name wins, and a word holding a control character is refused (logged
+# unless CAP_PARSE_QUIET is set).
 cap_cmdline_parse() {
     local text raw LC_ALL=C  # bytes, whatever the locale: no byte may stop the match
     # One word: runs of characters that are neither blank nor quote, and quoted runs (blanks
@@ -134,6 +145,15 @@ _cap_cmdline_store() {
     local word=$1 raw=$2 name
     name=${word%%=*}
     [[ -n $name ]] || return 0  # an empty word, or one like "=x" that names nothing
+    if [[ $word == *[[:cntrl:]]* ]]; then
+        # A newline, tab or other control character (inside quotes, or a raw byte) would become
+        # a second line in a file, or a value no check expects: the word is refused, and an
+        # earlier word of the same name is dropped with it (this one was meant to win).
+        unset 'CAP_PARAMS[$name]' 'CAP_RAW[$name]'
+        [[ -n ${CAP_PARSE_QUIET-} ]] ||
+            cap_error "refusing a parameter: its value holds a control character (a newline inside quotes?)" param="$name"
+        return 0
+    fi
     if [[ $word == *=* ]]; then
         CAP_PARAMS["$name"]=${word#*=}
     else
@@ -259,11 +279,13 @@ cap_is_hostport() {
     [[ -z $port ]] || cap_is_port "$port"
 }
 
-# cap_bool VALUE: print "true" or "false" for the usual spellings; fail otherwise.
+# cap_bool VALUE: print "true" or "false"; fail for anything else. Every spelling Go's
+# strconv.ParseBool takes (what Smee writes: 1 t T TRUE true True, 0 f F FALSE false False),
+# and, in any case, yes/no/on/off.
 cap_bool() {
     case ${1,,} in
-        1 | true | yes | on) printf 'true' ;;
-        0 | false | no | off) printf 'false' ;;
+        1 | t | true | yes | on) printf 'true' ;;
+        0 | f | false | no | off) printf 'false' ;;
         *) return 1 ;;
     esac
 }
