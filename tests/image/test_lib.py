@@ -234,6 +234,15 @@ def test_netmask_prefix_rejects_nonsense(sandbox, mask):
     ("cap_is_image_ref", "reg/tink agent:latest", False), ("cap_is_image_ref", "-rm", False),
     ("cap_is_image_ref", "reg//x", False), ("cap_is_hostname", "my-server.example", True),
     ("cap_is_hostname", "-bad", False), ("cap_is_hostname", "a..b", False),
+    # Proxy URLs as Go's url.Parse (http.ProxyFromEnvironment) takes them; what it refuses, we do.
+    ("cap_is_proxy", "http://proxy.local:3128", True), ("cap_is_proxy", "http://proxy.local:3128/", True),
+    ("cap_is_proxy", "https://u:p@proxy:3128", True), ("cap_is_proxy", "http://user:pa%41@proxy:3128", True),
+    ("cap_is_proxy", "http://u@v:w@proxy:1", True), ("cap_is_proxy", "socks5://10.0.0.1:1080", True),
+    ("cap_is_proxy", "http://[fd00::1]:3128", True), ("cap_is_proxy", "http://user:pa%zz@proxy:3128", False),
+    ("cap_is_proxy", "http://user:pa%4@proxy:3128", False), ("cap_is_proxy", "http://pass<w@proxy:3128", False),
+    ("cap_is_proxy", "http://proxy:99999", False), ("cap_is_proxy", "http://pro xy:1", False),
+    ("cap_is_proxy", "ftp://proxy:21", False), ("cap_is_proxy", "http://proxy:3128/path", False),
+    ("cap_is_proxy", "http://:3128", False), ("cap_is_proxy", "http://u:p@:3128", False),
 ])
 def test_validators(sandbox, check, value, ok):
     assert (sandbox.bash(f"{check} '{value}'").returncode == 0) is ok

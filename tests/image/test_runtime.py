@@ -57,6 +57,14 @@ def test_a_registry_password_masks_proc_cmdline(sandbox, base):
     assert masked[1:] == base["linux"].get("maskedPaths", [])  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(("cmdline", "masked"), [
+    ("HTTPS_PROXY=http://u:s3cret@proxy.local:3128", True), ('HTTP_PROXY="http://token@proxy:3128"', True),
+    ("HTTP_PROXY=http://proxy.local:3128 NO_PROXY=u@x", False), ("console=ttyS0 x=http://u:p@h", False)])
+def test_a_proxy_url_with_credentials_masks_proc_cmdline_too(sandbox, cmdline, masked):
+    spec = shim_call(sandbox, PRIVILEGED, cmdline, *SHIM_CREATE)
+    assert ("/proc/cmdline" in spec["linux"].get("maskedPaths", [])) is masked  # type: ignore[attr-defined]
+
+
 def test_a_value_the_spec_has_wins(sandbox):
     # Python's json, like Go's encoding/json, keeps the last of two equal keys.
     base = {**PRIVILEGED, "process": {**PRIVILEGED["process"], "oomScoreAdj": -5}}  # type: ignore[dict-item]

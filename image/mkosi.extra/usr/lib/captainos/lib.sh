@@ -330,9 +330,19 @@ cap_image_full() {
     printf '%s/%s' "$domain" "$rest"
 }
 
-# A proxy URL: scheme://[user:pass@]host[:port][/], no blanks.
+# A proxy URL: scheme://[userinfo@]host[:port][/]. The user information takes what Go's
+# url.Parse takes (it splits at the last "@"; a "%" must start two hex digits): a URL it
+# refuses would be announced here and then ignored by every Go program without a word.
 cap_is_proxy() {
-    [[ $1 =~ ^(https?|socks5)://[^[:space:]/]+/?$ ]]
+    local authority userinfo
+    [[ $1 =~ ^(https?|socks5)://([^/]+)/?$ ]] || return 1
+    authority=${BASH_REMATCH[2]}
+    if [[ $authority == *@* ]]; then
+        userinfo=${authority%@*}
+        authority=${authority##*@}
+        [[ $userinfo =~ ^([A-Za-z0-9._~!\$\&\'()*+,\;=:@-]|%[0-9A-Fa-f]{2})*$ ]] || return 1
+    fi
+    [[ -n $authority ]] && cap_is_hostport "$authority"
 }
 
 # cap_export_proxies announce|quiet: export HTTP_PROXY, HTTPS_PROXY and NO_PROXY from the command
