@@ -37,9 +37,12 @@ GRUB_DEB = {Arch.AMD64: "grub-efi-amd64-bin:amd64", Arch.ARM64: "grub-efi-arm64-
 
 def grub_cfg(arch: Arch, cmdline: str, version: str = __version__) -> str:
     """The boot menu: short timeout, serial and graphical consoles, the patchable magic last."""
-    if any(c in cmdline for c in "\n\"'`$\\;{}"):
+    # What GRUB's script reads as syntax (quotes, expansions, separators, redirections, blocks),
+    # and "#" opening a word: the rest of the line, Smee's placeholder too, would be a comment.
+    if any(c in cmdline for c in "\n\"'`$\\;{}|&<>") or any(word.startswith("#") for word in cmdline.split()):
         raise CaptainError(f"unsupported character in the ISO command line {cmdline!r}",
-                           "kernel parameters are words separated by spaces; quotes and newlines are not allowed")
+                           "kernel parameters are words separated by spaces; quotes, newlines, "
+                           "; | & < > { } $ \\ and a word starting with # are not allowed")
     serial = ("serial --unit=0 --speed=115200\nterminal_input console serial\nterminal_output console serial\n"
               if arch is Arch.AMD64 else "")
     params = " ".join(p for p in (CONSOLES[arch], cmdline.strip(), pins.ISO_MAGIC) if p)
