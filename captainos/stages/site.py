@@ -183,6 +183,15 @@ def copy_argv(cfg: Config, source: str, layout: Path, tag: str) -> list[str]:
     return [*argv, f"docker://{source}", f"oci:{layout}:{tag}"]
 
 
+def by_digest(source: str, digest: str) -> str:
+    """source named by the manifest digest read for the cache key instead of its tag: a tag that
+    moves between that read and the copy must not put other content under the key."""
+    if "@" in source:
+        return source
+    head, slash, last = source.rpartition("/")
+    return f"{head}{slash}{last.split(':', 1)[0]}@{digest}"
+
+
 def source_digests(runner: Runner, embeds: Sequence[Embed]) -> list[str]:
     """sha256 of each source's manifest (or index) as the registry serves it now: a changed tag
     gives a new key, an unchanged one a cache hit without pulling anything."""
@@ -243,12 +252,14 @@ def tar_layout(layout: Path) -> bytes:
     return buffer.getvalue()
 
 
-def stage_embedded(cfg: Config, runner: Runner, embeds: Sequence[Embed], tree: Path,
+def stage_embedded(cfg: Config, runner: Runner, embeds: Sequence[Embed], digests: Sequence[str], tree: Path,
                    work: Path) -> list[dict[str, str]]:
+    """Copy each image by the digest source_digests read (the one in the cache key)."""
     layout = work / "layout"
-    for number, item in enumerate(embeds):
-        log.info(f"    embedding {item.source} as {item.target}")
-        runner.run(copy_argv(cfg, item.source, layout, f"embed{number}"), env=oci.auth_env(), capture=True)
+    for number, (item, digest) in enumerate(zip(embeds, digests, strict=True)):
+        log.info(f"    embedding {item.source} ({digest[:19]}) as {item.target}")
+        runner.run(copy_argv(cfg, by_digest(item.source, digest), layout, f"embed{number}"), env=oci.auth_env(),
+                   capture=True)
     named = name_manifests(layout, embeds, cfg.arch.go_arch())
     total = sum(p.stat().st_size for p in layout.rglob("*") if p.is_file())
     if total >= CPIO_MAX_FILE:
@@ -280,7 +291,7 @@ def build(cfg: Config, runner: Runner, base_entry: Path) -> Path:
         tree = work / "tree"
         record: dict[str, Any] = {"embedded_images": [], "ssh_keys": len(keys)}
         if embeds:
-            record["embedded_images"] = stage_embedded(cfg, host, embeds, tree, work)
+            record["embedded_images"] = stage_embedded(cfg, host, embeds, digests, tree, work)
         if keys:
             cache.atomic_write(tree / SSH_KEYS, "".join(f"{key}\n" for key in keys))
         raw = work / "site.cpio"

@@ -63,7 +63,7 @@ def stage(cfg: Config, tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
     embeds = site.parse_embed_list(cfg.embed_images)
     tree, work = tmp_path / "tree", tmp_path / "work"
     work.mkdir(parents=True)
-    return tree, site.stage_embedded(cfg, Runner(), embeds, tree, work)
+    return tree, site.stage_embedded(cfg, Runner(), embeds, site.source_digests(Runner(), embeds), tree, work)
 
 
 class Importer:
@@ -126,6 +126,27 @@ def test_the_same_images_give_the_same_archive(trusted, tmp_path):
     first, _ = stage(cfg, tmp_path / "a")
     second, _ = stage(cfg, tmp_path / "b")
     assert cache.sha256_file(first / site.EMBED_ARCHIVE) == cache.sha256_file(second / site.EMBED_ARCHIVE)
+
+
+def test_a_tag_that_moves_after_the_digest_was_read_embeds_what_was_read(trusted, tmp_path):
+    """The cache key holds the manifest digest read first; the copy is by that digest, so a tag
+    pushed again in between cannot put other content under the key."""
+    reg = trusted["open"]
+    target = f"{reg.host_address}/moving:v1"
+    images = {word: oci.Image(arch=Arch.AMD64, members=(oci.Member("which", 0o644, word.encode()),))
+              for word in ("first", "second")}
+    manifests = {word: oci.write_layout(image, tmp_path / word, "v1") for word, image in images.items()}
+    oci.push(Runner(), tmp_path / "first", "v1", target, cert_dir=reg.cert_dir)
+    cfg = embed_list(tmp_path, [target])
+    assert cfg.embed_images is not None
+    embeds = site.parse_embed_list(cfg.embed_images)
+    digests = site.source_digests(Runner(), embeds)
+    oci.push(Runner(), tmp_path / "second", "v1", target, cert_dir=reg.cert_dir)  # the tag moves
+    assert site.source_digests(Runner(), embeds) != digests
+    work = tmp_path / "work"
+    work.mkdir()
+    record = site.stage_embedded(cfg, Runner(), embeds, digests, tmp_path / "tree", work)
+    assert record[0]["manifest"] == digests[0] == manifests["first"]
 
 
 def test_an_image_the_registry_does_not_have_is_one_line(trusted, tmp_path):

@@ -209,3 +209,15 @@ def test_skip_mode_refuses_site_options(tmp_path):
 def test_a_source_with_only_a_digest_is_fine(tmp_path):
     assert site.parse_embed_list(write(tmp_path, f"quay.io/a@{DIGEST} quay.io/a:1\n")) == [
         site.Embed(f"quay.io/a@{DIGEST}", "quay.io/a:1")]
+
+
+DIGEST = "sha256:" + "f" * 64
+
+
+@pytest.mark.parametrize(("source", "pinned"), [
+    ("quay.io/a/b:1", f"quay.io/a/b@{DIGEST}"), ("10.0.2.2:5000/agent:v1", f"10.0.2.2:5000/agent@{DIGEST}"),
+    ("localhost:5000/x", f"localhost:5000/x@{DIGEST}"),
+    ("docker.io/library/busybox:1.36", f"docker.io/library/busybox@{DIGEST}"),
+    ("quay.io/a@sha256:" + "a" * 64, "quay.io/a@sha256:" + "a" * 64)])
+def test_the_copy_names_the_digest_read_for_the_key(source, pinned):
+    assert site.by_digest(source, DIGEST) == pinned
