@@ -174,6 +174,25 @@ def test_the_agent_image_through_a_mirror(trusted, containerd, tools_bin, tmp_pa
     assert served, "the mirror was not asked for the agent image"
 
 
+def test_a_mirror_of_an_insecure_registry_is_still_verified(trusted, containerd, tools_bin, tmp_path):  # noqa: F811
+    """insecure_registries= names the registry, not its mirrors: nerdctl's --insecure-registry
+    turns verification off for every host containerd has no setting for, so a mirror whose
+    certificate the machine does not trust must still be refused (no SSL_CERT_FILE here: the
+    test CA is not trusted for the mirror)."""
+    reg = trusted["open"]
+    setup = Setup(tmp_path, containerd, tools_bin, trusted)
+    upstream = "127.0.0.1:1"  # nothing listens there
+    before = len(reg.log_file.read_text())
+    result = setup.run(f"tink_worker_image={upstream}/agent-good:v1 insecure_registries={upstream} "
+                       f"registry_mirrors={upstream}=https://{reg.host_address}", until="retry_in", timeout=90)
+    assert not setup.agent.exists(), result.stderr
+    hosts = (setup.root / "etc/containerd/certs.d" / upstream / "hosts.toml").read_text()
+    mirror = hosts[hosts.index(f'[host."https://{reg.host_address}"]'):].split("\n\n")[0]
+    assert "skip_verify = false" in mirror, hosts
+    served = [line for line in reg.log_file.read_text()[before:].splitlines() if "/v2/agent-good/manifests/v1" in line]
+    assert not served, "the untrusted mirror served the agent image"
+
+
 def test_setup_uses_an_embedded_agent_image_without_a_registry(trusted, containerd, tools_bin, tmp_path):  # noqa: F811
     """The agent image loaded by import-images, under a name no registry answers for: the real
     nerdctl finds it (a pull would be refused at 127.0.0.1:1) and the agent is extracted."""
