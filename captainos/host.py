@@ -30,6 +30,8 @@ APT_PACKAGES = (
     "fdisk", "e2fsprogs", "git",
     # The lab's Helm-chart file server (Debian's nginx, run with the chart's configuration).
     "nginx",
+    # The image's forwarding policy (forward.nft), loaded in a test's own network namespaces.
+    "nftables",
 )
 
 
