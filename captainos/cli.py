@@ -102,8 +102,9 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--workflow", metavar="FILE", default="examples/workflow.yaml",
                              help="workflow for the boot and RAM figures (default examples/workflow.yaml)")
         if verb == "lab":
-            sub.add_argument("action", choices=("up", "run", "status", "down"),
-                             help="up: start the lab; run: provision one VM; status: show it; down: stop it")
+            sub.add_argument("action", choices=("ca", "up", "run", "status", "down"),
+                             help="ca: make the lab's CA and print its path (build the image with it); up: start "
+                                  "the lab; run: provision one VM; status: show it; down: stop it")
             sub.add_argument("workflow", nargs="?", metavar="WORKFLOW", help="workflow file for 'run'")
             sub.add_argument("--name", default="lab", help="lab name: labs with other names run side by side "
                              "(default lab)")

@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,17 +102,33 @@ def _run_logged(
     on_line: Callable[[str], None] | None, timeout: float | None,
 ) -> subprocess.CompletedProcess[str]:
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as sink, subprocess.Popen(
-        args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace",
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sink.write(line)
-            if on_line:
-                on_line(line.rstrip("\n"))
-        rc = proc.wait(timeout=timeout)
+    finished = threading.Event()
+    if on_line is None:  # a command that reports nothing here (go build, mkosi) still says it runs
+        threading.Thread(target=_heartbeat, args=(args, log_file, finished), daemon=True).start()
+    try:
+        with log_file.open("w") as sink, subprocess.Popen(
+            args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace",
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sink.write(line)
+                if on_line:
+                    on_line(line.rstrip("\n"))
+            rc = proc.wait(timeout=timeout)
+    finally:
+        finished.set()
     return subprocess.CompletedProcess(args, rc)
+
+
+HEARTBEAT = 60.0  # seconds between "still running" lines of a logged command
+
+
+def _heartbeat(args: list[str], log_file: Path, finished: threading.Event) -> None:
+    start = time.monotonic()
+    while not finished.wait(HEARTBEAT):
+        log.info(f"    still running after {log.human_seconds(time.monotonic() - start)}: "
+                 f"{Path(args[0]).name} {' '.join(args[1:3])} (log: {log_file})")
 
 
 def pipe(argv: Sequence[str | os.PathLike[str]], data: bytes, *, what: str = "data",

@@ -1,4 +1,4 @@
-"""`./build.py lab up | run WORKFLOW | status | down`: the lab for people."""
+"""`./build.py lab ca | up | run WORKFLOW | status | down`: the lab for people."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 from captainos.core import log
 from captainos.core.config import Config
 from captainos.core.errors import CaptainError
-from captainos.lab import kube, netns
+from captainos.core.run import Runner
+from captainos.lab import kube, netns, registry
 from captainos.lab.lab import Lab, Provision, lab_dir
 from captainos.stages import artifacts
 
@@ -72,5 +73,12 @@ def down(cfg: Config, args: argparse.Namespace) -> None:
     log.info(f"lab {args.name} is down")
 
 
+def ca(cfg: Config, args: argparse.Namespace) -> None:
+    """The lab's CA (made once, kept in the cache): the image must trust it to pull from the lab."""
+    made = registry.ensure_ca(cfg.cache_dir, Runner())
+    print(made.cert)
+    log.info(f"next: ./build.py --extra-ca-certs {made.cert}")
+
+
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    {"up": up, "run": run, "status": status, "down": down}[args.action](cfg, args)
+    {"ca": ca, "up": up, "run": run, "status": status, "down": down}[args.action](cfg, args)

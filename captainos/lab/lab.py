@@ -42,7 +42,7 @@ from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
 from captainos.lab import agent, e2e, hub, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
 from captainos.lab import chart as helm_chart
-from captainos.stages import artifacts
+from captainos.stages import artifacts, cpio
 
 REGISTRY_PORT = 5000
 AUTH_REGISTRY_PORT = 5001
@@ -55,6 +55,25 @@ LAB_KERNEL_PARAMS = e2e.TEST_PROFILE_ARGS
 OS_UNITS = ("tink-agent", "tink-agent-setup")  # what CaptainOS forwards to syslog_host
 FIRMWARE_START = re.compile(r"SeaBIOS \(version|BdsDxe: loading|UEFI Interactive Shell|EDK II")
 KERNEL_START = re.compile(r"^\[\s*0\.000000\] Linux version")
+TRUST_STORE = "etc/ssl/certs/ca-certificates.crt"  # in the image: update-ca-certificates's bundle
+CONSOLE_NOTE = re.compile(r"captainos: [\w.@-]+: ")  # what CaptainOS's programs tell the console's operator
+
+
+def pem_bodies(pem: bytes) -> list[bytes]:
+    """The base64 bodies of the certificates in a PEM text, each on one line."""
+    bodies = re.findall(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S)
+    return [b"".join(body.split()) for body in bodies]
+
+
+def trusts(initramfs: Path, ca_pem: bytes) -> bool:
+    """The image's trust store (`ca-certificates.crt`, what Go and containerd read) holds every
+    certificate of ca_pem."""
+    wanted = pem_bodies(ca_pem)
+    for member in cpio.members(cpio.decompress(initramfs)):
+        if member.is_file and member.name == TRUST_STORE:
+            store = set(pem_bodies(member.data))
+            return bool(wanted) and all(body in store for body in wanted)
+    return False
 
 
 def lab_dir(cfg: Config, name: str) -> Path:
@@ -272,22 +291,26 @@ class Lab:
         return self.root / "chart"
 
     # --- bring up --------------------------------------------------------------------------
-    def check_artifacts(self) -> None:
+    def check_artifacts(self, ca: registry.CA) -> None:
+        """The image is there and trusts the lab's CA: an image that does not would boot and
+        wait, every action PENDING, until the timeout."""
         names = artifacts.smee_links(self.cfg.arch)
         missing = [n for n in names if not (self.artifacts / n).is_file()]
+        build = f"./build.py --out-dir {self.artifacts} --extra-ca-certs {ca.cert}"
         if missing:
-            ca = self.cfg.cache_dir / "e2e-ca" / "ca.pem"
-            raise CaptainError(f"{self.artifacts} has no {', '.join(missing)}",
-                               f"build the image first: ./build.py --extra-ca-certs {ca}")
+            raise CaptainError(f"{self.artifacts} has no {', '.join(missing)}", f"build the image first: {build}")
+        if not trusts(self.artifacts / artifacts.initramfs_name(self.cfg.arch), ca.cert.read_bytes()):
+            raise CaptainError(f"the image in {self.artifacts} does not trust the lab's CA {ca.cert}: its agent "
+                               "could not pull from the lab's registry", f"build it with the CA: {build}")
 
     def up(self) -> Lab:
-        self.check_artifacts()
+        ca = registry.ensure_ca(self.cfg.cache_dir, self.runner)
+        self.check_artifacts(ca)
         state_file = self.root / "lab.json"
         if netns.exists(self.network.netns) or state_file.exists():
             raise CaptainError(f"lab {self.name!r} is already up ({self.network.netns})",
                                f"'./build.py lab down --name {self.name}' takes it down")
         binary = agent.build(self.cfg, self.runner, program=agent.TINKERBELL) / agent.TINKERBELL.binary
-        ca = registry.ensure_ca(self.cfg.cache_dir, self.runner)
         layouts = e2e.images(self.cfg, self.runner)
         hub_entries = self._hub(ca)
         if self.root.exists():
@@ -600,8 +623,14 @@ class Lab:
         deadline = time.monotonic() + plan.timeout
         seen: dict[str, str] = {}
         give_up = [re.compile(pattern) for pattern in plan.give_up]
+        shown = 0  # console lines looked at for CaptainOS's own notes (an untrusted registry, ...)
         while True:
-            for _, line in list(console.lines):
+            lines = list(console.lines)
+            for stamp, line in lines[shown:]:
+                if CONSOLE_NOTE.search(line):
+                    log.info(f"    {stamp - started:6.1f}s  console: {line.strip()[:300]}")
+            shown = len(lines)
+            for _, line in lines:
                 if any(pattern.search(line) for pattern in give_up):
                     raise CaptainError(f"the VM's console says: {line.strip()[:200]}",
                                        f"consoles in {guest.workdir.parent}")

@@ -102,7 +102,8 @@ def check_ca_certs(paths: Sequence[Path]) -> None:
     """Each extra CA file exists and holds at least one PEM certificate."""
     for path in paths:
         if not path.is_file():
-            raise CaptainError(f"extra CA certificate {path} does not exist", "EXTRA_CA_CERTS lists PEM files")
+            raise CaptainError(f"extra CA certificate {path} does not exist",
+                               "EXTRA_CA_CERTS lists PEM files; the lab's CA is made by './build.py lab ca'")
         if PEM_BEGIN not in path.read_bytes():
             raise CaptainError(f"extra CA certificate {path} is not a PEM certificate",
                                "convert it with: openssl x509 -in CERT -out CERT.pem")

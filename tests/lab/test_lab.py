@@ -86,7 +86,9 @@ ORDER = ["hub", "timeout", "fail", "bios", "reboot", "kexec", "fill", "uefi", "i
 assert set(ORDER) == {*SCENARIOS, "auth"}, "every scenario has its place in the pool's order"
 # CAPTAINOS_LAB_SCENARIOS=fill,bios runs only those (their tests; the others skip).
 SELECTED = [name for name in os.environ.get("CAPTAINOS_LAB_SCENARIOS", "").split(",") if name] or ORDER
-PARALLEL = 2  # VMs at once: TCG runs each on one host thread, and CI has two cores
+# VMs at once: TCG runs each on one host thread, and CI has two cores.
+# CAPTAINOS_LAB_PARALLEL=N for a machine with more.
+PARALLEL = int(os.environ.get("CAPTAINOS_LAB_PARALLEL", "2"))
 
 
 @pytest.fixture(scope="session")

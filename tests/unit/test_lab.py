@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -245,3 +246,62 @@ def test_a_console_line_to_give_up_on_ends_the_run_at_once(tmp_path):
     quiet = Provision(workflow=Path("w"), timeout=0)  # nothing to give up on: the timeout ends it
     with pytest.raises(CaptainError, match="still"):
         lab._follow("wf", guest, quiet, 0.0, SimpleNamespace(lines=console.lines))  # type: ignore[arg-type]
+
+
+def test_follow_shows_captainos_console_notes_as_they_come(tmp_path, capsys):
+    """The agent setup's console line (an untrusted registry, ...) is shown while the run waits,
+    not found afterwards in a console log."""
+    class Client:
+        def get(self, kind, name):
+            return {"status": {"state": "STATE_PENDING"}}
+
+    lab = Lab(config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out"), name="t1", root=tmp_path / "lab")
+    lab.client = Client()  # type: ignore[assignment]
+    guest = SimpleNamespace(proc=None, workdir=tmp_path / "qemu")
+    note = ("captainos: tink-agent-setup: cannot pull 10.77.0.1:5000/tink-agent:v0.25.0: the registry certificate "
+            "is not trusted: add its CA or list it in insecure_registries; retrying every 60s at most")
+    console = SimpleNamespace(lines=[(100.0, "[  1.0] booting"), (131.5, note), (132.0, "[ 33.1] other")])
+    with pytest.raises(CaptainError, match="still"):
+        lab._follow("wf", guest, Provision(workflow=Path("w"), timeout=0), 100.0, console)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert f"31.5s  console: {note}" in err and "booting" not in err
+
+
+def _initramfs(path: Path, bundle: bytes) -> Path:
+    import io
+
+    from captainos.stages import cpio
+    out = io.BytesIO()
+    writer = cpio.Writer(out)
+    writer.add("etc/ssl/certs/ca-certificates.crt", 0o100644, bundle)
+    writer.close()
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def _pem(body: str) -> bytes:
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return ("-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n").encode()
+
+
+def test_lab_up_refuses_an_image_that_does_not_trust_the_labs_ca(tmp_path):
+    from captainos.lab import registry
+    from captainos.stages import artifacts
+    cfg = config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out")
+    cfg.out_dir.mkdir()
+    ca = registry.CA(tmp_path / "ca")
+    ca.root.mkdir()
+    ca.cert.write_bytes(_pem("QUJD" * 40))
+    lab = Lab(cfg, name="t1", root=tmp_path / "lab")
+    with pytest.raises(CaptainError, match="has no") as missing:
+        lab.check_artifacts(ca)
+    assert f"--extra-ca-certs {ca.cert}" in str(missing.value.hint)
+    for name in artifacts.smee_links(cfg.arch):
+        (cfg.out_dir / name).write_bytes(b"")
+    initramfs = cfg.out_dir / artifacts.initramfs_name(cfg.arch)
+    _initramfs(initramfs, _pem("WFla" * 40) + _pem("TU5P" * 30))
+    with pytest.raises(CaptainError, match="does not trust the lab's CA") as refused:
+        lab.check_artifacts(ca)
+    assert f"./build.py --out-dir {cfg.out_dir.resolve()} --extra-ca-certs {ca.cert}" in str(refused.value.hint)
+    _initramfs(initramfs, _pem("WFla" * 40) + _pem("QUJD" * 40))  # the bundle's lines need not match the file's
+    lab.check_artifacts(ca)

@@ -84,3 +84,18 @@ def test_spawn_masks_secrets_in_the_logged_command(tmp_path, capsys):
         log.set_debug(False)
     err = capsys.readouterr().err
     assert "hunter2" not in err and "***" in err
+
+
+def test_a_logged_command_that_prints_nothing_says_it_still_runs(tmp_path, monkeypatch, capsys):
+    """go build and mkosi write only to their log: a line a while tells the user it works."""
+    from captainos.core import run as run_module
+    monkeypatch.setattr(run_module, "HEARTBEAT", 0.1)
+    run_module.run(["sleep", "0.35"], log_file=tmp_path / "build.log")
+    err = capsys.readouterr().err
+    assert err.count("still running after") >= 2 and f"(log: {tmp_path / 'build.log'})" in err
+    run_module.run(["sleep", "0.35"], log_file=tmp_path / "b.log", on_line=lambda line: None)
+    assert "still running" not in capsys.readouterr().err  # it reports its own progress
+    run_module.run(["true"], log_file=tmp_path / "c.log")
+    import time
+    time.sleep(0.25)
+    assert "still running" not in capsys.readouterr().err  # the line stops with the command
