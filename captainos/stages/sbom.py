@@ -11,9 +11,13 @@ What is in it, and where each fact comes from (nothing is taken from a list we k
 - every firmware file under `usr/lib/firmware` (SHA1 and SHA256 of the shipped, compressed
   bytes) and the Debian firmware packages they were taken from (the image's firmware.json).
 
-Licenses: the image ships no `copyright` files, so only the kernel's is declared;
-everything else says NOASSERTION. The document's time is SOURCE_DATE_EPOCH and its namespace
-a digest of its content, so the same image gives the same SBOM.
+Licenses: each Debian package's declared license comes from its copyright file, read at
+build time by mkosi.postinst.chroot (the image keeps no /usr/share/doc) into `LICENSES`: the
+License: short names of a machine-readable (DEP-5) file, mapped to SPDX ids (a name with no
+SPDX id becomes a LicenseRef, declared in the document); a package whose file is free-form
+says NOASSERTION. The kernel's is declared; Go modules and firmware say NOASSERTION. The
+document's time is SOURCE_DATE_EPOCH and its namespace a digest of its content, so the same
+image gives the same SBOM.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from captainos.stages import cpio
 SBOM_PATH = "usr/share/captainos/sbom.spdx.json"  # inside the image
 FIRMWARE_REPORT = "usr/share/captainos/firmware.json"
 TOOLS_MANIFEST = "usr/share/captainos/tools-manifest.json"
+LICENSES = "usr/share/captainos/licenses.tsv"  # written by mkosi.postinst.chroot
 GO_MAGIC = b"\xff Go buildinf:"
 KERNEL_LICENSE = "GPL-2.0-only WITH Linux-syscall-note"
 
@@ -72,6 +77,128 @@ def parse_dpkg_status(text: str) -> list[DebPackage]:
         found.append(DebPackage(fields["Package"], fields["Version"], fields.get("Architecture", ""),
                                 source, paren.rstrip(")") or fields["Version"]))
     return sorted(found, key=lambda p: (p.name, p.arch))
+
+
+def parse_licenses(text: str) -> dict[str, tuple[str, ...] | None]:
+    """LICENSES: package -> the License: names of its DEP-5 copyright file (None: free form or
+    no file)."""
+    found: dict[str, tuple[str, ...] | None] = {}
+    for line in text.splitlines():
+        package, kind, names = ([*line.split("\t"), "", ""])[:3]
+        if package:
+            found[package] = tuple(n for n in names.split("|") if n) if kind == "dep5" else None
+    return found
+
+
+# Debian's DEP-5 short names (lower case) and their SPDX ids; "+" means "or later".
+_SPDX_NAMES = {
+    "apache-2.0": "Apache-2.0", "apache-2": "Apache-2.0", "artistic": "Artistic-1.0", "artistic-1.0": "Artistic-1.0",
+    "artistic-2.0": "Artistic-2.0", "bsd-1-clause": "BSD-1-Clause", "bsd-2-clause": "BSD-2-Clause",
+    "bsd-3-clause": "BSD-3-Clause", "bsd-4-clause": "BSD-4-Clause", "cc0-1.0": "CC0-1.0", "cc0": "CC0-1.0",
+    "cc-by-sa-3.0": "CC-BY-SA-3.0", "cc-by-sa-4.0": "CC-BY-SA-4.0", "cc-by-3.0": "CC-BY-3.0",
+    "cc-by-4.0": "CC-BY-4.0", "expat": "MIT", "mit": "MIT", "x11": "X11", "isc": "ISC", "zlib": "Zlib",
+    "mpl-1.1": "MPL-1.1", "mpl-2.0": "MPL-2.0", "python": "Python-2.0", "python-2.0": "Python-2.0",
+    "afl-2.1": "AFL-2.1", "fsfap": "FSFAP", "fsful": "FSFUL", "fsfullr": "FSFULLR", "beerware": "Beerware",
+    "openssl": "OpenSSL", "curl": "curl", "bsl-1.0": "BSL-1.0", "boost-1.0": "BSL-1.0", "0bsd": "0BSD",
+    "unlicense": "Unlicense", "wtfpl": "WTFPL", "ofl-1.1": "OFL-1.1", "perl": "Artistic-1.0-Perl OR GPL-1.0-or-later",
+    "mit/x11": "MIT", "apache-2-llvm-exceptions": "Apache-2.0 WITH LLVM-exception",
+}
+_GNU = re.compile(r"^(a|l)?gpl-(\d)(?:\.(\d))?(\+)?$")
+_GFDL = re.compile(r"^gfdl-(1\.[123])(\+)?$")
+_EXCEPTIONS = {"bison": "Bison-exception-2.2", "autoconf": "Autoconf-exception-generic",
+               "linux-syscall-note": "Linux-syscall-note", "gcc-3.1": "GCC-exception-3.1",
+               "openssl": "openvpn-openssl-exception", "llvm": "LLVM-exception"}
+
+
+def _spdx_license_id(name: str) -> str | None:
+    """The SPDX id (or a small expression) of one Debian short name; None when it has none."""
+    key = name.strip().lower()
+    if key in _SPDX_NAMES:
+        return _SPDX_NAMES[key]
+    if gnu := _GNU.match(key):
+        prefix, major, minor, later = gnu.groups()
+        family = {"a": "AGPL", "l": "LGPL", None: "GPL"}[prefix]
+        version = f"{major}.{minor or '0'}"
+        known = {"GPL": ("1.0", "2.0", "3.0"), "LGPL": ("2.0", "2.1", "3.0"), "AGPL": ("1.0", "3.0")}[family]
+        return f"{family}-{version}-{'or-later' if later else 'only'}" if version in known else None
+    if gfdl := _GFDL.match(key):
+        return f"GFDL-{gfdl.group(1)}-{'or-later' if gfdl.group(2) else 'only'}"
+    return None
+
+
+def _term(text: str) -> str | None:
+    """One license, maybe "NAME with EXCEPTION exception", as SPDX; None when it has no id."""
+    base, _, exception = text.partition(" with ")
+    spdx = _spdx_license_id(base)
+    if spdx is None or (exception and " " in spdx):
+        return None
+    if not exception:
+        return spdx
+    found = _EXCEPTIONS.get(exception.strip().lower().removesuffix(" exception").strip())
+    return f"{spdx} WITH {found}" if found else None
+
+
+def license_expression(value: str) -> str | None:
+    """A License: value of a DEP-5 file (`GPL-2+ or Artistic`, `A or B, and C`, `X with Y
+    exception`) as an SPDX expression; None when a part has no SPDX id, or when "and" and "or"
+    meet without the commas that say how they group."""
+    groups = []
+    for group in re.split(r",\s*(?=(?:and|or)\s)", value.strip()):
+        group = group.strip()
+        operator = ""
+        if group.lower().startswith(("and ", "or ")):
+            operator, _, group = group.partition(" ")
+            operator = operator.upper()
+        words = re.split(r"\s+(and|or)\s+", group, flags=re.I)
+        terms, joins = words[::2], {w.lower() for w in words[1::2]}
+        if len(joins) > 1:
+            return None
+        spdx = [_term(t) for t in terms]
+        if None in spdx or not terms:
+            return None
+        joined = f" {joins.pop().upper()} ".join(f"({t})" if " OR " in t else t for t in spdx) if joins \
+            else str(spdx[0])  # type: ignore[arg-type]
+        groups.append((operator, joined))
+    if not groups:
+        return None
+    expression = groups[0][1]
+    for operator, joined in groups[1:]:
+        expression = f"({expression}) {operator or 'AND'} ({joined})"
+    return expression
+
+
+class _LicenseRefs:
+    """LicenseRef ids for License: values with no SPDX expression, each declared once in the
+    document's hasExtractedLicensingInfos (which SPDX requires of every LicenseRef used)."""
+
+    def __init__(self) -> None:
+        self.by_value: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        if value not in self.by_value:
+            ref = "LicenseRef-deb-" + (re.sub(r"[^A-Za-z0-9.]+", "-", value).strip("-") or "unnamed")
+            if ref in self.by_value.values():
+                ref += "-" + hashlib.sha256(value.encode()).hexdigest()[:8]
+            self.by_value[value] = ref
+        return self.by_value[value]
+
+    def declared(self) -> list[dict[str, str]]:
+        return [{"licenseId": ref, "name": value,
+                 "extractedText": f"The license Debian copyright files name {value!r}; its text is in the "
+                                  "copyright file of each package that declares it (the image keeps none)."}
+                for value, ref in sorted(self.by_value.items(), key=lambda item: item[1])]
+
+
+def declared_license(names: tuple[str, ...] | None, refs: _LicenseRefs) -> str:
+    """A package's declared license: every License: value of its copyright file, ANDed (each
+    covers some of its files); NOASSERTION when the file is not machine-readable."""
+    if not names:
+        return "NOASSERTION"
+    parts = []
+    for value in names:
+        expression = license_expression(value) or refs(value)
+        parts.append(f"({expression})" if " " in expression and len(names) > 1 else expression)
+    return " AND ".join(parts)
 
 
 def _uvarint(data: bytes, offset: int) -> tuple[int, int]:
@@ -135,6 +262,7 @@ class Contents:
     firmware: dict[str, bytes] = field(default_factory=dict)  # path in the image -> bytes
     firmware_report: dict[str, Any] = field(default_factory=dict)
     tools_manifest: dict[str, Any] = field(default_factory=dict)
+    licenses: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # package -> names (None: no DEP-5)
 
     def main_version(self, binary: GoBinary) -> str:
         """The main module's version: the build info's, or, for a binary built in a source tree
@@ -165,6 +293,8 @@ def read_image(members: Iterable[cpio.Member], arch: Arch) -> Contents:
             found.firmware_report = json.loads(member.data)
         elif name == TOOLS_MANIFEST:
             found.tools_manifest = json.loads(member.data)
+        elif name == LICENSES:
+            found.licenses = parse_licenses(member.data.decode(errors="replace"))
         elif name.startswith("usr/lib/firmware/"):
             found.firmware[name] = member.data
         elif member.data[:4] == b"\x7fELF" and (info := go_buildinfo(member.data)):
@@ -214,11 +344,12 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
     root = "SPDXRef-captainos"
     packages: list[dict[str, Any]] = []
     relations: list[tuple[str, str, str]] = [("SPDXRef-DOCUMENT", "DESCRIBES", root)]
+    refs = _LicenseRefs()
     for deb in contents.debs:
         spdx_id = _spdx_id("deb", deb.name, deb.arch)
         packages.append(_package(
             spdx_id, deb.name, deb.version, purl=f"pkg:deb/debian/{deb.name}@{deb.version}?arch={deb.arch}",
-            supplier="Organization: Debian",
+            supplier="Organization: Debian", licenseDeclared=declared_license(contents.licenses.get(deb.name), refs),
             sourceInfo=f"built from the Debian source package {deb.source} {deb.source_version}"))
         relations.append((root, "CONTAINS", spdx_id))
     modules: dict[tuple[str, str], str] = {}
@@ -276,6 +407,7 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
         root_package["packageVerificationCode"] = {
             "packageVerificationCodeValue": hashlib.sha1("".join(sorted(sha1s)).encode()).hexdigest()}
     body = {"packages": [root_package, *packages], "files": files,
+            **({"hasExtractedLicensingInfos": refs.declared()} if refs.by_value else {}),
             "relationships": [{"spdxElementId": a, "relationshipType": kind, "relatedSpdxElement": b}
                               for a, kind, b in relations]}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

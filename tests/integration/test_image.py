@@ -186,6 +186,21 @@ def test_the_sbom_lists_what_dpkg_says_is_installed(initramfs: Path, unpacked: P
         (name, version, "all") for name, version in firmware.items()}
 
 
+def test_every_package_with_a_machine_readable_copyright_file_declares_its_license(initramfs: Path,
+                                                                                  unpacked: Path) -> None:
+    """licenses.tsv (written from the copyright files at build time) lists every installed
+    package; exactly those whose file is free-form say NOASSERTION, and they are few."""
+    from captainos.stages import sbom
+    licenses = sbom.parse_licenses((unpacked / sbom.LICENSES).read_text())
+    debs = [p for p in sbom_of(initramfs)["packages"] if p["SPDXID"].startswith("SPDXRef-deb-")]
+    assert {p["name"] for p in debs} <= set(licenses)
+    unasserted = sorted({p["name"] for p in debs if p["licenseDeclared"] == "NOASSERTION"})
+    assert unasserted == sorted({p["name"] for p in debs if not licenses[p["name"]]})
+    assert len(unasserted) < len(debs) / 3, unasserted
+    print(f"\n{len(debs)} Debian packages, {len(unasserted)} without a machine-readable copyright file: "
+          f"{' '.join(unasserted)}")
+
+
 def test_the_sbom_lists_every_go_binary_and_module_go_version_reports(initramfs: Path, unpacked: Path) -> None:
     """`go version -m` over the unpacked image is the second opinion for the Go binaries."""
     from captainos.sources import golang

@@ -69,6 +69,11 @@ TOOLS_MANIFEST = {"components": {"tool": {"module": "github.com/example/tool@v9.
                                           "binaries": {"tool": {"path": "/usr/bin/tool"}}}}}
 
 
+# What mkosi.postinst.chroot writes: bash's copyright file is DEP-5, libc6's free-form.
+LICENSES = ("bash\tdep5\tGPL-3+|GPL-3+ with Bison exception|public-domain|BSD-4-clause-UC and MIT-like\n"
+            "libc6\tother\t\n")
+
+
 @pytest.fixture
 def contents() -> sbom.Contents:
     blob = image([
@@ -81,6 +86,7 @@ def contents() -> sbom.Contents:
         ("usr/lib/firmware/rtl_nic/rtl8168h-2.fw.xz", 0o100644, b"fw-bytes"),
         (sbom.FIRMWARE_REPORT, 0o100644, json.dumps(FIRMWARE_REPORT).encode()),
         (sbom.TOOLS_MANIFEST, 0o100644, json.dumps(TOOLS_MANIFEST).encode()),
+        (sbom.LICENSES, 0o100644, LICENSES.encode()),
     ])
     return sbom.read_image(cpio.members(blob), Arch.AMD64)
 
@@ -154,6 +160,36 @@ def test_the_document_is_valid_spdx_2_3_and_says_what_is_inside(contents, tmp_pa
     tool = "SPDXRef-gobin-usr-bin-tool"
     assert {(tool, "SPDXRef-gomod-github.com-a-b-v1.2.3"), (tool, "SPDXRef-gomod-stdlib-go1.26.8")} <= contains
     assert ("SPDXRef-captainos", "SPDXRef-deb-bash-amd64") in contains
+
+
+def test_packages_declare_the_licenses_of_their_dep5_copyright_files(contents, tmp_path):
+    doc = document(contents)
+    by_id = {p["SPDXID"]: p for p in doc["packages"]}
+    bash = by_id["SPDXRef-deb-bash-amd64"]["licenseDeclared"]
+    assert bash == ("GPL-3.0-or-later AND (GPL-3.0-or-later WITH Bison-exception-2.2) AND LicenseRef-deb-public-domain "
+                    "AND LicenseRef-deb-BSD-4-clause-UC-and-MIT-like")
+    assert by_id["SPDXRef-deb-libc6-amd64"]["licenseDeclared"] == "NOASSERTION"  # free-form copyright file
+    assert [e["licenseId"] for e in doc["hasExtractedLicensingInfos"]] == [
+        "LicenseRef-deb-BSD-4-clause-UC-and-MIT-like", "LicenseRef-deb-public-domain"]
+    assert validate(doc, tmp_path) == []  # every LicenseRef declared, every id on SPDX's list
+
+
+@pytest.mark.parametrize(("value", "spdx"), [
+    ("GPL-2+", "GPL-2.0-or-later"), ("GPL-2", "GPL-2.0-only"), ("GPL-2.0+", "GPL-2.0-or-later"),
+    ("LGPL-2.1+", "LGPL-2.1-or-later"), ("LGPL-2", "LGPL-2.0-only"), ("AGPL-3+", "AGPL-3.0-or-later"),
+    ("Expat", "MIT"), ("BSD-3-clause", "BSD-3-Clause"), ("bsd-3-clause", "BSD-3-Clause"), ("Zlib", "Zlib"),
+    ("GFDL-1.3+", "GFDL-1.3-or-later"), ("Artistic or GPL-1+", "Artistic-1.0 OR GPL-1.0-or-later"),
+    ("GPL-3+ with Bison exception", "GPL-3.0-or-later WITH Bison-exception-2.2"),
+    ("GPL-2 with Linux-syscall-note exception", "GPL-2.0-only WITH Linux-syscall-note"),
+    ("GPL-2+ or Perl", "GPL-2.0-or-later OR (Artistic-1.0-Perl OR GPL-1.0-or-later)"),
+    ("GPL-2+ or Artistic-2.0, and BSD-3-clause", "(GPL-2.0-or-later OR Artistic-2.0) AND (BSD-3-Clause)"),
+    ("LGPL-3+ or GPL-2+", "LGPL-3.0-or-later OR GPL-2.0-or-later"),
+    # No SPDX id (a LicenseRef then): no such license, no version, an unknown exception, and/or
+    # without the commas that say how they group.
+    ("public-domain", None), ("GPL", None), ("GPL-4+", None), ("GPL-2+ with Foo exception", None),
+    ("MIT and BSD-3-clause or ISC", None), ("", None)])
+def test_dep5_license_values_become_spdx_expressions(value, spdx):
+    assert sbom.license_expression(value) == spdx
 
 
 def test_the_same_contents_give_the_same_bytes(contents):
