@@ -15,10 +15,6 @@ def set_debug(enabled: bool) -> None:
     _debug = enabled
 
 
-def debug_enabled() -> bool:
-    return _debug
-
-
 def _emit(prefix: str, message: str) -> None:
     print(f"{prefix}{message}", file=sys.stderr, flush=True)
 

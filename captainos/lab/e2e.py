@@ -185,16 +185,6 @@ def first_line(lines: list[tuple[float, str]], pattern: str) -> tuple[float, str
     return next(((t, line) for t, line in lines if regex.search(line)), None)
 
 
-def guest_hostname(serial: str) -> str | None:
-    """The hostname the guest shows on its console: the last login prompt (getty prints the
-    current name), else systemd's early "Hostname set to <...>"."""
-    prompts = re.findall(r"^(\S+) login: ", serial, re.MULTILINE)
-    if prompts:
-        return str(prompts[-1])
-    match = re.search(r"Hostname set to <([^>]+)>", serial)
-    return match.group(1) if match else None
-
-
 # ---------------------------------------------------------------------------------------------
 # The outcome
 

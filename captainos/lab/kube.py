@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from captainos.core import run
 from captainos.core.errors import CaptainError
 from captainos.lab import netns, workflow
 
@@ -200,17 +199,3 @@ def conditions(obj: Mapping[str, Any]) -> dict[str, str]:
     did, e.g. TemplateRenderedSuccess; v0.25.0 emits no Kubernetes events)."""
     return {str(c.get("type")): str(c.get("status")) for c in obj.get("status", {}).get("conditions", []) or []}
 
-
-def wait_state(client: Client, name: str, timeout: float, poll: float = 2.0) -> dict[str, Any]:
-    """The Workflow once its state is final, or CaptainError after timeout."""
-    last: list[dict[str, Any]] = [{}]  # the object as the latest poll fetched it
-
-    def final() -> dict[str, Any] | None:
-        last[0] = dict(client.get("workflows", name))
-        return last[0] if workflow_state(last[0]) in FINAL else None
-
-    found = run.poll(final, timeout, poll)
-    if found is None:
-        raise CaptainError(f"workflow {name} still {workflow_state(last[0]) or 'without state'} "
-                           f"after {timeout:.0f}s")
-    return found

@@ -26,7 +26,6 @@ from captainos.lab import kube, netns
 API_PORT = 6443
 GRPC_PORT = 42113
 HTTP_PORT = 7080
-SYSLOG_PORT = 514
 EXTRA_ARGS_ENV = "TINKERBELL_IPXE_HTTP_SCRIPT_EXTRA_KERNEL_ARGS"  # --ipxe-http-script-extra-kernel-args
 
 

@@ -40,7 +40,6 @@ from captainos.core import cache, log
 from captainos.core.errors import CaptainError
 
 PROTO = Path(__file__).resolve().parent / "proto" / "workflow.proto"
-STATES = ("UNSPECIFIED", "PENDING", "RUNNING", "FAILED", "TIMEOUT", "SUCCESS")
 FINAL = ("SUCCESS", "FAILED", "TIMEOUT")
 
 # ---------------------------------------------------------------------------------------------

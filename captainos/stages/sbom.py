@@ -153,11 +153,10 @@ def license_expression(value: str) -> str | None:
         terms, joins = words[::2], {w.lower() for w in words[1::2]}
         if len(joins) > 1:
             return None
-        spdx = [_term(t) for t in terms]
-        if None in spdx or not terms:
+        spdx = [t for t in map(_term, terms) if t is not None]
+        if len(spdx) != len(terms) or not terms:
             return None
-        joined = f" {joins.pop().upper()} ".join(f"({t})" if " OR " in t else t for t in spdx) if joins \
-            else str(spdx[0])  # type: ignore[arg-type]
+        joined = f" {joins.pop().upper()} ".join(f"({t})" if " OR " in t else t for t in spdx) if joins else spdx[0]
         groups.append((operator, joined))
     if not groups:
         return None

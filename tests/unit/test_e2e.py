@@ -32,16 +32,6 @@ def test_cmdline_with_registry_credentials():
     assert "pw=with=equals" not in repr(cmd)
 
 
-@pytest.mark.parametrize(("serial", "name"), [
-    ("[    1.0] systemd[1]: Hostname set to <captainos>.\n", "captainos"),
-    ("\nDebian GNU/Linux\n\ncaptain-vm login: ", "captain-vm"),
-    ("systemd[1]: Hostname set to <early>.\nlate-name login: root (automatic login)\n", "late-name"),
-    ("nothing here", None),
-])
-def test_guest_hostname(serial, name):
-    assert e2e.guest_hostname(serial) == name
-
-
 def agent_line(msg, **extra):
     return json.dumps({"time": "2026-11-25T17:31:08Z", "level": 0, "msg": msg, **extra})
 
