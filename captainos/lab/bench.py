@@ -28,7 +28,7 @@ from captainos.core.run import pipe
 from captainos.lab import qemu
 from captainos.stages import artifacts, cpio, segments, site
 
-SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro")
+SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro", "fleet")
 
 
 @dataclass
@@ -333,6 +333,52 @@ def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file
                    command)
 
 
+FLEET_SIZES = (1, 2, 4, 8)
+FLEET_MEM = "384M"  # the RAM floor the README states (bench --only ram)
+
+
+def fleet(report: Report, cfg: Config, workdir: Path, workflow_file: Path,
+          sizes: tuple[int, ...] = FLEET_SIZES) -> list[str]:
+    """N machines at once through one Tinkerbell (each its own Hardware, Workflow and tap, UEFI
+    netboot, at the RAM floor), for each N: the time until the last is done, each machine's
+    marks, what failed. With more machines than cores each runs slower, so every timeout of
+    the boot and the agent setup is exercised. Returns what failed (run() fails after printing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captainos.lab.lab import Lab, Outcome, Provision
+
+    failed: list[str] = []
+    with Lab(cfg, root=workdir / "fleet-lab", iso=False) as lab:
+        for size in sizes:
+            def one(index: int, size: int = size) -> Outcome | Exception:
+                plan = Provision(workflow=workflow_file, boot="uefi", index=index, mem=FLEET_MEM, timeout=1800.0,
+                                 settle=2.0)
+                try:
+                    return lab.provision(plan, workdir=workdir / f"fleet-{size}-{index}")
+                except Exception as exc:  # one machine's failure is a line of the report
+                    return exc
+            start = time.monotonic()
+            with ThreadPoolExecutor(max_workers=size) as pool:
+                outcomes = list(pool.map(one, range(1, size + 1)))
+            elapsed = time.monotonic() - start
+            command = "./build.py bench --only fleet"
+            done = [o for o in outcomes if isinstance(o, Outcome) and o.state == "SUCCESS"]
+            report.add(f"fleet of {size}: all done", f"{elapsed:.0f} s ({len(done)}/{size} SUCCESS)", command)
+            for number, out in enumerate(outcomes, 1):
+                if not isinstance(out, Outcome):
+                    failed.append(f"fleet of {size}, machine {number}: {out}")
+                    report.add(f"fleet of {size}, machine {number}", f"error: {str(out)[:120]}", command)
+                    continue
+                if out.state != "SUCCESS":
+                    failed.append(f"fleet of {size}, machine {number}: {out.state}")
+                marks = dict(out.timeline)
+                shown = ", ".join(f"{label} {marks[label]:.0f} s" for label in
+                                  ("kernel started", "agent started", "first action started", "workflow done")
+                                  if marks.get(label) is not None)
+                report.add(f"fleet of {size}, machine {number}", f"{out.state}: {shown}", command)
+    return failed
+
+
 def floor_search(works: Callable[[int], bool], low: int, high: int, step: int) -> int | None:
     """The smallest multiple of step in [low, high] for which works() holds, assuming that
     more always works once some amount does; None when even high does not."""
@@ -545,10 +591,11 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                            f"choose from: {', '.join(SECTIONS)}")
     initramfs = cfg.out_dir / artifacts.initramfs_name(cfg.arch)
     vmlinuz = cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
-    needs_image = {"size", "boot", "netboot", "ram"} & set(only)
+    needs_image = {"size", "boot", "netboot", "ram", "fleet"} & set(only)
     if needs_image and not initramfs.is_file():
         raise CaptainError(f"{initramfs} does not exist", "build first: ./build.py")
     report = Report()
+    failed: list[str] = []
     # Files a section makes besides its numbers (the boot plot) go next to --output.
     artifacts_dir = output.parent if output is not None else cfg.build_dir / "bench"
     with tempfile.TemporaryDirectory(prefix="captainos-bench-") as tmp:
@@ -567,8 +614,13 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                     build_times(report, cfg, workdir)
                 elif section == "repro":
                     reproducibility(report, cfg, workdir)
+                elif section == "fleet":
+                    failed += fleet(report, cfg, workdir, workflow_file)
     text = report.markdown(cfg)
     if output is not None:
         cache.atomic_write(output, text)
     print(text)
+    if failed:
+        raise CaptainError(f"{len(failed)} fleet machine(s) did not succeed: {'; '.join(failed)}",
+                           "the report above has each machine's marks")
     return report

@@ -308,3 +308,53 @@ def test_a_harness_probe_boots_with_that_memory_and_gives_up_on_memory_messages(
     assert plan.kernel == tmp_path / "v" and plan.initrd == tmp_path / "i"
     assert set(bench.RAM_GIVE_UP) <= set(plan.fail_patterns)
     assert r"Dependency failed for tink-agent\.service" in plan.fail_patterns
+
+
+def test_the_fleet_runs_each_size_at_once_and_reports_every_machine(tmp_path, monkeypatch):
+    """N provisions at once per size, each its own VM number at the RAM floor; a machine that
+    fails or raises is a report line and a failure, the others still count."""
+    import threading
+    from pathlib import Path
+
+    from captainos.core.config import Config
+    from captainos.lab import lab as lab_module
+    from tests.unit.test_lab import outcome
+
+    running, peak, plans = [0], [0], []
+    lock = threading.Lock()
+
+    class FakeLab:
+        def __init__(self, cfg, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def provision(self, plan, workdir):
+            import time
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                plans.append(plan)
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            if plan.index == 3:
+                raise CaptainError("QEMU exited with code 1 before the workflow ended")
+            state = "TIMEOUT" if plan.index == 2 else "SUCCESS"
+            return outcome(index=plan.index, state=state,
+                           timeline=[("agent started", 40.0), ("first action started", 41.0), ("workflow done", 50.0)])
+
+    monkeypatch.setattr(lab_module, "Lab", FakeLab)
+    report = bench.Report()
+    failed = bench.fleet(report, Config(cache_dir=tmp_path), tmp_path, Path("w.yaml"), sizes=(1, 4))
+    assert peak[0] == 4 and sorted(p.index for p in plans) == [1, 1, 2, 3, 4]
+    assert {p.mem for p in plans} == {bench.FLEET_MEM} and {p.boot for p in plans} == {"uefi"}
+    assert failed == ["fleet of 4, machine 2: TIMEOUT",
+                      "fleet of 4, machine 3: QEMU exited with code 1 before the workflow ended"]
+    text = report.markdown(Config(cache_dir=tmp_path))
+    assert "| fleet of 4: all done |" in text and "(2/4 SUCCESS)" in text and "(1/1 SUCCESS)" in text
+    assert "SUCCESS: agent started 40 s, first action started 41 s, workflow done 50 s" in text
