@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from captainos.core import cache, log, pins
@@ -30,6 +31,8 @@ APT_PACKAGES = (
     "fdisk", "e2fsprogs", "git",
     # The lab's Helm-chart file server (Debian's nginx, run with the chart's configuration).
     "nginx",
+    # The test environment (.venv): Debian's python3 refuses pip installs into the system.
+    "python3-venv",
     # The image's forwarding policy (forward.nft), loaded in a test's own network namespaces.
     "nftables",
 )
@@ -102,7 +105,8 @@ def check(cfg: Config, verb: str) -> None:
 
 
 def setup(cfg: Config) -> None:
-    """Install apt prerequisites and the pinned mkosi into .tools/ (Debian/Ubuntu, root)."""
+    """Install apt prerequisites, the pinned mkosi into .tools/, the pinned Go, and the test
+    environment .venv (Debian/Ubuntu, root)."""
     if os.geteuid() != 0:
         raise CaptainError("setup installs packages and must run as root", "run: sudo ./build.py setup")
     with log.stage("setup", "apt packages"):
@@ -119,6 +123,28 @@ def setup(cfg: Config) -> None:
     with log.stage("setup", f"Go {pins.GO_TOOLCHAIN.version}"):
         install_go(cfg)
     register_binfmt()
+    with log.stage("setup", f"the test environment {VENV.name}"):
+        make_venv()
+
+
+VENV = REPO / ".venv"  # the test command is .venv/bin/pytest
+
+
+def make_venv(venv: Path = VENV) -> None:
+    """A venv with this checkout installed in it (editable) with the dev and lab extras: what
+    the test suite imports. Debian's own python3 refuses `pip install` outside a venv (PEP 668).
+    The install is redone only when pyproject.toml changed."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".captainos-pyproject.sha256"
+    want = cache.sha256_file(REPO / "pyproject.toml")
+    if not python.exists():
+        run([sys.executable, "-m", "venv", venv])
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        log.info(f"    {venv} is up to date")
+        return
+    run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{REPO}[dev,lab]"])
+    cache.atomic_write(stamp, want + "\n")
+    log.info(f"    {venv}: this checkout with its dev and lab extras; tests: {venv.name}/bin/pytest")
 
 
 def install_go(cfg: Config) -> None:

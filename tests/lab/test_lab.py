@@ -2,7 +2,7 @@
 workflow controller, with the Kubernetes API they run on, in a sealed network namespace.
 
 Every VM here boots with no -kernel: the firmware's iPXE (or the ISO Smee patched) fetches our
-kernel and initramfs with Smee's own command line. Run with `python3 -m pytest -m lab -s`
+kernel and initramfs with Smee's own command line. Run with `.venv/bin/pytest -m lab -s`
 (one to two minutes per scenario under TCG; the Tinkerbell build is cached by its inputs).
 """
 
