@@ -305,3 +305,16 @@ def test_lab_up_refuses_an_image_that_does_not_trust_the_labs_ca(tmp_path):
     assert f"./build.py --out-dir {cfg.out_dir.resolve()} --extra-ca-certs {ca.cert}" in str(refused.value.hint)
     _initramfs(initramfs, _pem("WFla" * 40) + _pem("QUJD" * 40))  # the bundle's lines need not match the file's
     lab.check_artifacts(ca)
+
+
+def test_lab_ca_makes_the_ca_once_and_prints_its_path(tmp_path, capsys):
+    import argparse
+
+    from captainos.lab import cli as lab_cli
+    cfg = config.Config(cache_dir=tmp_path / "cache")
+    lab_cli.main(cfg, argparse.Namespace(action="ca"))
+    path = Path(capsys.readouterr().out.strip())
+    assert path == tmp_path / "cache/e2e-ca/ca.pem" and b"BEGIN CERTIFICATE" in path.read_bytes()
+    first = path.read_bytes()
+    lab_cli.main(cfg, argparse.Namespace(action="ca"))
+    assert capsys.readouterr().out.strip() == str(path) and path.read_bytes() == first  # kept, not remade
