@@ -224,20 +224,24 @@ def test_what_every_vm_of_a_lab_boots_with(tmp_path):
     assert not any(a.startswith("tink_worker_image=") for a in args)  # it would win over docker_registry
 
 
-def test_a_console_line_to_give_up_on_ends_the_run_at_once(tmp_path):
-    """The RAM benchmark's probes stop at the first sign that memory ran out instead of
-    waiting for the workflow's timeout."""
-    from types import SimpleNamespace
-
-    from captainos.lab import bench
-
+def pending_lab(tmp_path: Path) -> tuple[Lab, SimpleNamespace]:
+    """A lab whose one Workflow stays PENDING, and a guest that keeps running: _follow ends only
+    by a console line or its timeout."""
     class Client:
         def get(self, kind, name):
             return {"status": {"state": "STATE_PENDING"}}
 
     lab = Lab(config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out"), name="t1", root=tmp_path / "lab")
     lab.client = Client()  # type: ignore[assignment]
-    guest = SimpleNamespace(proc=None, workdir=tmp_path / "qemu")
+    return lab, SimpleNamespace(proc=None, workdir=tmp_path / "qemu")
+
+
+def test_a_console_line_to_give_up_on_ends_the_run_at_once(tmp_path):
+    """The RAM benchmark's probes stop at the first sign that memory ran out instead of
+    waiting for the workflow's timeout."""
+    from captainos.lab import bench
+
+    lab, guest = pending_lab(tmp_path)
     console = SimpleNamespace(lines=[(0.0, "[  1.0] booting"),
                                      (1.0, "[ 112.56] Out of memory: Killed process 237 (systemd-resolve)")])
     plan = Provision(workflow=Path("w"), timeout=60, give_up=bench.RAM_GIVE_UP)
@@ -251,13 +255,7 @@ def test_a_console_line_to_give_up_on_ends_the_run_at_once(tmp_path):
 def test_follow_shows_captainos_console_notes_as_they_come(tmp_path, capsys):
     """The agent setup's console line (an untrusted registry, ...) is shown while the run waits,
     not found afterwards in a console log."""
-    class Client:
-        def get(self, kind, name):
-            return {"status": {"state": "STATE_PENDING"}}
-
-    lab = Lab(config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out"), name="t1", root=tmp_path / "lab")
-    lab.client = Client()  # type: ignore[assignment]
-    guest = SimpleNamespace(proc=None, workdir=tmp_path / "qemu")
+    lab, guest = pending_lab(tmp_path)
     note = ("captainos: tink-agent-setup: cannot pull 10.77.0.1:5000/tink-agent:v0.25.0: the registry certificate "
             "is not trusted: add its CA or list it in insecure_registries; retrying every 60s at most")
     console = SimpleNamespace(lines=[(100.0, "[  1.0] booting"), (131.5, note), (132.0, "[ 33.1] other")])
