@@ -671,7 +671,10 @@ class Lab:
         raise CaptainError(f"{seen} seen within {plan.restart_timeout:.0f}s after the workflow ended")
 
     def _power_off(self, guest: qemu.Guest) -> None:
-        if guest.proc is None or guest.proc.poll() is not None:
+        if guest.proc is None:
+            return
+        if guest.proc.poll() is not None:
+            guest.kill()  # it ended by itself (a workflow that powers off): reaped, and its boot logged
             return
         try:
             guest.monitor("quit")

@@ -60,3 +60,21 @@ def test_table_groups_by_test_in_boot_order_with_a_total(tmp_path):
 def test_main_refuses_bad_arguments_with_one_line(argv, capsys):
     assert boots.main(argv) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_a_lab_vm_that_powered_itself_off_is_recorded(tmp_path, monkeypatch):
+    """The hub scenario's installed OS powers the machine off: the lab finds QEMU gone and
+    must still log the boot (it was missing from CI's table)."""
+    from captainos.core.config import Config
+    from captainos.lab.lab import Lab
+
+    log_file = tmp_path / "boots.jsonl"
+    monkeypatch.setenv(boots.ENV, str(log_file))
+    monkeypatch.setattr(qemu, "argv", lambda machine: ["true"])
+    guest = qemu.Guest(qemu.Machine(Arch.AMD64, net_boot=True), workdir=tmp_path / "hub0" / "qemu")
+    guest.start()
+    assert guest.proc is not None
+    guest.proc.wait(timeout=10)
+    Lab(Config(cache_dir=tmp_path), name="t1", root=tmp_path / "lab")._power_off(guest)
+    (boot,) = boots.load(log_file)
+    assert boot.label == "hub0"
