@@ -106,8 +106,11 @@ def runs(real_lab, lab_cfg, lab_artifacts, lab_reports,
             return provision(real_lab, lab_reports, SCENARIOS[name], tmp_path_factory.mktemp(name))
         except Exception as exc:  # each test reports its own scenario's failure
             return exc
+    start = time.monotonic()
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
-        return dict(zip(SELECTED, pool.map(one, SELECTED), strict=True))
+        found = dict(zip(SELECTED, pool.map(one, SELECTED), strict=True))
+    lab_reports.append(("the pool", f"{len(SELECTED)} runs, {PARALLEL} VMs at once: {time.monotonic() - start:.0f} s"))
+    return found
 
 
 def scenario(runs: dict[str, Outcome | AuthRun | BaseException], name: str) -> Outcome:
