@@ -165,3 +165,14 @@ def test_mkosi_conf_essentials():
     assert uris and not any("debug" in line for line in uris)
     for arch_conf in (IMAGE / "mkosi.conf.d").glob("*.conf"):
         assert "[Match]\nArchitecture=" in arch_conf.read_text()
+
+
+def test_init_starts_systemd_with_a_clean_environment_and_absolute_paths():
+    """`env -i` leaves no PATH: every program after it is named by its path (a bare `chroot`
+    there made every boot panic: "env: 'chroot': No such file or directory")."""
+    import shlex
+
+    line = next(x for x in (EXTRA / "init").read_text().splitlines() if x.startswith("exec env -i"))
+    words = [w for w in shlex.split(line)[3:] if not re.match(r"^[A-Z_]+=", w)]
+    assert words[0].startswith("/") and words[2].startswith("/"), line  # chroot, then systemd
+    assert Path(words[0]).name == "chroot" and words[2] == "/usr/lib/systemd/systemd"
