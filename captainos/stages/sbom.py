@@ -154,48 +154,33 @@ def license_expression(value: str) -> str | None:
         if len(joins) > 1:
             return None
         spdx = [t for t in map(_term, terms) if t is not None]
-        if len(spdx) != len(terms) or not terms:
+        if len(spdx) != len(terms):
             return None
         joined = f" {joins.pop().upper()} ".join(f"({t})" if " OR " in t else t for t in spdx) if joins else spdx[0]
         groups.append((operator, joined))
-    if not groups:
-        return None
-    expression = groups[0][1]
+    expression = groups[0][1]  # re.split gives at least one group
     for operator, joined in groups[1:]:
         expression = f"({expression}) {operator or 'AND'} ({joined})"
     return expression
 
 
-class _LicenseRefs:
-    """LicenseRef ids for License: values with no SPDX expression, each declared once in the
-    document's hasExtractedLicensingInfos (which SPDX requires of every LicenseRef used)."""
-
-    def __init__(self) -> None:
-        self.by_value: dict[str, str] = {}
-
-    def __call__(self, value: str) -> str:
-        if value not in self.by_value:
-            ref = "LicenseRef-deb-" + (re.sub(r"[^A-Za-z0-9.]+", "-", value).strip("-") or "unnamed")
-            if ref in self.by_value.values():
-                ref += "-" + hashlib.sha256(value.encode()).hexdigest()[:8]
-            self.by_value[value] = ref
-        return self.by_value[value]
-
-    def declared(self) -> list[dict[str, str]]:
-        return [{"licenseId": ref, "name": value,
-                 "extractedText": f"The license Debian copyright files name {value!r}; its text is in the "
-                                  "copyright file of each package that declares it (the image keeps none)."}
-                for value, ref in sorted(self.by_value.items(), key=lambda item: item[1])]
+def _extracted_licenses(refs: _Ids) -> list[dict[str, str]]:
+    """hasExtractedLicensingInfos for every LicenseRef refs made (SPDX requires each one used
+    to be declared)."""
+    return [{"licenseId": ref, "name": value,
+             "extractedText": f"The license Debian copyright files name {value!r}; its text is in the "
+                              "copyright file of each package that declares it (the image keeps none)."}
+            for (_, value), ref in sorted(refs.made.items(), key=lambda item: item[1])]
 
 
-def declared_license(names: tuple[str, ...] | None, refs: _LicenseRefs) -> str:
+def declared_license(names: tuple[str, ...] | None, refs: _Ids) -> str:
     """A package's declared license: every License: value of its copyright file, ANDed (each
     covers some of its files); NOASSERTION when the file is not machine-readable."""
     if not names:
         return "NOASSERTION"
     parts = []
     for value in names:
-        expression = license_expression(value) or refs(value)
+        expression = license_expression(value) or refs("deb", value)  # LicenseRef-deb-...
         parts.append(f"({expression})" if " " in expression and len(names) > 1 else expression)
     return " AND ".join(parts)
 
@@ -309,14 +294,15 @@ class _Ids:
     `rtl_nic/x` and `rtl-nic/x`, would meet; each id is made once per element, and a second
     element that would get the same one gets a suffix of its own words' digest."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "SPDXRef-") -> None:
+        self.prefix = prefix  # "LicenseRef-" for license ids
         self.made: dict[tuple[str, ...], str] = {}
         self.used: set[str] = set()
 
     def __call__(self, kind: str, *words: str) -> str:
         key = (kind, *words)
         if key not in self.made:
-            spdx_id = "SPDXRef-" + re.sub(r"[^A-Za-z0-9.-]+", "-", "-".join(key)).strip("-")
+            spdx_id = self.prefix + re.sub(r"[^A-Za-z0-9.-]+", "-", "-".join(key)).strip("-")
             if spdx_id in self.used:
                 spdx_id += "-" + hashlib.sha256("\0".join(key).encode()).hexdigest()[:12]
             self.made[key] = spdx_id
@@ -343,7 +329,7 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
     root = "SPDXRef-captainos"
     packages: list[dict[str, Any]] = []
     relations: list[tuple[str, str, str]] = [("SPDXRef-DOCUMENT", "DESCRIBES", root)]
-    refs = _LicenseRefs()
+    refs = _Ids("LicenseRef-")
     for deb in contents.debs:
         spdx_id = _spdx_id("deb", deb.name, deb.arch)
         packages.append(_package(
@@ -406,7 +392,7 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
         root_package["packageVerificationCode"] = {
             "packageVerificationCodeValue": hashlib.sha1("".join(sorted(sha1s)).encode()).hexdigest()}
     body = {"packages": [root_package, *packages], "files": files,
-            **({"hasExtractedLicensingInfos": refs.declared()} if refs.by_value else {}),
+            **({"hasExtractedLicensingInfos": _extracted_licenses(refs)} if refs.made else {}),
             "relationships": [{"spdxElementId": a, "relationshipType": kind, "relatedSpdxElement": b}
                               for a, kind, b in relations]}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
