@@ -35,6 +35,8 @@ APT_PACKAGES = (
     "python3-venv",
     # The image's forwarding policy (forward.nft), loaded in a test's own network namespaces.
     "nftables",
+    # The lab's DNS server, and the DHCP and DNS server of a VM's second network.
+    "dnsmasq-base",
 )
 
 

@@ -118,7 +118,8 @@ def object_name(mac: str) -> str:
 
 
 def hardware(name: str, *, mac: str, ip: str, netmask: str, gateway: str, hostname: str, uefi: bool,
-             kernel_params: tuple[str, ...] = (), arch: str = "x86_64", osie_url: str = "") -> dict[str, Any]:
+             kernel_params: tuple[str, ...] = (), arch: str = "x86_64", osie_url: str = "",
+             nameservers: tuple[str, ...] = ()) -> dict[str, Any]:
     """A Hardware for one NIC: Smee's DHCP reservation, netboot allowed, extra kernel parameters,
     and where its OSIE comes from when not from Smee's default URL."""
     osie: dict[str, Any] = {"kernelParams": list(kernel_params), **({"baseURL": osie_url} if osie_url else {})}
@@ -128,7 +129,8 @@ def hardware(name: str, *, mac: str, ip: str, netmask: str, gateway: str, hostna
         "spec": {
             "interfaces": [{
                 "dhcp": {"mac": mac.lower(), "hostname": hostname, "arch": arch, "uefi": uefi, "lease_time": 86400,
-                         "ip": {"address": ip, "netmask": netmask, "gateway": gateway}},
+                         "ip": {"address": ip, "netmask": netmask, "gateway": gateway},
+                         **({"name_servers": list(nameservers)} if nameservers else {})},
                 "netboot": {"allowPXE": True, "allowWorkflow": True,
                             "osie": osie},
             }],

@@ -40,7 +40,21 @@ from captainos.core import cache, log, run
 from captainos.core.config import Accel, Arch, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
-from captainos.lab import agent, e2e, hub, kube, netns, oci, qemu, registry, syslogd, tinkerbell, workflow
+from captainos.lab import (
+    agent,
+    dnsmasq,
+    e2e,
+    hub,
+    kube,
+    netns,
+    oci,
+    other,
+    qemu,
+    registry,
+    syslogd,
+    tinkerbell,
+    workflow,
+)
 from captainos.lab import chart as helm_chart
 from captainos.stages import artifacts, cpio
 
@@ -57,6 +71,9 @@ FIRMWARE_START = re.compile(r"SeaBIOS \(version|BdsDxe: loading|UEFI Interactive
 KERNEL_START = re.compile(r"^\[\s*0\.000000\] Linux version")
 TRUST_STORE = "etc/ssl/certs/ca-certificates.crt"  # in the image: update-ca-certificates's bundle
 CONSOLE_NOTE = re.compile(r"captainos: [\w.@-]+: ")  # what CaptainOS's programs tell the console's operator
+# The lab's DNS server (dnsmasq on the lab address; Smee's DHCP hands it to every VM) knows
+# Tinkerbell by this name: grpc_authority= and syslog_host= may name it instead of the address.
+SERVER_NAME = "tinkerbell.lab"
 
 
 def pem_bodies(pem: bytes) -> list[bytes]:
@@ -123,10 +140,18 @@ class Provision:
     mem: str = ""  # guest memory (QEMU's -m); empty: the config's qemu_mem
     give_up: tuple[str, ...] = ()  # regexes: a line of the OS console matching one ends the run at once
     osie: str = ""  # "chart": the Hardware's OSIE URL is the Helm chart's nginx (else Smee's default)
+    # A second NIC, first in PCI order (the kernel names it first), on a network of its own
+    # (netns.SideNetwork) whose DHCP hands out another default route, another DNS server that
+    # knows SERVER_NAME as its own router, and another host name.
+    other_network: bool = False
 
     @property
     def mac(self) -> str:
         return f"52:54:00:77:00:{self.index:02x}"
+
+    @property
+    def other_mac(self) -> str:
+        return f"52:54:00:88:00:{self.index:02x}"
 
 
 @dataclass
@@ -147,6 +172,7 @@ class Outcome:
     started: float
     disk: Path
     timeline: list[tuple[str, float | None]] = field(default_factory=list)
+    other: dict[str, Any] = field(default_factory=dict)  # the other network's findings (other.Other.probe)
 
     @property
     def serial(self) -> str:
@@ -181,6 +207,8 @@ class Outcome:
         lines.append("timeline (seconds after power-on):")
         for label, mark in self.timeline:
             lines.append(f"  {label:<24} " + (f"{mark:7.1f}s" if mark is not None else "    -"))
+        if self.other:
+            lines.append("other network: " + ", ".join(f"{k}={v}" for k, v in self.other.items() if k != "queries"))
         return "\n".join(lines)
 
 
@@ -280,6 +308,8 @@ class Lab:
         self.registries: list[registry.Registry] = []
         self.server: tinkerbell.Server | None = None
         self.http: run.Process | None = None
+        self.dns: run.Process | None = None
+        self.dns_server: dnsmasq.Server | None = None
         self.client: kube.Client | None = None
         self.state: State | None = None
         self._owner = True  # this object made the lab (and takes it down)
@@ -360,6 +390,8 @@ class Lab:
                      cert_dir=auth.cert_dir, creds=creds)
             auth_address = auth.host_address
         self.http = self._serve_artifacts(hub_entries[1] if hub_entries else None)
+        self.dns_server = dnsmasq.Server(self.network.netns, addr, self.root / "dns", records={SERVER_NAME: addr})
+        self.dns = self.dns_server.start()
         if self.chart:
             from captainos.stages import pipeline
 
@@ -380,7 +412,7 @@ class Lab:
         self.server = tinkerbell.Server(cmd, self.network.netns, self.root / "tinkerbell.log", self.client,
                                         env=env).start()
         pids = {"tinkerbell": self.server.proc.pid if self.server.proc else 0,
-                "http": self.http.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
+                "http": self.http.pid, "dns": self.dns.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
         self.state = State(self.name, str(self.root), self.network.netns, addr, str(self.artifacts),
                            str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url,
                            hub=hub_entries is not None,
@@ -433,6 +465,7 @@ class Lab:
         for reg in self.registries:
             reg.stop()
         run.stop(self.http)
+        run.stop(self.dns)
         if self.file_server is not None:
             self.file_server.stop()
         self.network.destroy(self.runner)
@@ -475,7 +508,7 @@ class Lab:
         self._clear(hw_name)
         self.client.create("hardware", kube.hardware(
             hw_name, mac=mac, ip=ip, netmask=self.network.netmask, gateway=self.network.address, hostname=hostname,
-            uefi=plan.boot != "bios", kernel_params=plan.append,
+            uefi=plan.boot != "bios", kernel_params=plan.append, nameservers=(self.network.address,),
             osie_url=self.state.chart_url if plan.osie == "chart" else ""))
         self.client.create("templates", kube.template(run_name, wf))
         self.client.create("workflows", kube.workflow_object(run_name, template_name=run_name, hardware_name=hw_name,
@@ -485,7 +518,15 @@ class Lab:
         self.network.add_tap(self.runner, tap)
         disk = work / "disk.img"
         self.runner.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), plan.disk_size])
-        machine = self._machine(plan, tap, disk, work)
+        side = other.Other.make(self.network, plan.index, work, (SERVER_NAME,)) if plan.other_network else None
+        if side is not None:
+            try:
+                side.up(self.runner)
+            except BaseException:
+                side.down(self.runner)
+                self.runner.run(["ip", "-n", self.network.netns, "link", "del", tap], check=False)
+                raise
+        machine = self._machine(plan, tap, disk, work, side)
         log_offset = self._log_size()
         http_offset = (self.root / "http.log").stat().st_size if (self.root / "http.log").exists() else 0
         access = helm_chart.access_path(self.chart_work)
@@ -498,6 +539,7 @@ class Lab:
         fw.start()
         con.start()
         obj: dict[str, Any] = {}
+        found_other: dict[str, Any] = {}
         try:
             if plan.registry_delay > 0:
                 self._pause_registries(plan.registry_delay, started)
@@ -506,6 +548,8 @@ class Lab:
                 restarted = self._wait_restart(plan, fw, con)
                 log.info(f"    {plan.restart} seen {restarted - started:.0f}s after power-on")
             time.sleep(plan.settle)
+            if side is not None:
+                found_other = side.probe(plan.other_mac)
         finally:
             self._power_off(guest)
             fw.stop()
@@ -513,6 +557,8 @@ class Lab:
             with contextlib.suppress(CaptainError, OSError):
                 obj = self.client.get("workflows", run_name) or obj
             self.runner.run(["ip", "-n", self.network.netns, "link", "del", tap], check=False)
+            if side is not None:
+                side.down(self.runner)
         records = list(tinkerbell.log_records(self.root / "tinkerbell.log", log_offset))
         stamps = [_stamp(str(r.get("time", ""))) or started for r in records]
         events = []
@@ -525,6 +571,7 @@ class Lab:
                      if r.client == ip]
         out.http.sort()
         out.timeline = timeline(out)
+        out.other = found_other
         (work / "outcome.json").write_text(json.dumps({"workflow": obj, "events": events}, indent=1, default=str))
         return out
 
@@ -572,7 +619,7 @@ class Lab:
                 self.client.delete("workflows", item["metadata"]["name"])
         self.client.delete("hardware", hw_name)
 
-    def _machine(self, plan: Provision, tap: str, disk: Path, work: Path) -> qemu.Machine:
+    def _machine(self, plan: Provision, tap: str, disk: Path, work: Path, side: other.Other | None) -> qemu.Machine:
         assert self.state is not None
         firmware = None
         cdrom = None
@@ -587,7 +634,9 @@ class Lab:
             serial_log=work / "serial0.log", serial2_log=work / "serial1.log", monitor=work / "monitor.sock",
             mac=plan.mac, netdev=f"tap,id=net0,ifname={tap},script=no,downscript=no", disks=(disk,),
             firmware=firmware, cdrom=cdrom, net_boot=cdrom is None, reboot=plan.restart == "reboot",
-            netns=self.network.netns)
+            netns=self.network.netns,
+            # With a second NIC, the boot NIC sits in a high PCI slot: the other one is named first.
+            nic_slot=0x10 if side is not None else 0, extra=tuple(side.qemu_args(plan.other_mac)) if side else ())
 
     def _patched_iso(self, mac: str, work: Path) -> Path:
         """The ISO as Smee serves it for this MAC (patched with its kernel command line), fetched

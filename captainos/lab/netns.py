@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
@@ -131,11 +132,12 @@ class Network:
             ["ip", "-n", ns, "link", "set", self.bridge, "up"],
         ]
 
-    def tap_argvs(self, tap: str) -> list[list[str]]:
+    def tap_argvs(self, tap: str, bridge: str = "") -> list[list[str]]:
+        """A tap device (QEMU's end of a VM's NIC) on the bridge (default: the lab's)."""
         ns = self.netns
         return [
             ["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"],
-            ["ip", "-n", ns, "link", "set", tap, "master", self.bridge],
+            ["ip", "-n", ns, "link", "set", tap, "master", bridge or self.bridge],
             ["ip", "-n", ns, "link", "set", tap, "up"],
         ]
 
@@ -161,14 +163,91 @@ class Network:
 
     def destroy(self, runner: Runner, grace: float = 10.0) -> None:
         """Stop every process left in the namespace (TERM, then KILL), then remove it."""
-        if not exists(self.netns):
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids(self.netns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            if poll(lambda: True if not pids(self.netns) else None, grace):
-                break
-        runner.run(["ip", "netns", "del", self.netns], check=False)
+        remove(self.netns, runner, grace)
+
+
+def counters(netns: str, table: str) -> dict[str, int]:
+    """The packet counts of an nftables table's named counters (family ip) in a namespace."""
+    out = run(exec_argv(netns, ["nft", "-j", "list", "counters", "table", "ip", table]), capture=True).stdout
+    found = {}
+    for item in json.loads(out).get("nftables", []):
+        counter = item.get("counter")
+        if counter:
+            found[str(counter["name"])] = int(counter["packets"])
+    return found
+
+
+def remove(netns: str, runner: Runner, grace: float = 10.0) -> None:
+    """Stop every process left in a namespace (TERM, then KILL), then remove it."""
+    if not exists(netns):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids(netns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if poll(lambda: True if not pids(netns) else None, grace):
+            break
+    runner.run(["ip", "netns", "del", netns], check=False)
+    if exists(netns):
+        log.warn(f"network namespace {netns} could not be removed")
+
+
+@dataclass(frozen=True)
+class SideNetwork:
+    """A VM's second network, which is not the lab's: a namespace of its own (its router, DHCP
+    and DNS server at .1 of 10.88.<index>.0/24, no route to the lab) joined to a bridge in the
+    lab's namespace, on which the VM's second tap sits. The lab's namespace holds no address on
+    it, so nothing crosses between the two networks unless the VM forwards it."""
+
+    lab: Network
+    index: int  # the VM's number: one side network per VM
+
+    @property
+    def netns(self) -> str:
+        return f"{self.lab.netns}-o{self.index}"
+
+    @property
+    def subnet(self) -> str:
+        return f"10.88.{self.index}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.subnet}.1"
+
+    @property
+    def bridge(self) -> str:
+        return f"bo{self.index}"
+
+    @property
+    def tap(self) -> str:
+        return f"to{self.index}"
+
+    def setup_argvs(self) -> list[list[str]]:
+        lab, side, veth = self.lab.netns, self.netns, f"vo{self.index}"
+        return [
+            ["ip", "netns", "add", side],
+            ["ip", "-n", side, "link", "set", "lo", "up"],
+            ["ip", "-n", lab, "link", "add", self.bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0"],
+            ["ip", "-n", lab, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", side],
+            ["ip", "-n", lab, "link", "set", veth, "master", self.bridge],
+            ["ip", "-n", lab, "link", "set", veth, "up"],
+            ["ip", "-n", lab, "link", "set", self.bridge, "up"],
+            ["ip", "-n", side, "addr", "add", f"{self.address}/24", "dev", "eth0"],
+            ["ip", "-n", side, "link", "set", "eth0", "up"],
+            *self.lab.tap_argvs(self.tap, self.bridge),
+        ]
+
+    def create(self, runner: Runner) -> None:
         if exists(self.netns):
-            log.warn(f"network namespace {self.netns} could not be removed")
+            raise CaptainError(f"network namespace {self.netns} exists: VM {self.index}'s other network is in use")
+        try:
+            for argv in self.setup_argvs():
+                runner.run(argv)
+        except BaseException:
+            self.destroy(runner)
+            raise
+
+    def destroy(self, runner: Runner) -> None:
+        remove(self.netns, runner)
+        for link in (self.tap, self.bridge):
+            runner.run(["ip", "-n", self.lab.netns, "link", "del", link], check=False)

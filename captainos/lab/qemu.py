@@ -52,6 +52,7 @@ class Machine:
     serial_socket: Path | None = None  # the first serial port also takes input: a unix socket (Guest.type)
     serial2_log: Path | None = None  # a second serial port (ttyS1: where Smee's command line puts the console)
     net_boot: bool = False  # the NIC is the first boot device (its option ROM's iPXE netboots)
+    nic_slot: int = 0  # the NIC's PCI slot (0: QEMU's next free one); a high one lets NICs in extra come first
     reboot: bool = False  # a guest reboot restarts the machine (default: QEMU exits, -no-reboot)
     netns: str = ""  # run QEMU inside this network namespace (the lab's tap devices live there)
     extra: tuple[str, ...] = field(default_factory=tuple)
@@ -96,6 +97,7 @@ def argv(machine: Machine) -> list[str]:
         if machine.initrd is not None:
             cmd += ["-initrd", str(machine.initrd)]
     nic = f"virtio-net-pci,netdev=net0,mac={machine.mac}" + (",bootindex=0" if machine.net_boot else "")
+    nic += f",addr={machine.nic_slot:#x}" if machine.nic_slot else ""
     cmd += ["-netdev", machine.netdev, "-device", nic]
     for index, disk in enumerate(machine.disks):
         cmd += ["-drive", f"file={disk},format=raw,if=none,id=disk{index}",

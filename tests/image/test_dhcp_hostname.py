@@ -61,3 +61,20 @@ def test_name_too_long_for_the_kernel_is_refused(sandbox):
     result = sandbox.run("dhcp-hostname")
     assert hostname(sandbox) == "localhost"
     assert result.messages("warning") == ["ignoring an invalid host name from DHCP"]
+
+
+def test_the_boot_nics_lease_names_the_machine(sandbox):
+    """hw_addr= (the NIC Smee booted) wins over a lower interface index: another network's DHCP
+    server may hand out a name of its own."""
+    prepare(sandbox, {"2": "HOSTNAME=other-network\n", "3": "HOSTNAME=captain-01\n"})
+    for name, index, mac in (("ens3", 2, "52:54:00:99:00:01"), ("ens4", 3, "52:54:00:77:00:01")):
+        dev = sandbox.root / "sys/class/net" / name
+        dev.mkdir(parents=True)
+        (dev / "ifindex").write_text(f"{index}\n")
+        (dev / "address").write_text(f"{mac}\n")
+    sandbox.cmdline("hw_addr=52:54:00:77:00:01")
+    assert sandbox.run("dhcp-hostname").returncode == 0
+    assert hostname(sandbox) == "captain-01"
+    sandbox.cmdline("console=ttyS0")  # without hw_addr: the lowest index
+    assert sandbox.run("dhcp-hostname").returncode == 0
+    assert hostname(sandbox) == "other-network"

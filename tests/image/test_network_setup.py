@@ -150,7 +150,8 @@ def test_rerun_replaces_earlier_files(sandbox):
 
 
 @pytest.mark.parametrize("cmdline", [IPAM, "ipam=de-ad-be-ef-fe-ed:100:192.168.2.193:24:192.168.2.1::1.1.1.1::",
-                                     "vlan_id=42 hw_addr=52:54:00:12:34:56", "interface=eno2"])
+                                     "vlan_id=42 hw_addr=52:54:00:12:34:56", "interface=eno2",
+                                     "hw_addr=52:54:00:12:34:56"])
 def test_every_link_with_addresses_skips_ipv6_duplicate_address_detection(sandbox, cmdline):
     # networkd calls a link configured (wait-online, network-online.target) only once its IPv6
     # link-local address is usable; the probes would hold every boot back 1-2 s.
@@ -179,3 +180,37 @@ def test_a_newline_inside_a_quoted_ipam_is_refused_and_interface_still_applies(s
     assert "Name=eth1" in unit and "DHCP=yes" in unit
     assert sb.result.messages("error") == [
         "refusing a parameter: its value holds a control character (a newline inside quotes?)"]
+
+
+def test_hw_addr_alone_puts_the_boot_nic_first(sandbox):
+    """Smee's hw_addr= (the NIC that netbooted): its DHCP routes get metric 100 (the others keep
+    networkd's 1024) and it alone decides when the machine is online; every other ethernet NIC
+    still runs DHCP and holds nothing back."""
+    files, sb = setup(sandbox, "hw_addr=52-54-00-AA-BB-01\n")
+    assert set(files) == {"10-captainos-boot.network", "90-captainos-dhcp.network"}
+    boot = files["10-captainos-boot.network"]
+    assert "MACAddress=52:54:00:aa:bb:01\nKind=!*\nType=ether\n" in boot
+    assert "[Link]\nRequiredForOnline=yes\n" in boot and "DHCP=yes" in boot
+    assert boot.count("RouteMetric=100\n") == 2 and "[IPv6AcceptRA]" in boot
+    assert "ClientIdentifier=mac" in boot
+    others = files["90-captainos-dhcp.network"]
+    assert "Kind=!*\nType=ether\n" in others and "MACAddress" not in others
+    assert "[Link]\nRequiredForOnline=no\n" in others and "DHCP=yes" in others and "RouteMetric" not in others
+    assert sb.result.messages("info") == ["the boot NIC comes first"]
+
+
+@pytest.mark.parametrize("cmdline", ["hw_addr=52:54:00:aa:bb:01 interface=eno2",
+                                     f"hw_addr=de:ad:be:ef:fe:ed {IPAM}",
+                                     "hw_addr=52:54:00:aa:bb:01 vlan_id=42"])
+def test_a_nic_named_otherwise_keeps_hw_addr_out_of_it(sandbox, cmdline):
+    """interface=, ipam= and vlan_id= name the NIC themselves: hw_addr= adds no file of its own
+    (a MAC match would win over the VLAN's parent file, and interface= means only that NIC)."""
+    files, _ = setup(sandbox, cmdline)
+    assert "10-captainos-boot.network" not in files
+    assert all("RouteMetric" not in text for text in files.values())
+
+
+def test_an_invalid_hw_addr_is_one_error_and_every_nic_stays_alike(sandbox):
+    files, sb = setup(sandbox, "hw_addr=52:54:00:aa:bb\n")
+    assert files == {}
+    assert sb.result.messages("error") == ["ignoring hw_addr: invalid MAC address; every NIC is treated alike"]

@@ -110,7 +110,7 @@ def test_conditional_units_start_only_for_provisioning():
     assert "ConditionKernelCommandLine=syslog_host" in syslog
     # The network unit runs only with something to write (it sits on networkd's start).
     network = (EXTRA / "usr/lib/systemd/system/captainos-network.service").read_text()
-    for param in ("ipam", "vlan_id", "interface"):
+    for param in ("ipam", "vlan_id", "interface", "hw_addr"):
         assert f"ConditionKernelCommandLine=|{param}\n" in network
 
 
@@ -141,7 +141,13 @@ def test_boot_target_first_boot_and_resolv_conf():
     assert "ConditionDirectoryNotEmpty=|/run/credentials/@system" in credentials
     # Shipped "updated": the ConditionNeedsUpdate= units skip at boot (the build did their work).
     assert (EXTRA / "etc/.updated").is_file() and (EXTRA / "var/.updated").is_file()
-    assert os.readlink(EXTRA / "etc/resolv.conf") == "/run/systemd/resolve/resolv.conf"
+    # resolv-conf writes it, the boot NIC's servers first (resolved's own file orders links by
+    # its hash table); wait-online runs it before the machine is online, the path unit after.
+    assert os.readlink(EXTRA / "etc/resolv.conf") == "/run/captainos/resolv.conf"
+    online = (EXTRA / "usr/lib/systemd/system/systemd-networkd-wait-online.service.d/captainos-any.conf").read_text()
+    assert "ExecStartPost=/usr/lib/captainos/resolv-conf" in online
+    resolv_path = (EXTRA / "usr/lib/systemd/system/captainos-resolv.path").read_text()
+    assert "PathChanged=/run/systemd/netif/links" in resolv_path
     assert not (EXTRA / "etc/initrd-release").exists()
     assert not (EXTRA / "etc/machine-id").exists()
 

@@ -23,7 +23,7 @@ import pytest
 
 from captainos.core.errors import CaptainError
 from captainos.lab import chart, hub, kube, netns, tinkerbell
-from captainos.lab.lab import Lab, Outcome, Provision
+from captainos.lab.lab import SERVER_NAME, Lab, Outcome, Provision
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,11 @@ def check_every_run(lab: Lab, out: Outcome) -> None:
 FILL_SECRET = "fill-Secr3t-42"  # only a password on the command line; the lab's registry is open
 SCENARIOS = {
     "bios": Provision(workflow=REPO / "examples" / "workflow.yaml", boot="bios", index=1),
-    "uefi": Provision(workflow=WORKFLOWS / "hello.yaml", boot="uefi", index=2),
+    # UEFI netboot with a second NIC that the kernel names first, on a network of its own whose
+    # DHCP hands out another default route, another host name and a DNS server that answers for
+    # Tinkerbell's name with its own address; the agent and syslog find Tinkerbell by name.
+    "uefi": Provision(workflow=WORKFLOWS / "nics.yaml", boot="uefi", index=2, other_network=True,
+                      append=(f"grpc_authority={SERVER_NAME}:{tinkerbell.GRPC_PORT}", f"syslog_host={SERVER_NAME}")),
     # UEFI where the firmware does not matter: its iPXE fetches the initramfs in about 3 s, the
     # BIOS one (Smee's undionly.kpxe through the ROM's UNDI) in about 30 s under TCG.
     "fail": Provision(workflow=WORKFLOWS / "fail.yaml", boot="uefi", index=3),
@@ -183,11 +187,36 @@ def test_the_lab_network_is_sealed(real_lab):
 
 # --- UEFI netboot -----------------------------------------------------------------------------------
 
-def test_uefi_netboot_succeeds(real_lab, runs):
+def test_uefi_netboot_with_two_nics_puts_the_boot_nic_first(real_lab, runs):
+    """The NIC Smee booted (hw_addr=) wins although the kernel names the other one first and
+    both get DHCP: its default route has the lower metric, its DNS server comes first (the other
+    network's answers Tinkerbell's name with a decoy), its lease names the machine (syslog
+    carries captain-02, not the other network's name), and none of the agent's traffic or syslog
+    crosses the other network's router. The agent and syslog found Tinkerbell by name."""
     out = scenario(runs, "uefi")
     assert out.state == "SUCCESS", explain(real_lab, out)
     assert dict(out.timeline)["iPXE script served"] is not None, out.report()
     check_every_run(real_lab, out)
+    text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
+    found = re.search(r"nics routes=\[(.*?)\] dns=\[(.*?)\] links=\[(.*?)\]", text)
+    assert found, explain(real_lab, out)
+    routes = [r.split() for r in found.group(1).split(";") if r.strip()]
+    assert [(r[2], r[r.index("metric") + 1]) for r in routes] == [("10.77.0.1", "100"), ("10.88.2.1", "1024")], routes
+    assert found.group(2).split() == ["10.77.0.1", "10.88.2.1"], found.group(2)
+    addresses = found.group(3).split()
+    assert len(addresses) == 2 and any("=10.88.2." in a for a in addresses), addresses
+    side = out.other
+    assert side["lease"].startswith("10.88.2."), side
+    assert side["tcp"] == 0 and side["syslog"] == 0, f"traffic went through the other network's router: {side}"
+    assert real_lab.dns_server is not None and SERVER_NAME in real_lab.dns_server.queries()
+
+
+def test_the_machine_routes_nothing_between_its_networks(real_lab, runs):
+    """A host on the other network routes the lab's subnet through the VM: the VM answers it
+    (the control) but forwards none of it into the lab (forward.nft's policy drop)."""
+    side = scenario(runs, "uefi").other
+    assert side.get("vm answers") is True, side
+    assert side["crossed"] == 0 and side.get("lab answers") is False, side
 
 
 # --- failures the real server reports ----------------------------------------------------------------

@@ -12,7 +12,7 @@ import yaml
 
 from captainos.core import config, pins
 from captainos.core.errors import CaptainError
-from captainos.lab import agent, kube, netns, syslogd, tinkerbell, workflow
+from captainos.lab import agent, dnsmasq, kube, netns, other, qemu, syslogd, tinkerbell, workflow
 from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +88,10 @@ def test_hardware_object():
     assert iface["dhcp"]["mac"] == "52:54:00:77:00:01" and iface["dhcp"]["ip"]["address"] == "10.77.0.11"
     assert iface["dhcp"]["uefi"] is True and iface["dhcp"]["hostname"] == "captain-01"
     assert iface["netboot"] == {"allowPXE": True, "allowWorkflow": True, "osie": {"kernelParams": ["a=b"]}}
+    assert "name_servers" not in iface["dhcp"]
+    hw = kube.hardware("vm", mac="m", ip="i", netmask="n", gateway="g", hostname="h", uefi=False,
+                       nameservers=("10.77.0.1",))
+    assert hw["spec"]["interfaces"][0]["dhcp"]["name_servers"] == ["10.77.0.1"]  # Smee's DHCP option 6
 
 
 def test_template_keeps_tinkerbells_placeholders_and_every_field():
@@ -316,3 +320,49 @@ def test_lab_ca_makes_the_ca_once_and_prints_its_path(tmp_path, capsys):
     first = path.read_bytes()
     lab_cli.main(cfg, argparse.Namespace(action="ca"))
     assert capsys.readouterr().out.strip() == str(path) and path.read_bytes() == first  # kept, not remade
+
+
+def test_a_side_network_is_joined_to_the_lab_by_a_bridge_without_an_address():
+    """The lab's namespace holds no address on a VM's other network: only the VM could carry a
+    packet from one to the other."""
+    side = netns.SideNetwork(netns.Network("lab"), 2)
+    argvs = side.setup_argvs()
+    assert side.netns == "captainos-lab-o2" and side.address == "10.88.2.1"
+    assert ["ip", "-n", "captainos-lab-o2", "addr", "add", "10.88.2.1/24", "dev", "eth0"] in argvs
+    in_lab = [a for a in argvs if a[:3] == ["ip", "-n", "captainos-lab"]]
+    assert not any("addr" in a or "route" in a for a in in_lab), in_lab
+    assert ["ip", "-n", "captainos-lab", "link", "set", "to2", "master", "bo2"] in argvs
+    assert not any("route" in a for a in argvs)
+
+
+def test_dnsmasq_reads_nothing_but_its_options_and_forwards_nothing(tmp_path):
+    server = dnsmasq.Server("ns", "10.88.2.1", tmp_path, records={"tinkerbell.lab": "10.88.2.1"},
+                            dhcp=dnsmasq.Dhcp("10.88.2.100", "10.88.2.150", "10.88.2.1", "10.88.2.1", hostname="x"))
+    argv = server.argv()
+    for flag in ("--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--listen-address=10.88.2.1",
+                 "--bind-interfaces", "--host-record=tinkerbell.lab,10.88.2.1", "--local=/tinkerbell.lab/",
+                 "--dhcp-option=option:router,10.88.2.1", "--dhcp-option-force=option:hostname,x"):
+        assert flag in argv, flag
+    assert not any(a.startswith("--server") for a in argv)
+    assert not any(a.startswith("--dhcp") for a in dnsmasq.Server("ns", "10.77.0.1", tmp_path).argv())
+    server.lease_file.write_text("1767225600 52:54:00:88:00:02 10.88.2.117 other-network 01:52:54:00:88:00:02\n")
+    assert server.leases() == {"52:54:00:88:00:02": "10.88.2.117"}
+    server.log_file.write_text("dnsmasq[9]: query[A] tinkerbell.lab from 10.88.2.117\n"
+                               "dnsmasq[9]: config tinkerbell.lab is 10.88.2.1\n")
+    assert server.queries() == ["tinkerbell.lab"]
+
+
+def test_the_other_networks_counters_watch_its_router_and_the_lab():
+    side = netns.SideNetwork(netns.Network("lab"), 3)
+    rules = other.side_rules(side)
+    assert 'ip saddr 10.88.3.0/24 ip protocol tcp counter name "tcp"' in rules
+    assert 'udp dport 514 counter name "syslog"' in rules
+    assert 'ip saddr 10.88.3.0/24 counter name "crossed"' in other.lab_rules(side)
+    args = other.Other.make(side.lab, 3, Path("/w"), ("tinkerbell.lab",)).qemu_args("52:54:00:88:00:03")
+    assert "virtio-net-pci,netdev=net1,mac=52:54:00:88:00:03,romfile=" in args  # no option ROM: never netboots
+
+
+def test_the_boot_nic_can_take_a_high_pci_slot():
+    machine = qemu.Machine(config.Arch.AMD64, mac="52:54:00:77:00:02", net_boot=True, nic_slot=0x10)
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02,bootindex=0,addr=0x10" in qemu.argv(machine)
+    assert not any("addr=" in a for a in qemu.argv(qemu.Machine(config.Arch.AMD64)))

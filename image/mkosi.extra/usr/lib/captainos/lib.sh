@@ -205,6 +205,30 @@ cap_mac_normalize() {
     printf '%s' "${mac,,}"
 }
 
+# cap_boot_links: fill BOOT_LINKS with the interface indexes whose MAC is hw_addr= (the NIC
+# Smee booted, and a VLAN on it: a VLAN keeps its parent's MAC), lowest first; fails when
+# hw_addr is missing or invalid. Reads $ROOT/sys/class/net in bash: its callers run on every
+# lease and link change, and programs cost under emulation.
+declare -ga BOOT_LINKS=()
+cap_boot_links() {
+    local want dev index mac
+    local -a devs
+    BOOT_LINKS=()
+    want=$(cap_param hw_addr) && cap_is_mac "$want" || return 1
+    want=$(cap_mac_normalize "$want")
+    set +o noglob
+    devs=("$ROOT/sys/class/net"/*)
+    set -o noglob
+    for dev in "${devs[@]}"; do
+        { read -r index <"$dev/ifindex" && read -r mac <"$dev/address"; } 2>/dev/null || continue
+        [[ ${mac,,} == "$want" && $index =~ ^[0-9]+$ ]] && BOOT_LINKS+=("$((10#$index))")
+    done
+    if ((${#BOOT_LINKS[@]} > 1)); then
+        mapfile -t BOOT_LINKS < <(printf '%s\n' "${BOOT_LINKS[@]}" | sort -n)
+    fi
+    return 0
+}
+
 # A dotted-quad IPv4 address, each octet 0-255 without leading zeros.
 cap_is_ipv4() {
     local IFS=. octet
