@@ -96,7 +96,8 @@ def make_parser() -> argparse.ArgumentParser:
                              help="same as --iso-cmdline: kernel parameters baked into the ISO")
         if verb == "bench":
             sub.add_argument("--only", default=",".join(("size", "boot", "netboot", "ram", "build", "repro")),
-                             help="comma-separated sections: size, boot, netboot, ram, build, repro (default: all)")
+                             help="comma-separated sections: size, boot, netboot, ram, build, repro (the "
+                                  "default), and fleet, nics (only when named)")
             sub.add_argument("--runs", type=int, default=3, help="boot runs to take the median of (default 3)")
             sub.add_argument("--output", metavar="FILE", help="also write the Markdown report to FILE")
             sub.add_argument("--workflow", metavar="FILE", default="examples/workflow.yaml",

@@ -28,7 +28,7 @@ from captainos.core.run import pipe
 from captainos.lab import qemu
 from captainos.stages import artifacts, cpio, segments, site
 
-SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro", "fleet")
+SECTIONS = ("size", "boot", "netboot", "ram", "build", "repro", "fleet", "nics")
 
 
 @dataclass
@@ -333,6 +333,32 @@ def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file
                    command)
 
 
+NIC_SETUPS = (("one NIC", ""), ("a second NIC, its own DHCP server", "dhcp"),
+              ("a second NIC, no DHCP answer", "silent"))
+
+
+def nics(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file: Path) -> None:
+    """What a second NIC costs the boot, through the real Tinkerbell (UEFI netboot, one VM at a
+    time): alone, beside a NIC on a network with a DHCP server of its own (named first by the
+    kernel), and beside one whose DHCP never gets an answer. Medians of N runs each."""
+    from captainos.lab.lab import Lab, Provision
+
+    marks: dict[tuple[str, str], list[float]] = defaultdict(list)
+    with Lab(cfg, root=workdir / "nics-lab", iso=False) as lab:
+        for number in range(runs):
+            for title, kind in NIC_SETUPS:
+                out = lab.provision(Provision(workflow=workflow_file, boot="uefi", index=number + 1, other_network=kind,
+                                              settle=2.0), workdir=workdir / f"nics-{kind or 'one'}-{number}")
+                if out.state != "SUCCESS":
+                    raise CaptainError(f"benchmark workflow ended {out.state} ({title})")
+                for label, mark in out.timeline:
+                    if label in ("kernel started", "agent started", "workflow done") and mark is not None:
+                        marks[(title, label)].append(mark)
+    command = f"./build.py bench --only nics --runs {runs}"
+    for (title, label), values in marks.items():
+        report.add(f"{title}: {label} (median of {len(values)})", f"{statistics.median(values):.1f} s", command)
+
+
 FLEET_SIZES = (1, 2, 4, 8)
 FLEET_MEM = "384M"  # the RAM floor the README states (bench --only ram)
 
@@ -591,7 +617,7 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                            f"choose from: {', '.join(SECTIONS)}")
     initramfs = cfg.out_dir / artifacts.initramfs_name(cfg.arch)
     vmlinuz = cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
-    needs_image = {"size", "boot", "netboot", "ram", "fleet"} & set(only)
+    needs_image = {"size", "boot", "netboot", "ram", "fleet", "nics"} & set(only)
     if needs_image and not initramfs.is_file():
         raise CaptainError(f"{initramfs} does not exist", "build first: ./build.py")
     report = Report()
@@ -616,6 +642,8 @@ def run(cfg: Config, only: tuple[str, ...], runs: int, output: Path | None, work
                     reproducibility(report, cfg, workdir)
                 elif section == "fleet":
                     failed += fleet(report, cfg, workdir, workflow_file)
+                elif section == "nics":
+                    nics(report, cfg, runs, workdir, workflow_file)
     text = report.markdown(cfg)
     if output is not None:
         cache.atomic_write(output, text)

@@ -141,9 +141,10 @@ class Provision:
     give_up: tuple[str, ...] = ()  # regexes: a line of the OS console matching one ends the run at once
     osie: str = ""  # "chart": the Hardware's OSIE URL is the Helm chart's nginx (else Smee's default)
     # A second NIC, first in PCI order (the kernel names it first), on a network of its own
-    # (netns.SideNetwork) whose DHCP hands out another default route, another DNS server that
-    # knows SERVER_NAME as its own router, and another host name.
-    other_network: bool = False
+    # (netns.SideNetwork): "dhcp", whose DHCP hands out another default route, another DNS
+    # server that knows SERVER_NAME as its own router, and another host name; "silent", where
+    # nothing answers (a NIC whose DHCP never comes). Empty: one NIC.
+    other_network: str = ""
 
     @property
     def mac(self) -> str:
@@ -518,7 +519,10 @@ class Lab:
         self.network.add_tap(self.runner, tap)
         disk = work / "disk.img"
         self.runner.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), plan.disk_size])
-        side = other.Other.make(self.network, plan.index, work, (SERVER_NAME,)) if plan.other_network else None
+        if plan.other_network not in ("", *other.KINDS):
+            raise CaptainError(f"unknown other network {plan.other_network!r}", f"use one of {', '.join(other.KINDS)}")
+        side = (other.Other.make(self.network, plan.index, work, (SERVER_NAME,), answer=plan.other_network == "dhcp")
+                if plan.other_network else None)
         if side is not None:
             try:
                 side.up(self.runner)
@@ -548,7 +552,7 @@ class Lab:
                 restarted = self._wait_restart(plan, fw, con)
                 log.info(f"    {plan.restart} seen {restarted - started:.0f}s after power-on")
             time.sleep(plan.settle)
-            if side is not None:
+            if side is not None and side.answer:
                 found_other = side.probe(plan.other_mac)
         finally:
             self._power_off(guest)

@@ -21,6 +21,7 @@ from captainos.core.run import Runner
 from captainos.lab import dnsmasq, netns
 
 HOSTNAME = "other-network"  # what the other DHCP server names the machine
+KINDS = ("dhcp", "silent")  # a network whose dnsmasq answers, one where nothing does
 WATCH = "captainos_watch"  # the nftables table of counters, in both namespaces
 
 
@@ -45,23 +46,27 @@ def lab_rules(side: netns.SideNetwork) -> str:
 class Other:
     side: netns.SideNetwork
     dns: dnsmasq.Server
+    answer: bool = True  # False: no dnsmasq (the VM's DHCP there never gets an answer)
     proc: run.Process | None = None
 
     @classmethod
-    def make(cls, lab: netns.Network, index: int, workdir: Path, names: tuple[str, ...]) -> Other:
+    def make(cls, lab: netns.Network, index: int, workdir: Path, names: tuple[str, ...],
+             answer: bool = True) -> Other:
         side = netns.SideNetwork(lab, index)
         dhcp = dnsmasq.Dhcp(f"{side.subnet}.100", f"{side.subnet}.150", router=side.address, dns=side.address,
                             hostname=HOSTNAME)
         server = dnsmasq.Server(side.netns, side.address, workdir / "other-network",
                                 records=dict.fromkeys(names, side.address), dhcp=dhcp)
-        return cls(side, server)
+        return cls(side, server, answer)
 
     def up(self, runner: Runner) -> None:
         self.side.create(runner)
         run.run(netns.exec_argv(self.side.netns, ["nft", "-f", "-"]), input_text=side_rules(self.side))
         run.run(netns.exec_argv(self.side.lab.netns, ["nft", "-f", "-"]), input_text=lab_rules(self.side))
-        self.proc = self.dns.start()
-        log.info(f"    other network {self.side.subnet}.0/24 ({self.side.netns}): DHCP and DNS on {self.side.address}")
+        if self.answer:
+            self.proc = self.dns.start()
+        served = f"DHCP and DNS on {self.side.address}" if self.answer else "nothing answers there"
+        log.info(f"    other network {self.side.subnet}.0/24 ({self.side.netns}): {served}")
 
     def qemu_args(self, mac: str) -> list[str]:
         """The VM's NIC on this network: no option ROM (it never netboots), no boot index."""

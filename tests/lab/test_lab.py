@@ -69,7 +69,7 @@ SCENARIOS = {
     # UEFI netboot with a second NIC that the kernel names first, on a network of its own whose
     # DHCP hands out another default route, another host name and a DNS server that answers for
     # Tinkerbell's name with its own address; the agent and syslog find Tinkerbell by name.
-    "uefi": Provision(workflow=WORKFLOWS / "nics.yaml", boot="uefi", index=2, other_network=True,
+    "uefi": Provision(workflow=WORKFLOWS / "nics.yaml", boot="uefi", index=2, other_network="dhcp",
                       append=(f"grpc_authority={SERVER_NAME}:{tinkerbell.GRPC_PORT}", f"syslog_host={SERVER_NAME}")),
     # UEFI where the firmware does not matter: its iPXE fetches the initramfs in about 3 s, the
     # BIOS one (Smee's undionly.kpxe through the ROM's UNDI) in about 30 s under TCG.

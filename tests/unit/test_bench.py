@@ -358,3 +358,38 @@ def test_the_fleet_runs_each_size_at_once_and_reports_every_machine(tmp_path, mo
     text = report.markdown(Config(cache_dir=tmp_path))
     assert "| fleet of 4: all done |" in text and "(2/4 SUCCESS)" in text and "(1/1 SUCCESS)" in text
     assert "SUCCESS: agent started 40 s, first action started 41 s, workflow done 50 s" in text
+
+
+def test_nics_boots_each_nic_setup_in_turn_and_reports_medians(tmp_path, monkeypatch):
+    """One NIC, a second on a network with its own DHCP server, a second whose DHCP is never
+    answered: each setup a provision of its own (UEFI), one at a time, medians per setup."""
+    from pathlib import Path
+
+    from captainos.core.config import Config
+    from captainos.lab import lab as lab_module
+    from tests.unit.test_lab import outcome
+
+    plans = []
+
+    class FakeLab:
+        def __init__(self, cfg, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def provision(self, plan, workdir):
+            plans.append(plan)
+            agent = {"": 40.0, "dhcp": 41.0, "silent": 42.0}[plan.other_network] + plan.index
+            return outcome(index=plan.index, state="SUCCESS", timeline=[("agent started", agent)])
+
+    monkeypatch.setattr(lab_module, "Lab", FakeLab)
+    report = bench.Report()
+    bench.nics(report, Config(cache_dir=tmp_path), 2, tmp_path, Path("w.yaml"))
+    assert [p.other_network for p in plans] == ["", "dhcp", "silent"] * 2 and {p.boot for p in plans} == {"uefi"}
+    text = report.markdown(Config(cache_dir=tmp_path))
+    assert "| one NIC: agent started (median of 2) | 41.5 s |" in text
+    assert "| a second NIC, no DHCP answer: agent started (median of 2) | 43.5 s |" in text
