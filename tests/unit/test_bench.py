@@ -310,6 +310,19 @@ def test_a_harness_probe_boots_with_that_memory_and_gives_up_on_memory_messages(
     assert r"Dependency failed for tink-agent\.service" in plan.fail_patterns
 
 
+class LabStandIn:
+    """The lab's context-manager shape; a test's subclass says what provision() returns."""
+
+    def __init__(self, cfg, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_the_fleet_runs_each_size_at_once_and_reports_every_machine(tmp_path, monkeypatch):
     """N provisions at once per size, each its own VM number at the RAM floor; a machine that
     fails or raises is a report line and a failure, the others still count."""
@@ -323,16 +336,7 @@ def test_the_fleet_runs_each_size_at_once_and_reports_every_machine(tmp_path, mo
     running, peak, plans = [0], [0], []
     lock = threading.Lock()
 
-    class FakeLab:
-        def __init__(self, cfg, **kw):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class FakeLab(LabStandIn):
         def provision(self, plan, workdir):
             import time
             with lock:
@@ -371,16 +375,7 @@ def test_nics_boots_each_nic_setup_in_turn_and_reports_medians(tmp_path, monkeyp
 
     plans = []
 
-    class FakeLab:
-        def __init__(self, cfg, **kw):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class FakeLab(LabStandIn):
         def provision(self, plan, workdir):
             plans.append(plan)
             agent = {"": 40.0, "dhcp": 41.0, "silent": 42.0}[plan.other_network] + plan.index
