@@ -234,6 +234,22 @@ def test_netmask_prefix_rejects_nonsense(sandbox, mask):
     ("cap_is_image_ref", "reg/tink agent:latest", False), ("cap_is_image_ref", "-rm", False),
     ("cap_is_image_ref", "reg//x", False), ("cap_is_hostname", "my-server.example", True),
     ("cap_is_hostname", "-bad", False), ("cap_is_hostname", "a..b", False),
+    # IPv6 as RFC 4291 writes it (and the brackets of a host:port, an image's registry, a URL).
+    ("cap_is_ipv6", "fd77::1", True), ("cap_is_ipv6", "::1", True), ("cap_is_ipv6", "::", True),
+    ("cap_is_ipv6", "2001:db8:0:0:0:0:0:1", True), ("cap_is_ipv6", "fe80::", True),
+    ("cap_is_ipv6", "::ffff:10.0.0.1", True), ("cap_is_ipv6", "::10.0.0.1", True),
+    ("cap_is_ipv6", "1:2:3:4:5:6:7:8:9", False), ("cap_is_ipv6", "1:2:3:4:5:6:7", False),
+    ("cap_is_ipv6", "1::2::3", False), ("cap_is_ipv6", "fd77:::1", False), ("cap_is_ipv6", "12345::1", False),
+    ("cap_is_ipv6", "g::1", False), ("cap_is_ipv6", ":1:2:3:4:5:6:7", False), ("cap_is_ipv6", "10.0.0.1", False),
+    ("cap_is_ipv6", "::ffff:10.0.0.256", False), ("cap_is_ipv6", "1:2:3:4:5:6:7::8", False),
+    ("cap_is_ipv6", "fd77::1%eth0", False), ("cap_is_ipv6", "1:2:3:4:5:6:7:", False),
+    ("cap_is_hostport", "[fd77::1]", True), ("cap_is_hostport", "[fd77::1]:42113", True),
+    ("cap_is_hostport", "[fd77::x]:1", False), ("cap_is_hostport", "[1:2]:80", False),
+    ("cap_is_image_ref", "[fd77::1]:5000/tink-agent:v0.25.0", True),
+    ("cap_is_image_ref", "[fd77::1]/tink-agent", True), ("cap_is_image_ref", "[fd77::1]:5000/", False),
+    ("cap_is_image_ref", "[fd77::z]:5000/a", False), ("cap_is_image_ref", "a/[fd77::1]", False),
+    ("cap_is_mirror_url", "https://[fd77::1]:5000", True), ("cap_is_mirror_url", "https://[fd77::1]:x", False),
+    ("cap_is_mirror_url", "https://mirror.local/v2", True),
     # Proxy URLs as Go's url.Parse (http.ProxyFromEnvironment) takes them; what it refuses, we do.
     ("cap_is_proxy", "http://proxy.local:3128", True), ("cap_is_proxy", "http://proxy.local:3128/", True),
     ("cap_is_proxy", "https://u:p@proxy:3128", True), ("cap_is_proxy", "http://user:pa%41@proxy:3128", True),
@@ -251,7 +267,8 @@ def test_validators(sandbox, check, value, ok):
 @pytest.mark.parametrize(("ref", "registry"), [("10.0.2.2:5000/tink-agent:v1", "10.0.2.2:5000"),
                                                ("ghcr.io/tinkerbell/tink-agent:v0.25.0", "ghcr.io"),
                                                ("localhost/agent", "localhost"), ("tinkerbell/agent", "docker.io"),
-                                               ("agent", "docker.io")])
+                                               ("agent", "docker.io"),
+                                               ("[fd77::1]:5000/tink-agent", "[fd77::1]:5000")])
 def test_image_registry_follows_containerd_rules(sandbox, ref, registry):
     assert sandbox.bash(f"cap_image_registry '{ref}'").stdout == registry
 

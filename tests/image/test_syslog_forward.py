@@ -226,7 +226,16 @@ def test_bad_port_falls_back_to_514_with_a_warning(sandbox):
     assert result.messages("warning") == ["invalid syslog_port, using 514"]
 
 
-@pytest.mark.parametrize("cmdline", ["syslog_host=", "syslog_host=bad_host!", 'syslog_host="a b"'])
+def test_an_ipv6_host_is_forwarded_to(sandbox):
+    fake_tools(sandbox)
+    journal(sandbox, "x")
+    sandbox.cmdline("syslog_host=fd77::1")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert "--server fd77::1 --port 514 " in call(sandbox, "logger")
+
+
+@pytest.mark.parametrize("cmdline", ["syslog_host=", "syslog_host=bad_host!", 'syslog_host="a b"',
+                                     "syslog_host=fd77:::1"])
 def test_bad_host_forwards_nothing(sandbox, cmdline):
     fake_tools(sandbox)
     sandbox.cmdline(cmdline)

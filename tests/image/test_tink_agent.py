@@ -606,3 +606,22 @@ def test_an_embedded_agent_image_is_used_without_a_pull(sandbox):
     assert (sandbox.root / "run/captainos/tink-agent").is_file()
     # ... and stays: the build put it there (only a pulled agent image is removed).
     assert not [c for c in calls(sandbox, "nerdctl") if " image rm " in c]
+
+
+def test_an_ipv6_registry_mirror_and_agent_image_are_taken_as_written(sandbox):
+    """IPv6 literals in brackets, as containerd's references and URLs write them: the agent
+    image's registry, an insecure registry's hosts.toml, a mirror URL."""
+    result = setup_ok(sandbox, "tink_worker_image=[fd77::1]:5000/tink-agent:v1 insecure_registries=[fd77::1]:5000 "
+                               "registry_mirrors=docker.io=https://[fd77::2]:5000")
+    assert result.messages("error") == []
+    assert "[fd77::1]:5000/tink-agent:v1" in pulls(sandbox)[0]
+    assert 'server = "https://[fd77::1]:5000"' in hosts_toml(sandbox, "[fd77::1]:5000")
+    assert '[host."https://[fd77::2]:5000"]' in hosts_toml(sandbox, "docker.io")
+
+
+def test_an_ipv6_grpc_authority_reaches_the_agent_as_written(sandbox):
+    fake_agent(sandbox)
+    sandbox.cmdline("grpc_authority=[fd77::1]:42113 worker_id=x")
+    assert sandbox.run("tink-agent-start").returncode == 0
+    argv = agent_argv(sandbox)
+    assert argv[argv.index("--grpc-server") + 1] == "[fd77::1]:42113"

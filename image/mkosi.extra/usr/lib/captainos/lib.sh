@@ -239,6 +239,38 @@ cap_is_ipv4() {
     done
 }
 
+# An IPv6 address as text (RFC 4291): eight groups of 1-4 hex digits, or fewer with one "::"
+# standing for the zero groups left out; the last 32 bits may be written as an IPv4 address.
+# No zone (%eth0) and no brackets.
+cap_is_ipv6() {
+    local addr=$1 head tail n_head n_tail
+    [[ $addr =~ ^[0-9A-Fa-f:.]{2,45}$ && $addr == *:* && $addr != *::*::* ]] || return 1
+    if [[ $addr == *.* ]]; then  # an IPv4 tail: two groups
+        cap_is_ipv4 "${addr##*:}" || return 1
+        addr=${addr%:*}:0:0
+    fi
+    if [[ $addr == *::* ]]; then
+        head=${addr%%::*} tail=${addr#*::}
+        n_head=$(_cap_ipv6_groups "$head") && n_tail=$(_cap_ipv6_groups "$tail") || return 1
+        ((n_head + n_tail <= 7))
+    else
+        [[ $(_cap_ipv6_groups "$addr") == 8 ]]
+    fi
+}
+
+# _cap_ipv6_groups LIST: print how many groups a ":"-separated list of 1-4 hex digits holds
+# (0 for ""); fail on an empty or bad group.
+_cap_ipv6_groups() {
+    local group count=0 IFS=:
+    [[ -n $1 ]] || { printf 0; return 0; }
+    [[ $1 != :* && $1 != *: && $1 != *::* ]] || return 1
+    for group in $1; do
+        [[ $group =~ ^[0-9A-Fa-f]{1,4}$ ]] || return 1
+        count=$((count + 1))
+    done
+    printf '%s' "$count"
+}
+
 # cap_netmask_prefix MASK: print the prefix length of a dotted netmask or of "0".."32".
 cap_netmask_prefix() {
     local mask=$1 IFS=. octet bits=0 seen_zero=0 b
@@ -287,11 +319,12 @@ cap_is_port() {
     [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535))
 }
 
-# host, host:port, IPv4:port or [IPv6]:port.
+# host, host:port, IPv4:port, [IPv6] or [IPv6]:port.
 cap_is_hostport() {
     local host=$1 port=""
     if [[ $host =~ ^\[([0-9A-Fa-f:.]+)\](:([0-9]+))?$ ]]; then
         port=${BASH_REMATCH[3]}
+        cap_is_ipv6 "${BASH_REMATCH[1]}" || return 1
     else
         if [[ $host == *:* ]]; then
             port=${host##*:}
@@ -314,9 +347,16 @@ cap_bool() {
     esac
 }
 
-# A container image reference: [registry[:port]/]path[:tag][@digest], printable, no blanks.
+# A container image reference: [registry[:port]/]path[:tag][@digest], printable, no blanks;
+# the registry may be an IPv6 address in brackets ([fd77::1]:5000/path).
 cap_is_image_ref() {
-    [[ ${#1} -le 512 && $1 =~ ^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$ && $1 != *//* ]]
+    local ref=$1
+    [[ ${#ref} -le 512 && $ref != *//* ]] || return 1
+    if [[ $ref == \[* ]]; then
+        [[ $ref == */?* ]] && cap_is_hostport "${ref%%/*}" || return 1
+        ref=${ref#*/}
+    fi
+    [[ $ref =~ ^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$ ]]
 }
 
 # cap_image_registry REF: print the registry host of an image reference, as containerd
@@ -331,11 +371,11 @@ cap_image_registry() {
 }
 
 # A registry mirror URL: http(s)://host[:port][/path], no user or password, and only
-# characters that need no quoting in hosts.toml (letters, digits, . _ ~ / : % -; so no IPv6
-# address).
+# characters that need no escaping in hosts.toml's quoted keys (letters, digits,
+# . _ ~ / : % - and the brackets of an IPv6 address).
 cap_is_mirror_url() {
     local rest=${1#*://} host
-    [[ $1 =~ ^https?://[A-Za-z0-9._~/:%-]+$ ]] || return 1
+    [[ $1 =~ ^https?://[][A-Za-z0-9._~/:%-]+$ ]] || return 1
     host=${rest%%/*}
     cap_is_hostport "$host"
 }
