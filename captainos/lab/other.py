@@ -28,10 +28,10 @@ WATCH = "captainos_watch"  # the nftables table of counters, in both namespaces
 def side_rules(side: netns.SideNetwork) -> str:
     """Counters on the other network's router: TCP and syslog from the VM's side of it."""
     net = f"{side.subnet}.0/24"
-    return (f"table ip {WATCH} {{\n  counter tcp {{}}\n  counter syslog {{}}\n"
+    return (f"table ip {WATCH} {{\n  counter tcp_packets {{}}\n  counter syslog_packets {{}}\n"
             f"  chain pre {{\n    type filter hook prerouting priority -300; policy accept;\n"
-            f"    ip saddr {net} ip protocol tcp counter name \"tcp\"\n"
-            f"    ip saddr {net} udp dport 514 counter name \"syslog\"\n  }}\n}}\n")
+            f"    ip saddr {net} ip protocol tcp counter name \"tcp_packets\"\n"
+            f"    ip saddr {net} udp dport 514 counter name \"syslog_packets\"\n  }}\n}}\n")
 
 
 def lab_rules(side: netns.SideNetwork) -> str:

@@ -207,7 +207,7 @@ def test_uefi_netboot_with_two_nics_puts_the_boot_nic_first(real_lab, runs):
     assert len(addresses) == 2 and any("=10.88.2." in a for a in addresses), addresses
     side = out.other
     assert side["lease"].startswith("10.88.2."), side
-    assert side["tcp"] == 0 and side["syslog"] == 0, f"traffic went through the other network's router: {side}"
+    assert side["tcp_packets"] == 0 and side["syslog_packets"] == 0, f"traffic went through the other network's router: {side}"
     assert real_lab.dns_server is not None and SERVER_NAME in real_lab.dns_server.queries()
 
 

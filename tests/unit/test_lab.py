@@ -4,6 +4,9 @@ Kubernetes objects, Smee's syslog records and the netboot timeline."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -352,12 +355,24 @@ def test_dnsmasq_reads_nothing_but_its_options_and_forwards_nothing(tmp_path):
     assert server.queries() == ["tinkerbell.lab"]
 
 
+def nft_accepts(ruleset: str) -> None:
+    """nft's own check of a ruleset (--check: parsed and validated by the kernel, nothing
+    applied), in a network namespace of its own; skipped where that cannot be made."""
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None:
+        pytest.skip("needs root and nft")
+    result = subprocess.run(["unshare", "--net", "nft", "--check", "-f", "-"], input=ruleset, text=True,
+                            capture_output=True, check=False)
+    assert result.returncode == 0, f"{result.stderr}\n{ruleset}"
+
+
 def test_the_other_networks_counters_watch_its_router_and_the_lab():
     side = netns.SideNetwork(netns.Network("lab"), 3)
     rules = other.side_rules(side)
-    assert 'ip saddr 10.88.3.0/24 ip protocol tcp counter name "tcp"' in rules
-    assert 'udp dport 514 counter name "syslog"' in rules
+    assert 'ip saddr 10.88.3.0/24 ip protocol tcp counter name "tcp_packets"' in rules
+    assert 'udp dport 514 counter name "syslog_packets"' in rules
     assert 'ip saddr 10.88.3.0/24 counter name "crossed"' in other.lab_rules(side)
+    for ruleset in (rules, other.lab_rules(side)):
+        nft_accepts(ruleset)
     args = other.Other.make(side.lab, 3, Path("/w"), ("tinkerbell.lab",)).qemu_args("52:54:00:88:00:03")
     assert "virtio-net-pci,netdev=net1,mac=52:54:00:88:00:03,romfile=" in args  # no option ROM: never netboots
 
