@@ -63,7 +63,13 @@ AUTH_REGISTRY_PORT = 5001
 ARTIFACT_PORT = 8080
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 AGENT_IMAGE_PATH = f"{e2e.AGENT_REPO}:{e2e.AGENT_TAG}"
-BOOT_MODES = ("bios", "uefi", "iso")
+# direct: QEMU loads the kernel and initramfs itself, with a command line made as Smee makes
+# it (the IPv6-only network has no DHCPv4, so nothing could netboot there).
+BOOT_MODES = ("bios", "uefi", "iso", "direct")
+# A VM's IPv6: "netboot-then-ipv6" netboots over IPv4 and then names Tinkerbell, the registry
+# and syslog by the lab's IPv6 address only (extra kernel parameters, later words win);
+# "ipv6-only" boots directly on the IPv6-only bridge and names them by SERVER_NAME6 only.
+IPV6_KINDS = ("netboot-then-ipv6", "ipv6-only")
 # The test profile's self-test would power the VM off; an image without that profile ignores it.
 LAB_KERNEL_PARAMS = e2e.TEST_PROFILE_ARGS
 OS_UNITS = ("tink-agent", "tink-agent-setup")  # what CaptainOS forwards to syslog_host
@@ -74,6 +80,12 @@ CONSOLE_NOTE = re.compile(r"captainos: [\w.@-]+: ")  # what CaptainOS's programs
 # The lab's DNS server (dnsmasq on the lab address; Smee's DHCP hands it to every VM) knows
 # Tinkerbell by this name: grpc_authority= and syslog_host= may name it instead of the address.
 SERVER_NAME = "tinkerbell.lab"
+# The lab's IPv6 address by name (AAAA only). SERVER_NAME stays IPv4 only: with both records,
+# glibc's default order puts a ULA (fd77::1) before IPv4, and the IPv4 scenarios' syslog, sent
+# by name, would go past Smee's IPv4-only receiver.
+SERVER_NAME6 = "tinkerbell6.lab"
+SYSLOG_PORT = 514
+WATCH6 = "captainos_v6"  # the nftables table (family inet) of an IPv6 scenario's counters
 
 
 def pem_bodies(pem: bytes) -> list[bytes]:
@@ -145,6 +157,7 @@ class Provision:
     # server that knows SERVER_NAME as its own router, and another host name; "silent", where
     # nothing answers (a NIC whose DHCP never comes). Empty: one NIC.
     other_network: str = ""
+    ipv6: str = ""  # one of IPV6_KINDS; empty: the VM gets IPv6 as any other (SLAAC on the lab's bridge)
 
     @property
     def mac(self) -> str:
@@ -174,6 +187,7 @@ class Outcome:
     disk: Path
     timeline: list[tuple[str, float | None]] = field(default_factory=list)
     other: dict[str, Any] = field(default_factory=dict)  # the other network's findings (other.Other.probe)
+    ipv6: dict[str, Any] = field(default_factory=dict)  # an IPv6 scenario's findings (watch6_counters, addresses)
 
     @property
     def serial(self) -> str:
@@ -210,6 +224,8 @@ class Outcome:
             lines.append(f"  {label:<24} " + (f"{mark:7.1f}s" if mark is not None else "    -"))
         if self.other:
             lines.append("other network: " + ", ".join(f"{k}={v}" for k, v in self.other.items() if k != "queries"))
+        if self.ipv6:
+            lines.append("ipv6: " + ", ".join(f"{k}={v}" for k, v in self.ipv6.items()))
         return "\n".join(lines)
 
 
@@ -228,6 +244,37 @@ def smee_syslog(records: list[dict[str, Any]], received: list[float]) -> list[sy
             procid=str(doc.get("procid", "")), msgid=str(doc.get("msgid", "")), structured_data="",
             msg=text, raw=json.dumps(doc), peer=str(doc.get("host", "")), received=when))
     return found
+
+
+def watch6_rules(mac: str, table: str) -> str:
+    """Counters in the lab's namespace of what one VM (by its MAC) sends to tink server's gRPC,
+    the registry and syslog, by IP version."""
+    services = (("grpc", "tcp", tinkerbell.GRPC_PORT), ("registry", "tcp", REGISTRY_PORT),
+                ("syslog", "udp", SYSLOG_PORT))
+    names = [f"{name}{v}" for name, _, _ in services for v in (4, 6)]
+    rules = [f"    ether saddr {mac.lower()} meta nfproto ipv{v} {proto} dport {port} counter name \"{name}{v}\""
+             for name, proto, port in services for v in (4, 6)]
+    return (f"table inet {table} {{\n" + "".join(f"  counter {n} {{}}\n" for n in names)
+            + "  chain input {\n    type filter hook input priority -300; policy accept;\n"
+            + "\n".join(rules) + "\n  }\n}\n")
+
+
+def neighbours6(ns: str, mac: str) -> list[str]:
+    """The IPv6 addresses the lab's namespace has seen this MAC use (its neighbour table)."""
+    found = []
+    for line in run.run(["ip", "-n", ns, "-6", "neigh", "show"], capture=True).stdout.splitlines():
+        fields = line.split()
+        if "lladdr" in fields and fields[fields.index("lladdr") + 1].lower() == mac.lower():
+            found.append(fields[0])
+    return sorted(set(found))
+
+
+def direct_cmdline(*, mac: str, grpc: str, syslog_host: str, agent_image: str) -> str:
+    """A kernel command line as Smee's netboot script makes it (kernel-cmdline.md), for a VM that
+    boots its kernel directly."""
+    return " ".join([f"facility= syslog_host={syslog_host} grpc_authority={grpc} tinkerbell_tls=false",
+                     f"tinkerbell_insecure_tls=false worker_id={mac} hw_addr={mac} console=tty0",
+                     f"console=ttyS1,115200 tink_worker_image={agent_image}", *LAB_KERNEL_PARAMS])
 
 
 def _stamp(text: str) -> float | None:
@@ -311,6 +358,8 @@ class Lab:
         self.http: run.Process | None = None
         self.dns: run.Process | None = None
         self.dns_server: dnsmasq.Server | None = None
+        self.relay: run.Process | None = None  # tink server's gRPC on the lab's IPv6 addresses
+        self.syslog6: run.Process | None = None  # syslog on the lab's IPv6 addresses
         self.client: kube.Client | None = None
         self.state: State | None = None
         self._owner = True  # this object made the lab (and takes it down)
@@ -372,8 +421,10 @@ class Lab:
     def _start(self, binary: Path, ca: registry.CA, layouts: Path, hub_entries: tuple[Path, Path] | None) -> None:
         addr = self.network.address
         probe = lambda fn: netns.call_in(self.network.netns, fn)  # noqa: E731
+        net = self.network
+        also = (net.address6, net.only6_address, SERVER_NAME, SERVER_NAME6)  # what the certificates name
         reg = registry.Registry(ca, self.root, "registry", runner=self.inside, port=REGISTRY_PORT,
-                                lab_address=addr, call_in=probe).start()
+                                lab_address=addr, also=also, call_in=probe).start()
         self.registries.append(reg)
         oci.push(self.inside, layouts / "busybox", e2e.ACTION_TAG, f"{reg.host_address}/{e2e.ACTION_REPO}:"
                  f"{e2e.ACTION_TAG}", cert_dir=reg.cert_dir)
@@ -385,14 +436,25 @@ class Lab:
         if self.auth:
             creds = oci.Credentials(self.username, self.password)
             auth = registry.Registry(ca, self.root, "registry-auth", creds=creds, runner=self.inside,
-                                     port=AUTH_REGISTRY_PORT, lab_address=addr, call_in=probe).start()
+                                     port=AUTH_REGISTRY_PORT, lab_address=addr, also=also, call_in=probe).start()
             self.registries.append(auth)
             oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{auth.host_address}/{e2e.AGENT_REPO}:latest",
                      cert_dir=auth.cert_dir, creds=creds)
             auth_address = auth.host_address
         self.http = self._serve_artifacts(hub_entries[1] if hub_entries else None)
-        self.dns_server = dnsmasq.Server(self.network.netns, addr, self.root / "dns", records={SERVER_NAME: addr})
+        # DNS for both names; router advertisements and DHCPv6 on both bridges: SLAAC with
+        # stateless DHCPv6 beside Smee's DHCPv4 on the lab's bridge, DHCPv6 leases on the
+        # IPv6-only one.
+        self.dns_server = dnsmasq.Server(
+            net.netns, addr, self.root / "dns", records={SERVER_NAME: addr, SERVER_NAME6: net.address6},
+            also=(net.address6, net.only6_address),
+            ipv6=(dnsmasq.Ipv6(net.prefix6, net.bridge),
+                  dnsmasq.Ipv6(net.only6_prefix, net.only6_bridge, stateful=True)))
         self.dns = self.dns_server.start()
+        self.relay = self._python_in_netns("relay", ["--port", str(tinkerbell.GRPC_PORT), "--to",
+                                                     f"{addr}:{tinkerbell.GRPC_PORT}"], "relaying")
+        self.syslog6 = self._python_in_netns("syslogd", ["--bind", "::", "--port", str(SYSLOG_PORT), "--out",
+                                                         str(self.root / "syslog6.jsonl")], "listening")
         if self.chart:
             from captainos.stages import pipeline
 
@@ -413,7 +475,8 @@ class Lab:
         self.server = tinkerbell.Server(cmd, self.network.netns, self.root / "tinkerbell.log", self.client,
                                         env=env).start()
         pids = {"tinkerbell": self.server.proc.pid if self.server.proc else 0,
-                "http": self.http.pid, "dns": self.dns.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
+                "http": self.http.pid, "dns": self.dns.pid, "relay": self.relay.pid,
+                "syslog6": self.syslog6.pid, **{r.name: r.proc.pid for r in self.registries if r.proc}}
         self.state = State(self.name, str(self.root), self.network.netns, addr, str(self.artifacts),
                            str(certs.kubeconfig), reg.host_address, auth_address, pids, iso_url,
                            hub=hub_entries is not None,
@@ -429,6 +492,17 @@ class Lab:
         if run.await_ready(proc, lambda: tinkerbell.listening(self.network.netns, self.network.address,
                                                               ARTIFACT_PORT), 15) != "ready":
             raise CaptainError(f"the artifact server did not start; see {self.root / 'http.log'}")
+        return proc
+
+    def _python_in_netns(self, module: str, args: list[str], ready: str) -> run.Process:
+        """One of the lab's own small servers (captainos.lab.<module>) in the namespace, once its
+        log shows the ready line."""
+        out = self.root / f"{module}.log"
+        argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", f"captainos.lab.{module}", *args])
+        proc = run.spawn(argv, out, env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        if run.await_ready(proc, lambda: ready in out.read_text(errors="replace"), 15) != "ready":
+            run.stop(proc)
+            raise CaptainError(f"the lab's {module} did not start; see {out}")
         return proc
 
     def extra_kernel_args(self, registry_address: str, auth_address: str) -> list[str]:
@@ -465,8 +539,8 @@ class Lab:
             self.server.stop()
         for reg in self.registries:
             reg.stop()
-        run.stop(self.http)
-        run.stop(self.dns)
+        for proc in (self.http, self.dns, self.relay, self.syslog6):
+            run.stop(proc)
         if self.file_server is not None:
             self.file_server.stop()
         self.network.destroy(self.runner)
@@ -493,30 +567,44 @@ class Lab:
             raise CaptainError(f"unknown OSIE server {plan.osie!r}", "use chart, or none for the artifact server")
         if plan.osie == "chart" and not self.state.chart_url:
             raise CaptainError("this lab runs no Helm chart file server", "bring it up with --chart")
+        if plan.ipv6 not in ("", *IPV6_KINDS):
+            raise CaptainError(f"unknown IPv6 kind {plan.ipv6!r}", f"use one of {', '.join(IPV6_KINDS)}")
+        if (plan.ipv6 == "ipv6-only") != (plan.boot == "direct"):
+            raise CaptainError("the IPv6-only network is booted directly, and only it",
+                               "use boot='direct' with ipv6='ipv6-only'")
         work = workdir or Path(tempfile.mkdtemp(prefix=f"captainos-lab-{self.name}-"))
         work.mkdir(parents=True, exist_ok=True)
         mac, ip = plan.mac, self.network.host(plan.index)
-        variables = {"worker_id": "{{.device_1}}", "device_1": "{{.device_1}}", "registry": self.state.registry,
-                     "action_image": f"{self.state.registry}/{e2e.ACTION_REPO}:{e2e.ACTION_TAG}",
-                     "hub": f"{self.state.registry}/{hub.REPO_PATH}",
-                     "hub_disk": f"{self.state.registry}/{hub.DISK_REPO}:{hub.DISK_TAG}",
+        reg_host = self.registry_host(plan.ipv6)
+        variables = {"worker_id": "{{.device_1}}", "device_1": "{{.device_1}}", "registry": reg_host,
+                     "action_image": f"{reg_host}/{e2e.ACTION_REPO}:{e2e.ACTION_TAG}",
+                     "hub": f"{reg_host}/{hub.REPO_PATH}",
+                     "hub_disk": f"{reg_host}/{hub.DISK_REPO}:{hub.DISK_TAG}",
                      "artifacts": f"http://{self.state.address}:{ARTIFACT_PORT}"}
         wf = workflow.load(plan.workflow, variables)
         self._check_workflow(wf, mac)
+        params = plan.append
+        if plan.ipv6 == "netboot-then-ipv6":
+            a6 = self.network.address6
+            params += (f"grpc_authority=[{a6}]:{tinkerbell.GRPC_PORT}", f"syslog_host={a6}",
+                       f"tink_worker_image={reg_host}/{AGENT_IMAGE_PATH}")
         hw_name = kube.object_name(mac)
         run_name = f"{wf.name.lower().replace(' ', '-').replace('_', '-').replace('.', '-')}-{secrets.token_hex(3)}"
         hostname = f"captain-{plan.index:02d}"
         self._clear(hw_name)
         self.client.create("hardware", kube.hardware(
             hw_name, mac=mac, ip=ip, netmask=self.network.netmask, gateway=self.network.address, hostname=hostname,
-            uefi=plan.boot != "bios", kernel_params=plan.append, nameservers=(self.network.address,),
+            uefi=plan.boot != "bios", kernel_params=params, nameservers=(self.network.address,),
             osie_url=self.state.chart_url if plan.osie == "chart" else ""))
         self.client.create("templates", kube.template(run_name, wf))
         self.client.create("workflows", kube.workflow_object(run_name, template_name=run_name, hardware_name=hw_name,
                                                              mac=mac))
         log.info(f"==> {plan.boot} boot of {mac} ({ip}), workflow {run_name}")
         tap = f"tap{plan.index}"
-        self.network.add_tap(self.runner, tap)
+        self.network.add_tap(self.runner, tap, self.network.only6_bridge if plan.ipv6 == "ipv6-only" else "")
+        watch6 = f"{WATCH6}_{plan.index}"
+        if plan.ipv6:
+            run.run(netns.exec_argv(self.network.netns, ["nft", "-f", "-"]), input_text=watch6_rules(mac, watch6))
         disk = work / "disk.img"
         self.runner.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), plan.disk_size])
         if plan.other_network not in ("", *other.KINDS):
@@ -532,6 +620,8 @@ class Lab:
                 raise
         machine = self._machine(plan, tap, disk, work, side)
         log_offset = self._log_size()
+        syslog6_file = self.root / "syslog6.jsonl"
+        syslog6_offset = syslog6_file.stat().st_size if syslog6_file.exists() else 0
         http_offset = (self.root / "http.log").stat().st_size if (self.root / "http.log").exists() else 0
         access = helm_chart.access_path(self.chart_work)
         access_offset = access.stat().st_size if access.exists() else 0
@@ -544,6 +634,7 @@ class Lab:
         con.start()
         obj: dict[str, Any] = {}
         found_other: dict[str, Any] = {}
+        found6: dict[str, Any] = {}
         try:
             if plan.registry_delay > 0:
                 self._pause_registries(plan.registry_delay, started)
@@ -554,6 +645,9 @@ class Lab:
             time.sleep(plan.settle)
             if side is not None and side.answer:
                 found_other = side.probe(plan.other_mac)
+            found6["addresses"] = neighbours6(self.network.netns, mac)
+            if plan.ipv6:
+                found6.update(netns.counters(self.network.netns, watch6, family="inet"))
         finally:
             self._power_off(guest)
             fw.stop()
@@ -561,6 +655,8 @@ class Lab:
             with contextlib.suppress(CaptainError, OSError):
                 obj = self.client.get("workflows", run_name) or obj
             self.runner.run(["ip", "-n", self.network.netns, "link", "del", tap], check=False)
+            if plan.ipv6:
+                run.run(netns.exec_argv(self.network.netns, ["nft", "delete", "table", "inet", watch6]), check=False)
             if side is not None:
                 side.down(self.runner)
         records = list(tinkerbell.log_records(self.root / "tinkerbell.log", log_offset))
@@ -569,6 +665,10 @@ class Lab:
         with contextlib.suppress(CaptainError, OSError):
             events = [e for e in self.client.events() if e.get("involvedObject", {}).get("name") in (run_name, hw_name)]
         syslog = [m for m in smee_syslog(records, stamps) if m.peer == ip]  # other VMs may share the lab
+        # And what came over IPv6 from this VM's addresses, to the lab's own receiver.
+        mine6 = {f"[{a}]" for a in found6.get("addresses", [])}
+        syslog += [m for m in syslogd.read_lines(syslog6_file, syslog6_offset) if m.peer.rpartition(":")[0] in mine6]
+        syslog.sort(key=lambda m: m.received)
         out = Outcome(run_name, mac, plan.index, kube.workflow_state(obj), obj, events, records, syslog,
                       list(fw.lines), list(con.lines), self.http_lines(http_offset, ip), started, disk)
         out.http += [(r.time, f"{r.method} {r.path}") for r in helm_chart.access_log(access, access_offset)
@@ -576,6 +676,7 @@ class Lab:
         out.http.sort()
         out.timeline = timeline(out)
         out.other = found_other
+        out.ipv6 = found6
         (work / "outcome.json").write_text(json.dumps({"workflow": obj, "events": events}, indent=1, default=str))
         return out
 
@@ -589,10 +690,22 @@ class Lab:
         for _, _, _, action in wf.steps():
             self._check_image(action.name, action.image)
 
+    def registry_host(self, ipv6: str = "") -> str:
+        """The open registry as a VM of this IPv6 kind names it."""
+        assert self.state is not None
+        port = self.state.registry.rpartition(":")[2]
+        if ipv6 == "netboot-then-ipv6":
+            return f"[{self.network.address6}]:{port}"
+        if ipv6 == "ipv6-only":
+            return f"{SERVER_NAME6}:{port}"
+        return self.state.registry
+
     def _check_image(self, action: str, image: str) -> None:
         assert self.state is not None
         registries = [addr for addr in (self.state.registry, self.state.auth_registry) if addr]
         host, _, rest = image.partition("/")
+        # The open registry by its IPv6 address or name is the same registry (checked at its IPv4 one).
+        host = self.state.registry if host in (self.registry_host(k) for k in IPV6_KINDS) else host
         if host not in registries:
             raise CaptainError(f"action {action!r}: image {image} is not in the lab's registry "
                                f"({', '.join(registries)}); the lab has no route out", "push it there first")
@@ -627,6 +740,14 @@ class Lab:
         assert self.state is not None
         firmware = None
         cdrom = None
+        kernel = initrd = None
+        append = ""
+        if plan.boot == "direct":
+            kernel, initrd = (self.artifacts / name for name in artifacts.smee_links(self.cfg.arch))
+            reg_host = self.registry_host(plan.ipv6)
+            append = " ".join([direct_cmdline(mac=plan.mac.lower(), grpc=f"{SERVER_NAME6}:{tinkerbell.GRPC_PORT}",
+                                              syslog_host=SERVER_NAME6, agent_image=f"{reg_host}/{AGENT_IMAGE_PATH}"),
+                               *plan.append])
         if plan.boot in ("uefi", "iso"):
             firmware = OVMF
         if plan.boot == "iso":
@@ -637,7 +758,8 @@ class Lab:
             Arch.AMD64, mem=plan.mem or self.cfg.qemu_mem, smp=self.cfg.qemu_smp, accel=self._accel,
             serial_log=work / "serial0.log", serial2_log=work / "serial1.log", monitor=work / "monitor.sock",
             mac=plan.mac, netdev=f"tap,id=net0,ifname={tap},script=no,downscript=no", disks=(disk,),
-            firmware=firmware, cdrom=cdrom, net_boot=cdrom is None, reboot=plan.restart == "reboot",
+            firmware=firmware, cdrom=cdrom, net_boot=cdrom is None and kernel is None, reboot=plan.restart == "reboot",
+            kernel=kernel, initrd=initrd, append=append, default_console=kernel is None,
             netns=self.network.netns,
             # With a second NIC, the boot NIC sits in a high PCI slot: the other one is named first.
             nic_slot=0x10 if side is not None else 0, extra=tuple(side.qemu_args(plan.other_mac)) if side else ())

@@ -28,6 +28,7 @@ NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 PREFIX = "captainos-"
 BRIDGE_MAC = "02:77:00:00:00:01"  # locally administered; one per namespace, so labs may share it
+BRIDGE6_MAC = "02:77:00:00:00:06"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 T = TypeVar("T")
 
@@ -93,6 +94,11 @@ class Network:
     name: str  # lab name; the namespace is PREFIX + name
     subnet: str = "10.77.0"
     bridge: str = "br0"
+    # IPv6 beside it: the bridge's /64 (router advertisements and DHCPv6 from the lab's dnsmasq),
+    # and a second bridge that has IPv6 only (no IPv4 address, no DHCPv4 server).
+    prefix6: str = "fd77::"
+    only6_bridge: str = "br6"
+    only6_prefix: str = "fd78::"
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -106,6 +112,16 @@ class Network:
     def address(self) -> str:
         """Where everything the lab serves listens."""
         return f"{self.subnet}.1"
+
+    @property
+    def address6(self) -> str:
+        """The lab's IPv6 address on its bridge (everything that listens on :: answers there)."""
+        return f"{self.prefix6}1"
+
+    @property
+    def only6_address(self) -> str:
+        """The lab's address on the IPv6-only bridge."""
+        return f"{self.only6_prefix}1"
 
     @property
     def netmask(self) -> str:
@@ -129,7 +145,13 @@ class Network:
             ["ip", "-n", ns, "link", "add", self.bridge, "address", BRIDGE_MAC, "type", "bridge",
              "forward_delay", "0", "stp_state", "0"],
             ["ip", "-n", ns, "addr", "add", f"{self.address}/24", "dev", self.bridge],
+            # nodad: usable at once (no VM is there yet to collide with).
+            ["ip", "-n", ns, "-6", "addr", "add", f"{self.address6}/64", "dev", self.bridge, "nodad"],
             ["ip", "-n", ns, "link", "set", self.bridge, "up"],
+            ["ip", "-n", ns, "link", "add", self.only6_bridge, "address", BRIDGE6_MAC, "type", "bridge",
+             "forward_delay", "0", "stp_state", "0"],
+            ["ip", "-n", ns, "-6", "addr", "add", f"{self.only6_address}/64", "dev", self.only6_bridge, "nodad"],
+            ["ip", "-n", ns, "link", "set", self.only6_bridge, "up"],
         ]
 
     def tap_argvs(self, tap: str, bridge: str = "") -> list[list[str]]:
@@ -153,22 +175,23 @@ class Network:
             self.destroy(runner)
             raise
 
-    def add_tap(self, runner: Runner, tap: str) -> None:
-        for argv in self.tap_argvs(tap):
+    def add_tap(self, runner: Runner, tap: str, bridge: str = "") -> None:
+        for argv in self.tap_argvs(tap, bridge):
             runner.run(argv)
 
     def routes(self) -> str:
-        """The namespace's routing table (the tests check that nothing leads out)."""
-        return run(["ip", "-n", self.netns, "route", "show", "table", "all"], capture=True).stdout
+        """The namespace's routing tables, IPv4 and IPv6 (the tests check that nothing leads out)."""
+        return "".join(run(["ip", "-n", self.netns, *family, "route", "show", "table", "all"], capture=True).stdout
+                       for family in ([], ["-6"]))
 
     def destroy(self, runner: Runner, grace: float = 10.0) -> None:
         """Stop every process left in the namespace (TERM, then KILL), then remove it."""
         remove(self.netns, runner, grace)
 
 
-def counters(netns: str, table: str) -> dict[str, int]:
-    """The packet counts of an nftables table's named counters (family ip) in a namespace."""
-    out = run(exec_argv(netns, ["nft", "-j", "list", "counters", "table", "ip", table]), capture=True).stdout
+def counters(netns: str, table: str, family: str = "ip") -> dict[str, int]:
+    """The packet counts of an nftables table's named counters in a namespace."""
+    out = run(exec_argv(netns, ["nft", "-j", "list", "counters", "table", family, table]), capture=True).stdout
     found = {}
     for item in json.loads(out).get("nftables", []):
         counter = item.get("counter")

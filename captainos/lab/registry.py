@@ -9,6 +9,7 @@ the same content), a log file, and optionally htpasswd (bcrypt) authentication.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 import tempfile
@@ -76,8 +77,14 @@ def ensure_ca(cache_dir: Path, runner: Runner) -> CA:
 
 
 def server_ext(ips: tuple[str, ...]) -> str:
-    """openssl x509 -extfile content of a TLS server certificate for these IP addresses."""
-    san = ",".join([f"IP:{ip}" for ip in ips] + ["DNS:localhost"])
+    """openssl x509 -extfile content of a TLS server certificate for these IP addresses (IPv4
+    or IPv6) and host names."""
+    def entry(name: str) -> str:
+        try:
+            return f"IP:{ipaddress.ip_address(name)}"
+        except ValueError:
+            return f"DNS:{name}"
+    san = ",".join([entry(ip) for ip in ips] + ["DNS:localhost"])
     return (f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
 
@@ -155,12 +162,14 @@ class Registry:
     # In the lab: the registry runs in a network namespace (runner wraps its command) and
     # listens on the lab's address, which host and guest both use; call_in runs a probe there.
     lab_address: str = ""
+    also: tuple[str, ...] = ()  # in the lab: its other addresses and names (the certificate names them)
     call_in: Callable[[Callable[[], int | None]], int | None] | None = None
     proc: run.Process | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.lab_address:
-            self.bind = self.lab_address
+            # Every address of the sealed namespace, IPv4 and IPv6 (one dual-stack socket).
+            self.bind = "[::]"
         self.port = self.port or free_port()
         self.root = self.workdir / self.name
         self.storage = self.root / "storage"
@@ -168,7 +177,7 @@ class Registry:
         self.config_file = self.root / "config.yml"
         self.root.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
-        ips = CERT_IPS + ((self.lab_address,) if self.lab_address else ())
+        ips = CERT_IPS + ((self.lab_address, *self.also) if self.lab_address else ())
         self.cert, self.key = issue_server_cert(self.ca, self.runner, self.root / "tls", ips)
         htpasswd = None
         if self.creds is not None:

@@ -1,17 +1,25 @@
 """A UDP syslog receiver for tests: parses RFC 5424 (and tolerates RFC 3164) and keeps every message.
 
 CaptainOS forwards its journal to `syslog_host=`; the end-to-end harness points that at this
-receiver and checks what arrives (agent and action logs, the VM's hostname, no secrets).
+receiver and checks what arrives (agent and action logs, the VM's hostname, no secrets). In
+the lab it runs as a process of its own on the lab's IPv6 addresses (Smee's receiver opens
+IPv4 only), writing each message as a JSON line:
+
+    python3 -m captainos.lab.syslogd --bind :: --port 514 --out FILE
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -125,7 +133,10 @@ class Receiver:
         self._stop = threading.Event()
 
     def start(self) -> Receiver:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:  # IPv6 only: an IPv4 receiver may hold the same port
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((self.bind, self.port))
         sock.settimeout(0.2)
         self.port = int(sock.getsockname()[1])
@@ -143,7 +154,8 @@ class Receiver:
                 continue
             except OSError:
                 return
-            message = parse(data, peer=f"{addr[0]}:{addr[1]}", received=time.time())
+            host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+            message = parse(data, peer=f"{host}:{addr[1]}", received=time.time())
             with self._cond:
                 self.messages.append(message)
                 self._cond.notify_all()
@@ -180,3 +192,38 @@ class Receiver:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def read_lines(path: Path, offset: int = 0) -> list[Message]:
+    """The messages a receiver process wrote to path after byte offset."""
+    if not path.is_file():
+        return []
+    with path.open("rb") as f:
+        f.seek(offset)
+        return [Message(**json.loads(line)) for line in f.read().decode(errors="replace").splitlines() if line]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a syslog receiver writing JSON lines")
+    parser.add_argument("--bind", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rx = Receiver(bind=args.bind, port=args.port).start()
+    print(f"listening on {args.bind} port {rx.port}", flush=True)
+    seen = 0
+    with args.out.open("a") as out:
+        try:
+            while True:
+                rx.wait_for(lambda m: False, 0.5)
+                messages = rx.snapshot()
+                for message in messages[seen:]:
+                    out.write(json.dumps(message.to_json()) + "\n")
+                out.flush()
+                seen = len(messages)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ import pytest
 
 from captainos.core.errors import CaptainError
 from captainos.lab import chart, hub, kube, netns, tinkerbell
-from captainos.lab.lab import SERVER_NAME, Lab, Outcome, Provision
+from captainos.lab.lab import SERVER_NAME, SERVER_NAME6, Lab, Outcome, Provision
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
@@ -83,10 +83,16 @@ SCENARIOS = {
                      after_restart=f"{hub.MARK} cexec:"),
     "fill": Provision(workflow=WORKFLOWS / "fill.yaml", index=11, mem="1G",
                       append=("registry_username=nobody", f"registry_password={FILL_SECRET}")),
+    # Netboots over IPv4 (Smee has no DHCPv6), then the agent, its image, the action's image and
+    # syslog go to the lab's IPv6 address only (extra kernel parameters, the later words).
+    "ipv6": Provision(workflow=WORKFLOWS / "ipv6.yaml", boot="uefi", index=7, ipv6="netboot-then-ipv6"),
+    # The IPv6-only bridge (no IPv4 at all; DHCPv6 leases), the image booted directly, every
+    # server named by SERVER_NAME6 (AAAA only) through the DNS server DHCPv6 gave.
+    "ipv6only": Provision(workflow=WORKFLOWS / "ipv6.yaml", boot="direct", index=9, ipv6="ipv6-only"),
 }
 # The pool's jobs, longest first (fewer minutes with one VM left running alone at the end): the
 # first lab's scenarios and "auth", the second lab with its one VM (its test, below).
-ORDER = ["hub", "timeout", "fail", "bios", "reboot", "kexec", "fill", "uefi", "iso", "auth"]
+ORDER = ["hub", "timeout", "fail", "bios", "reboot", "kexec", "fill", "uefi", "ipv6", "iso", "ipv6only", "auth"]
 assert set(ORDER) == {*SCENARIOS, "auth"}, "every scenario has its place in the pool's order"
 # CAPTAINOS_LAB_SCENARIOS=fill,bios runs only those (their tests; the others skip).
 SELECTED = [name for name in os.environ.get("CAPTAINOS_LAB_SCENARIOS", "").split(",") if name] or ORDER
@@ -202,12 +208,16 @@ def test_uefi_netboot_with_two_nics_puts_the_boot_nic_first(real_lab, runs):
     assert found, explain(real_lab, out)
     routes = [r.split() for r in found.group(1).split(";") if r.strip()]
     assert [(r[2], r[r.index("metric") + 1]) for r in routes] == [("10.77.0.1", "100"), ("10.88.2.1", "1024")], routes
-    assert found.group(2).split() == ["10.77.0.1", "10.88.2.1"], found.group(2)
+    # The boot NIC's DNS servers (DHCPv4's, then the lab's IPv6 one from its advertisements)
+    # before the other network's.
+    dns = found.group(2).split()
+    assert dns[0] == "10.77.0.1" and "10.88.2.1" in dns, dns
+    assert set(dns[:dns.index("10.88.2.1")]) <= {"10.77.0.1", real_lab.network.address6}, dns
     addresses = found.group(3).split()
     assert len(addresses) == 2 and any("=10.88.2." in a for a in addresses), addresses
     side = out.other
     assert side["lease"].startswith("10.88.2."), side
-    assert side["tcp_packets"] == 0 and side["syslog_packets"] == 0, f"traffic went through the other network's router: {side}"
+    assert side["tcp_packets"] == 0 and side["syslog_packets"] == 0, f"traffic via the other network's router: {side}"
     assert real_lab.dns_server is not None and SERVER_NAME in real_lab.dns_server.queries()
 
 
@@ -217,6 +227,60 @@ def test_the_machine_routes_nothing_between_its_networks(real_lab, runs):
     side = scenario(runs, "uefi").other
     assert side.get("vm answers") is True, side
     assert side["crossed"] == 0 and side.get("lab answers") is False, side
+
+
+# --- IPv6 ----------------------------------------------------------------------------------------
+
+def ipv6_report(out: Outcome) -> dict[str, list[str]]:
+    """What the ipv6 workflow printed: v6, v4, routes6 and dns, each a list."""
+    text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
+    found = re.search(r"ipv6 v6=\[(.*?)\] v4=\[(.*?)\] routes6=\[(.*?)\] dns=\[(.*?)\]", text)
+    assert found, out.report()
+    return {"v6": found.group(1).split(), "v4": found.group(2).split(),
+            "routes6": [r.strip() for r in found.group(3).split(";") if r.strip()], "dns": found.group(4).split()}
+
+
+def check_ipv6_only_on_the_wire(lab: Lab, out: Outcome) -> None:
+    """After the boot, tink server, the registry and syslog saw this VM over IPv6 only: the
+    lab's counters by the VM's MAC, and Smee's IPv4 receiver got nothing from the OS."""
+    seen = out.ipv6
+    assert seen["grpc4"] == 0 and seen["registry4"] == 0, f"IPv4 to tink server or the registry: {seen}"
+    assert seen["grpc6"] > 0 and seen["registry6"] > 0 and seen["syslog6"] > 0, seen
+    assert out.os_syslog(), "no syslog from the OS\n" + explain(lab, out)
+    assert all(m.peer.startswith("[") for m in out.os_syslog()), {m.peer for m in out.os_syslog()}
+
+
+def test_after_an_ipv4_netboot_the_agent_pulls_and_logs_over_ipv6(real_lab, runs):
+    """Smee netboots the VM over IPv4; the Hardware's extra parameters name the lab's IPv6
+    address for grpc_authority, syslog_host and tink_worker_image (and the workflow its
+    action image there): the agent, both pulls and the OS's syslog go over IPv6, the address
+    made by SLAAC from the lab's router advertisements."""
+    out = scenario(runs, "ipv6")
+    assert out.state == "SUCCESS", explain(real_lab, out)
+    check_every_run(real_lab, out)
+    check_ipv6_only_on_the_wire(real_lab, out)
+    found = ipv6_report(out)
+    prefix = real_lab.network.prefix6
+    assert any(a.startswith(prefix) and a.endswith("/64") for a in found["v6"]), found
+    assert any(a.startswith(real_lab.network.subnet + ".") for a in found["v4"]), found
+    assert found["routes6"], f"no IPv6 default route from the advertisements: {found}"
+
+
+def test_an_ipv6_only_network_runs_the_workflow_by_names(real_lab, runs):
+    """No IPv4 at all: the VM's address is DHCPv6's lease, its DNS server the one DHCPv6 and
+    the advertisements named, and tink server, the registry and syslog are SERVER_NAME6 (AAAA
+    only), resolved there."""
+    out = scenario(runs, "ipv6only")
+    assert out.state == "SUCCESS", explain(real_lab, out)
+    check_ipv6_only_on_the_wire(real_lab, out)
+    assert out.ipv6["syslog4"] == 0, out.ipv6
+    found = ipv6_report(out)
+    assert found["v4"] == [], found
+    assert real_lab.dns_server is not None
+    leased = set(real_lab.dns_server.addresses6())
+    assert {a.split("/")[0] for a in found["v6"]} & leased, (found, leased)
+    assert found["dns"] and all(":" in d for d in found["dns"]), found
+    assert SERVER_NAME6 in real_lab.dns_server.queries()
 
 
 # --- failures the real server reports ----------------------------------------------------------------

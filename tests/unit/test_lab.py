@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +18,8 @@ import yaml
 
 from captainos.core import config, pins
 from captainos.core.errors import CaptainError
-from captainos.lab import agent, dnsmasq, kube, netns, other, qemu, syslogd, tinkerbell, workflow
+from captainos.lab import agent, dnsmasq, kube, netns, other, qemu, registry, syslogd, tinkerbell, workflow
+from captainos.lab import lab as lab_module
 from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +39,11 @@ def test_network_commands_make_a_bridge_and_nothing_else():
     assert net.host(1) == "10.77.0.11"
     with pytest.raises(CaptainError):
         net.host(0)
+    # IPv6 beside IPv4 on the lab's bridge, and a bridge with IPv6 only.
+    assert ["ip", "-n", "captainos-lab", "-6", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"] in argvs
+    assert ["ip", "-n", "captainos-lab", "-6", "addr", "add", "fd78::1/64", "dev", "br6", "nodad"] in argvs
+    assert not any(a[3:5] == ["addr", "add"] and a[-1] == "br6" for a in argvs)  # no IPv4 there
+    assert net.tap_argvs("tap9", net.only6_bridge)[1][-1] == "br6"
 
 
 @pytest.mark.parametrize("name", ["", "Lab", "a/b", "x" * 32, "-x", "a b"])
@@ -344,7 +353,7 @@ def test_dnsmasq_reads_nothing_but_its_options_and_forwards_nothing(tmp_path):
     argv = server.argv()
     for flag in ("--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--listen-address=10.88.2.1",
                  "--bind-interfaces", "--host-record=tinkerbell.lab,10.88.2.1", "--local=/tinkerbell.lab/",
-                 "--dhcp-option=option:router,10.88.2.1", "--dhcp-option-force=option:hostname,x"):
+                 "--dhcp-option=option:router,10.88.2.1", "--dhcp-option-force=12,x"):
         assert flag in argv, flag
     assert not any(a.startswith("--server") for a in argv)
     assert not any(a.startswith("--dhcp") for a in dnsmasq.Server("ns", "10.77.0.1", tmp_path).argv())
@@ -381,3 +390,101 @@ def test_the_boot_nic_can_take_a_high_pci_slot():
     machine = qemu.Machine(config.Arch.AMD64, mac="52:54:00:77:00:02", net_boot=True, nic_slot=0x10)
     assert "virtio-net-pci,netdev=net0,mac=52:54:00:77:00:02,bootindex=0,addr=0x10" in qemu.argv(machine)
     assert not any("addr=" in a for a in qemu.argv(qemu.Machine(config.Arch.AMD64)))
+
+
+def dnsmasq_accepts(argv: list[str]) -> None:
+    """dnsmasq's own syntax check of an argv (nothing started)."""
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("needs dnsmasq (dnsmasq-base)")
+    result = subprocess.run([*argv, "--test"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dnsmasq_argvs_pass_its_own_check(tmp_path):
+    side = other.Other.make(netns.Network("lab"), 2, tmp_path, ("tinkerbell.lab",))
+    dnsmasq_accepts(side.dns.argv())
+    lab = dnsmasq.Server("ns", "10.77.0.1", tmp_path, records={"tinkerbell.lab": "10.77.0.1", "t6.lab": "fd77::1"},
+                         also=("fd77::1", "fd78::1"),
+                         ipv6=(dnsmasq.Ipv6("fd77::", "br0"), dnsmasq.Ipv6("fd78::", "br6", stateful=True)))
+    argv = lab.argv()
+    dnsmasq_accepts(argv)
+    for flag in ("--listen-address=fd77::1", "--listen-address=fd78::1", "--enable-ra",
+                 "--dhcp-range=fd77::,ra-stateless,64,1h", "--dhcp-range=fd78::100,fd78::1ff,64,1h",
+                 "--ra-param=br6,10,1800", "--host-record=t6.lab,fd77::1"):
+        assert flag in argv, flag
+    assert not any(a.startswith("--dhcp-range=10.") for a in argv)  # Smee is the lab's DHCPv4 server
+    lab.lease_file.write_text("1767225600 52:54:00:77:00:01 10.77.0.11 x *\nduid 00:01:00:01:aa\n"
+                              "1767225600 1234 fd78::1a7 vm 00:04:ab\n")
+    assert lab.addresses6() == ["fd78::1a7"] and lab.leases() == {"52:54:00:77:00:01": "10.77.0.11"}
+
+
+def test_ipv6_counters_count_one_vm_by_version():
+    rules = lab_module.watch6_rules("52:54:00:77:00:07", "captainos_v6_7")
+    assert 'ether saddr 52:54:00:77:00:07 meta nfproto ipv4 tcp dport 42113 counter name "grpc4"' in rules
+    assert 'ether saddr 52:54:00:77:00:07 meta nfproto ipv6 udp dport 514 counter name "syslog6"' in rules
+    nft_accepts(rules)
+
+
+def test_a_direct_boot_gets_the_command_line_smee_would_send():
+    line = lab_module.direct_cmdline(mac="52:54:00:77:00:09", grpc="tinkerbell6.lab:42113",
+                                     syslog_host="tinkerbell6.lab", agent_image="tinkerbell6.lab:5000/a:b")
+    words = line.split()
+    for word in ("grpc_authority=tinkerbell6.lab:42113", "syslog_host=tinkerbell6.lab", "worker_id=52:54:00:77:00:09",
+                 "hw_addr=52:54:00:77:00:09", "tink_worker_image=tinkerbell6.lab:5000/a:b", "console=ttyS1,115200",
+                 "tinkerbell_tls=false"):
+        assert word in words, word
+    assert words[-1] == "captainos.selftest=off"
+
+
+def test_an_ipv6_only_plan_must_boot_directly(tmp_path):
+    lab = Lab(config.Config(), name="t", root=tmp_path)
+    lab.state = State("t", str(tmp_path), "ns", "10.77.0.1", str(tmp_path), "k", "10.77.0.1:5000")
+    lab.client = SimpleNamespace()
+    with pytest.raises(CaptainError, match="IPv6-only network is booted directly"):
+        lab.provision(Provision(workflow=tmp_path / "w.yaml", boot="uefi", ipv6="ipv6-only"))
+    with pytest.raises(CaptainError, match="unknown IPv6 kind"):
+        lab.provision(Provision(workflow=tmp_path / "w.yaml", ipv6="v6"))
+    assert lab.registry_host("netboot-then-ipv6") == "[fd77::1]:5000"
+    assert lab.registry_host("ipv6-only") == "tinkerbell6.lab:5000"
+
+
+def test_the_syslog_receiver_takes_ipv6_and_writes_json_lines(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with syslogd.Receiver(bind="::1") as rx:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"<14>1 2026-12-05T00:00:00Z vm tink-agent 1 - - hello", ("::1", rx.port))
+        got = rx.wait_for(lambda m: m.msg == "hello", 5)
+    assert got is not None and got.peer.startswith("[::1]:") and got.hostname == "vm"
+    out = tmp_path / "s.jsonl"
+    out.write_text(json.dumps(got.to_json()) + "\n")
+    assert syslogd.read_lines(out) == [got] and syslogd.read_lines(out, out.stat().st_size) == []
+
+
+def test_the_relay_carries_ipv6_connections_to_the_ipv4_service(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen()
+        target = service.getsockname()[1]
+        port = registry.free_port()
+        log_file = tmp_path / "relay.log"
+        with log_file.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "captainos.lab.relay", "--port", str(port), "--to",
+                                     f"127.0.0.1:{target}"], stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 10
+            while "relaying" not in log_file.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with socket.create_connection(("::1", port), timeout=5) as client:
+                conn, _ = service.accept()
+                with conn:
+                    client.sendall(b"ping")
+                    assert conn.recv(4) == b"ping"
+                    conn.sendall(b"pong")
+                    assert client.recv(4) == b"pong"
+        finally:
+            proc.terminate()
+            proc.wait(5)
+    assert "connection from ::1" in log_file.read_text()

@@ -125,3 +125,18 @@ def test_https_ping_uses_the_ca(ca, tmp_path, monkeypatch):
     reg = registry.Registry(ca, tmp_path, "x", port=6000)
     assert reg.ping() is None
     assert seen["url"] == "https://127.0.0.1:6000/v2/" and seen["ctx"].verify_mode == ssl.CERT_REQUIRED
+
+
+def test_server_certificates_name_ipv6_addresses_and_host_names():
+    ext = registry.server_ext(("10.77.0.1", "fd77::1", "tinkerbell6.lab"))
+    assert "subjectAltName=IP:10.77.0.1,IP:fd77::1,DNS:tinkerbell6.lab,DNS:localhost" in ext
+
+
+@needs_openssl
+def test_a_lab_registry_listens_on_every_address_of_its_namespace(ca, tmp_path):
+    reg = registry.Registry(ca, tmp_path, "lab", port=5000, lab_address="10.77.0.1", also=("fd77::1", "t6.lab"))
+    assert yaml.safe_load(reg.config_file.read_text())["http"]["addr"] == "[::]:5000"
+    assert reg.host_address == "10.77.0.1:5000"
+    text = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(reg.cert)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "IP Address:FD77:0:0:0:0:0:0:1" in text and "DNS:t6.lab" in text, text
