@@ -72,8 +72,14 @@ class Server:
     def argv(self) -> list[str]:
         args = ["dnsmasq", "--keep-in-foreground", "--log-facility=-", "--conf-file=/dev/null", "--no-resolv",
                 "--no-hosts", "--no-poll", "--user=root", "--group=root", f"--pid-file={self.workdir / 'dnsmasq.pid'}",
-                *[f"--listen-address={a}" for a in (self.address, *self.also)], "--bind-interfaces",
-                "--log-queries"]
+                *[f"--listen-address={a}" for a in (self.address, *self.also)], "--log-queries"]
+        # Router advertisements go out only on interfaces named by --interface (a listen
+        # address is not enough: none were sent), and --bind-dynamic follows a bridge whose
+        # link-local address comes only when its first VM joins.
+        if self.ipv6:
+            args += [*(f"--interface={each.interface}" for each in self.ipv6), "--bind-dynamic"]
+        else:
+            args.append("--bind-interfaces")
         # --local: the names are its own, so a question it has no record for (AAAA) gets "no
         # such data" rather than "refused", which sends a resolver on to the next server.
         for name, address in sorted(self.records.items()):

@@ -35,11 +35,13 @@ def side_rules(side: netns.SideNetwork) -> str:
 
 
 def lab_rules(side: netns.SideNetwork) -> str:
-    """A counter in the lab's namespace: packets from the other network (only the VM could
-    have forwarded them)."""
+    """A counter in the lab's namespace: packets from the other network arriving on the lab's
+    bridge (only the VM could have forwarded them there). The bridge name matters: where
+    br_netfilter is loaded, frames the other network's own bridge (also in this namespace)
+    carries pass the IP hooks too."""
     return (f"table ip {WATCH}_o{side.index} {{\n  counter crossed {{}}\n"
             f"  chain pre {{\n    type filter hook prerouting priority -300; policy accept;\n"
-            f"    ip saddr {side.subnet}.0/24 counter name \"crossed\"\n  }}\n}}\n")
+            f"    iifname \"{side.lab.bridge}\" ip saddr {side.subnet}.0/24 counter name \"crossed\"\n  }}\n}}\n")
 
 
 @dataclass

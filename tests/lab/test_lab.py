@@ -47,6 +47,13 @@ def explain(lab: Lab, out: Outcome) -> str:
             f"{firmware}\n--- Tinkerbell log ---\n{lab.diagnostics()}")
 
 
+def printed(out: Outcome, pattern: str) -> re.Match[str] | None:
+    """The first line an action printed matching pattern, in syslog or on the console (not the
+    agent's log of the action's command, which holds the same words unexpanded)."""
+    text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
+    return next((m for m in re.finditer(pattern, text) if "$(" not in m.group(0)), None)
+
+
 def check_every_run(lab: Lab, out: Outcome) -> None:
     """What every netboot shows: Smee answered, the VM's OS console is on ttyS1, its syslog
     reached Smee's own receiver under the Hardware's host name, and the agent logged every
@@ -203,8 +210,7 @@ def test_uefi_netboot_with_two_nics_puts_the_boot_nic_first(real_lab, runs):
     assert out.state == "SUCCESS", explain(real_lab, out)
     assert dict(out.timeline)["iPXE script served"] is not None, out.report()
     check_every_run(real_lab, out)
-    text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
-    found = re.search(r"nics routes=\[(.*?)\] dns=\[(.*?)\] links=\[(.*?)\]", text)
+    found = printed(out, r"nics routes=\[(.*?)\] dns=\[(.*?)\] links=\[(.*?)\]")
     assert found, explain(real_lab, out)
     routes = [r.split() for r in found.group(1).split(";") if r.strip()]
     assert [(r[2], r[r.index("metric") + 1]) for r in routes] == [("10.77.0.1", "100"), ("10.88.2.1", "1024")], routes
@@ -233,8 +239,7 @@ def test_the_machine_routes_nothing_between_its_networks(real_lab, runs):
 
 def ipv6_report(out: Outcome) -> dict[str, list[str]]:
     """What the ipv6 workflow printed: v6, v4, routes6 and dns, each a list."""
-    text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
-    found = re.search(r"ipv6 v6=\[(.*?)\] v4=\[(.*?)\] routes6=\[(.*?)\] dns=\[(.*?)\]", text)
+    found = printed(out, r"ipv6 v6=\[(.*?)\] v4=\[(.*?)\] routes6=\[(.*?)\] dns=\[(.*?)\]")
     assert found, out.report()
     return {"v6": found.group(1).split(), "v4": found.group(2).split(),
             "routes6": [r.strip() for r in found.group(3).split(";") if r.strip()], "dns": found.group(4).split()}

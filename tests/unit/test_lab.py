@@ -379,7 +379,7 @@ def test_the_other_networks_counters_watch_its_router_and_the_lab():
     rules = other.side_rules(side)
     assert 'ip saddr 10.88.3.0/24 ip protocol tcp counter name "tcp_packets"' in rules
     assert 'udp dport 514 counter name "syslog_packets"' in rules
-    assert 'ip saddr 10.88.3.0/24 counter name "crossed"' in other.lab_rules(side)
+    assert 'iifname "br0" ip saddr 10.88.3.0/24 counter name "crossed"' in other.lab_rules(side)
     for ruleset in (rules, other.lab_rules(side)):
         nft_accepts(ruleset)
     args = other.Other.make(side.lab, 3, Path("/w"), ("tinkerbell.lab",)).qemu_args("52:54:00:88:00:03")
@@ -410,7 +410,8 @@ def test_dnsmasq_argvs_pass_its_own_check(tmp_path):
     dnsmasq_accepts(argv)
     for flag in ("--listen-address=fd77::1", "--listen-address=fd78::1", "--enable-ra",
                  "--dhcp-range=fd77::,ra-stateless,64,1h", "--dhcp-range=fd78::100,fd78::1ff,64,1h",
-                 "--ra-param=br6,10,1800", "--host-record=t6.lab,fd77::1"):
+                 "--ra-param=br6,10,1800", "--host-record=t6.lab,fd77::1", "--interface=br0", "--interface=br6",
+                 "--bind-dynamic"):
         assert flag in argv, flag
     assert not any(a.startswith("--dhcp-range=10.") for a in argv)  # Smee is the lab's DHCPv4 server
     lab.lease_file.write_text("1767225600 52:54:00:77:00:01 10.77.0.11 x *\nduid 00:01:00:01:aa\n"
