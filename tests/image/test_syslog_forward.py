@@ -46,6 +46,9 @@ done
     sandbox.fake("logger", f'{fail}\nwhile IFS= read -r line; do\n'
                            f'  printf "%s %s\\n" "$(cat {hostname})" "$line" >>"{sandbox.tmp}/sent"\n'
                            f'done')
+    # getent: fails while the `unresolved` file counts down (one try each), else resolves.
+    sandbox.fake("getent", f'f="{sandbox.tmp}/unresolved"\n'
+                           f'if [[ -s $f ]] && (( $(<"$f") > 0 )); then echo $(( $(<"$f") - 1 )) >"$f"; exit 2; fi')
     (sandbox.root / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
     (sandbox.root / "proc/sys/kernel/hostname").write_text("localhost\n")
     sandbox.env.update({"DHCP_HOSTNAME": str(PROGRAMS / "dhcp-hostname")})
@@ -243,3 +246,26 @@ def test_bad_host_forwards_nothing(sandbox, cmdline):
     assert result.returncode == 2
     assert len(result.messages("error")) == 1
     assert sandbox.call_lines() == []
+
+
+def test_a_name_that_does_not_resolve_is_one_error_then_looked_up_again(sandbox):
+    fake_tools(sandbox)
+    journal(sandbox, "x")
+    (sandbox.tmp / "unresolved").write_text("3\n")
+    sandbox.cmdline("syslog_host=syslog.lab")
+    sandbox.env.update({"RESOLVE_RETRY": "0.05"})
+    result = sandbox.run("syslog-forward", "tink-agent")
+    assert result.returncode == 0, result.stderr
+    assert result.messages("error") == ["syslog_host does not resolve; looking it up again every 0.05s"]
+    assert [line for line in sandbox.call_lines() if line.startswith("getent")] == ["getent ahosts syslog.lab"] * 4
+    assert "syslog_host resolves now" in result.messages("info")
+    assert "--server syslog.lab --port 514 " in call(sandbox, "logger")
+    assert sent_messages(sandbox) == ["x"]
+
+
+def test_an_address_is_never_looked_up(sandbox):
+    fake_tools(sandbox)
+    journal(sandbox, "x")
+    sandbox.cmdline("syslog_host=10.0.2.2")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert not any(line.startswith("getent") for line in sandbox.call_lines())

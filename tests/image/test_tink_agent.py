@@ -162,6 +162,9 @@ def test_pull_retries_with_back_off_until_the_registry_answers(sandbox):
      'https://reg.local/v2/agent/manifests/1: 401 Unauthorized', "unauthorized"),
     ("failed to extract layer: no match for platform in manifest: not found", "no variant for this machine"),
     ("tls: failed to verify certificate: x509: certificate signed by unknown authority", "certificate"),
+    ('failed to resolve reference \\"reg.lab:5000/agent:1\\": failed to do request: Head '
+     '\\"https://reg.lab:5000/v2/agent/manifests/1\\": dial tcp: lookup reg.lab on 10.77.0.1:53: no such host',
+     "does not resolve"),
 ])
 def test_permanent_pull_errors_are_errors_once_per_change_and_on_the_console(sandbox, error, reason):
     fake_runtime(sandbox, fail_pulls=4, pull_errors=(error,))
