@@ -77,3 +77,11 @@ def test_unchanged_servers_leave_the_file_alone(sandbox):
 def test_no_links_yet_writes_a_file_without_servers(sandbox):
     sandbox.cmdline(f"hw_addr={BOOT_MAC}")
     assert resolv(sandbox) == []
+
+
+def test_a_link_local_server_gets_its_interface_as_the_zone(sandbox):
+    """Router advertisements often name the router's link-local address (RDNSS); networkd's
+    state holds it without the interface it belongs to."""
+    links(sandbox, NICS, {3: "DNS=10.77.0.1 fd77::1 fe80::77:ff:fe00:1\n", 2: "DNS=fe80::1%ens3\n"},
+          f"hw_addr={BOOT_MAC}")
+    assert resolv(sandbox) == ["nameserver 10.77.0.1", "nameserver fd77::1", "nameserver fe80::77:ff:fe00:1%ens4"]
