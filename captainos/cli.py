@@ -112,6 +112,10 @@ def make_parser() -> argparse.ArgumentParser:
             sub.add_argument("--boot", default="bios", choices=("bios", "uefi", "iso"),
                              help="how the VM boots: BIOS netboot, UEFI netboot, or the ISO Smee patched "
                                   "(default bios)")
+            sub.add_argument("--ipv6", default="", choices=("netboot-then-ipv6", "ipv6-only"),
+                             help="run: netboot over IPv4, then reach Tinkerbell, the registry and syslog "
+                                  "over IPv6 only; or boot directly on the lab's IPv6-only network, every "
+                                  "server by name (implies a direct boot)")
             sub.add_argument("--auth", action="store_true",
                              help="up (or a run that starts the lab): the agent only in an htpasswd registry, "
                                   "pulled with docker_registry= and credentials")

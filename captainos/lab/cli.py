@@ -45,8 +45,9 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     started_here = not (lab_dir(cfg, args.name) / "lab.json").is_file()
     lab = _start(cfg, args) if started_here else Lab.attach(cfg, args.name)
     try:
-        outcome = lab.provision(Provision(workflow=path, boot=args.boot, index=args.vm, timeout=args.timeout,
-                                              osie="chart" if args.chart else ""))
+        boot = "direct" if args.ipv6 == "ipv6-only" else args.boot
+        outcome = lab.provision(Provision(workflow=path, boot=boot, index=args.vm, timeout=args.timeout,
+                                          osie="chart" if args.chart else "", ipv6=args.ipv6))
     finally:
         if started_here:
             lab.down()
