@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -485,22 +486,20 @@ class Lab:
 
     def _serve_artifacts(self, hub_disk: Path | None) -> run.Process:
         extra = ["--extra", f"hub={hub_disk}"] if hub_disk else []
-        argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", "captainos.lab.artifacts_server",
-                                                    "--bind", self.network.address, "--port", str(ARTIFACT_PORT),
-                                                    "--directory", str(self.artifacts), *extra])
-        proc = run.spawn(argv, self.root / "http.log", env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        if run.await_ready(proc, lambda: tinkerbell.listening(self.network.netns, self.network.address,
-                                                              ARTIFACT_PORT), 15) != "ready":
-            raise CaptainError(f"the artifact server did not start; see {self.root / 'http.log'}")
-        return proc
+        return self._python_in_netns(
+            "artifacts_server", ["--bind", self.network.address, "--port", str(ARTIFACT_PORT),
+                                 "--directory", str(self.artifacts), *extra],
+            lambda: tinkerbell.listening(self.network.netns, self.network.address, ARTIFACT_PORT), log="http.log")
 
-    def _python_in_netns(self, module: str, args: list[str], ready: str) -> run.Process:
-        """One of the lab's own small servers (captainos.lab.<module>) in the namespace, once its
-        log shows the ready line."""
-        out = self.root / f"{module}.log"
+    def _python_in_netns(self, module: str, args: list[str], ready: str | Callable[[], bool],
+                         log: str = "") -> run.Process:
+        """One of the lab's own small servers (captainos.lab.<module>) in the namespace, once
+        `ready` holds: a line its log shows, or a check of its own."""
+        out = self.root / (log or f"{module}.log")
         argv = netns.exec_argv(self.network.netns, [sys.executable, "-m", f"captainos.lab.{module}", *args])
         proc = run.spawn(argv, out, env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        if run.await_ready(proc, lambda: ready in out.read_text(errors="replace"), 15) != "ready":
+        check = ready if callable(ready) else lambda: ready in out.read_text(errors="replace")
+        if run.await_ready(proc, check, 15) != "ready":
             run.stop(proc)
             raise CaptainError(f"the lab's {module} did not start; see {out}")
         return proc
