@@ -38,8 +38,8 @@ def test_quotes_group_blanks_and_are_dropped(sandbox):
 
 
 def test_last_occurrence_wins_and_empty_values_are_kept(sandbox):
-    got = params(sandbox, "console=tty0 console=ttyS1 syslog_host=")
-    assert got == {"console": "ttyS1", "syslog_host": ""}
+    got = params(sandbox, "console=tty0 console=ttyS1 operator_note=")
+    assert got == {"console": "ttyS1", "operator_note": ""}
 
 
 def model_parse(text: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
@@ -147,6 +147,7 @@ def test_cap_param_distinguishes_absent_from_empty(sandbox):
 
 GENERATOR = (Path(__file__).resolve().parents[2] / "image/mkosi.extra/usr/lib/systemd/system-generators"
              / "captainos-cmdline")
+TABLE = Path(__file__).resolve().parents[2] / "image/mkosi.extra/usr/lib/captainos/params.tsv"
 HOSTILE = ('console=tty0 console=ttyS1,115200 a="x y" token=a=b== quiet empty= '
            "q='single' d=$(touch${IFS}/tmp/pwned) b=`id` s=a\\b g=[b]in star=* nl=end\n")
 
@@ -303,16 +304,27 @@ def test_machine_hostname_fits_the_kernel(sandbox, value, ok):
 
 
 @pytest.mark.parametrize(("cmdline", "verbatim"), [
-    ("registry_password=plain", True), ('registry_password="with space"', True),
-    ('"registry_password=with space"', True), ("quiet", True),
-    ('registry_password=pa"ss', False), ('registry_password="a"b"', False), ('registry_password=ab"', False),
-    ('registry_password="x" other=1', True), ('registry_password=a"b c"d', False),
+    ("token=plain", True), ('token="with space"', True),
+    ('"token=with space"', True), ("quiet", True),
+    ('token=pa"ss', False), ('token="a"b"', False), ('token=ab"', False),
+    ('token="x" other=1', True), ('token=a"b c"d', False),
 ])
 def test_a_value_with_a_quote_inside_is_not_verbatim(sandbox, cmdline, verbatim):
     sandbox.cmdline(cmdline)
-    name = "quiet" if cmdline == "quiet" else "registry_password"
+    name = "quiet" if cmdline == "quiet" else "token"
     result = sandbox.bash(f"cap_cmdline_load\ncap_param_verbatim {name}")
     assert (result.returncode == 0) is verbatim
+
+
+@pytest.mark.parametrize(("cmdline", "refused"), [
+    ('registry_password="with space"', False), ('registry_password=s3cr"et', True),
+    ('registry_password=s3"cr e"t', True),
+])
+def test_a_credential_that_is_not_verbatim_is_refused_by_the_parse_without_its_value(sandbox, cmdline, refused):
+    sandbox.cmdline(cmdline)
+    result = sandbox.bash("cap_cmdline_load\ncap_refused registry_password && ! cap_param registry_password")
+    assert (result.returncode == 0) is refused
+    assert "s3" not in result.stderr  # the name only
 
 
 def _gettys_told_to_wait(sandbox: Sandbox, active: str | None) -> list[str]:
@@ -359,3 +371,64 @@ def test_getty_on_enter_starts_the_getty_at_once_unless_told_to_wait(tmp_path):
                                                              b"agetty started\n"), waited.stdout
     nobody = _getty_on_enter(tmp_path, wait=True, typed=b"")  # end of input: no getty
     assert nobody.returncode != 0 and b"agetty started" not in nobody.stdout
+
+
+# --- the parameter table (params.tsv): the parse holds every value to its kind --------------
+
+# For each kind of params.tsv: a parameter of that kind, a value the parse takes and one it refuses.
+KIND_EXAMPLES = {
+    "image_ref": ("tink_worker_image", "reg.local:5000/agent:1", "reg.local//agent"),
+    "hostport": ("docker_registry", "[fd77::1]:5000", "reg.local:99999"),
+    "authority": ("grpc_authority", "tink.lab:42113", "tink.lab"),
+    "credential": ("registry_password", '"two words"', 'pa"ss'),
+    "bool": ("tinkerbell_tls", "True", "enabled"),
+    "proxy": ("HTTP_PROXY", "http://u:p%20w@proxy:3128", "http://user:pa%zz@proxy:3128"),
+    "host": ("syslog_host", "fd77::1", "bad_host!"),
+    "port": ("syslog_port", "0514", "65536"),
+    "ifname": ("interface", "eth0.42", "a-name-longer-than-15"),
+    "mac": ("hw_addr", "52-54-00-12-34-56", "52:54:00:12:34"),
+    "vlan": ("vlan_id", "0042", "4095"),
+    "ipam": ("ipam", "de-ad-be-ef-fe-ed::10.0.0.2:24:::::", "de-ad-be-ef-fe-ed::10.0.0.2:24::::"),
+    "id": ("worker_id", "de:ad:be:ef:fe:ed", '"a b"'),
+    "seconds": ("captainos.restart_wait", "08", "-1"),
+    "choice:on,off": ("captainos.zram", "off", "no"),
+    "choice:off,nopoweroff": ("captainos.selftest", "nopoweroff", "of"),
+}
+UNCHECKED_KINDS = {"any", "list", "kernel"}  # taken as written; lists are checked entry by entry
+
+
+def test_every_kind_of_the_table_has_examples_here():
+    kinds = {line.split("\t")[2] for line in TABLE.read_text().splitlines() if line and not line.startswith("#")}
+    assert kinds - UNCHECKED_KINDS == set(KIND_EXAMPLES)
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_EXAMPLES))
+def test_the_parse_takes_a_good_value_and_refuses_a_bad_one_by_its_kind(sandbox, kind):
+    name, good, bad = KIND_EXAMPLES[kind]
+    sandbox.cmdline(f"{name}={good}")
+    assert sandbox.bash(f"cap_cmdline_load\n! cap_refused {name} && cap_param {name} >/dev/null").returncode == 0
+    sandbox.cmdline(f"other=1 {name}={bad}")
+    result = sandbox.bash(f"cap_cmdline_load\ncap_refused {name} && ! cap_param {name} && cap_param other")
+    assert result.returncode == 0, result.stderr
+    [error] = result.messages("error")
+    assert error.startswith("refusing a parameter: ")
+
+
+def test_the_generator_saves_refusals_and_says_each_on_the_console(sandbox):
+    sandbox.cmdline("tinkerbell_tls=enabled vlan_id=0 registry_password=s3cr\"e\"t syslog_host=logs.lab")
+    out = sandbox.root / "run/systemd/generator"
+    out.mkdir(parents=True)
+    result = sandbox.run(GENERATOR, str(out))
+    assert result.returncode == 0, result.stderr
+    console = (sandbox.tmp / "console").read_text().splitlines()
+    assert sorted(console) == ["captainos: captainos-cmdline: refusing registry_password: a double quote inside "
+                               "does not survive the kernel command line",
+                               "captainos: captainos-cmdline: refusing tinkerbell_tls: not a boolean "
+                               "(true/false, 1/0, t/f, yes/no, on/off)",
+                               "captainos: captainos-cmdline: refusing vlan_id: not a VLAN id (1-4094)"]
+    saved = (sandbox.root / "run/captainos/cmdline.parsed").read_text()
+    assert "s3cr" not in saved and "s3cr" not in result.stderr  # no secret's value, refused or not
+    # Each program loads the saved parse: the refusals, not the values, and no second error line.
+    result = sandbox.bash("cap_cmdline_load\ncap_refused tinkerbell_tls && cap_refused vlan_id && "
+                          "cap_refused registry_password && ! cap_param vlan_id && cap_param syslog_host")
+    assert result.returncode == 0 and result.messages("error") == []

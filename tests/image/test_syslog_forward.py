@@ -219,14 +219,24 @@ def test_custom_port(sandbox):
     assert "--server logs.example --port 5514 --tag tink-agent-setup" in call(sandbox, "logger")
 
 
-def test_bad_port_falls_back_to_514_with_a_warning(sandbox):
+@pytest.mark.parametrize("port", ["99999", "0", "x"])
+def test_a_refused_port_falls_back_to_514_with_one_error(sandbox, port):
     fake_tools(sandbox)
     journal(sandbox, "x")
-    sandbox.cmdline("syslog_host=logs.example syslog_port=99999")
+    sandbox.cmdline(f"syslog_host=logs.example syslog_port={port}")
     result = sandbox.run("syslog-forward", "tink-agent")
     assert result.returncode == 0
     assert "--port 514 " in call(sandbox, "logger")
-    assert result.messages("warning") == ["invalid syslog_port, using 514"]
+    # (a fake here runs dhcp-hostname, which parses the command line too: at boot, the generator parses once)
+    assert set(result.messages("error")) == {"refusing a parameter: not a port (1-65535)"}
+
+
+def test_a_port_with_leading_zeros_is_read_in_base_10(sandbox):
+    fake_tools(sandbox)
+    journal(sandbox, "x")
+    sandbox.cmdline("syslog_host=logs.example syslog_port=0514")
+    assert sandbox.run("syslog-forward", "tink-agent").returncode == 0
+    assert "--port 514 " in call(sandbox, "logger")
 
 
 def test_an_ipv6_host_is_forwarded_to(sandbox):
@@ -244,7 +254,8 @@ def test_bad_host_forwards_nothing(sandbox, cmdline):
     sandbox.cmdline(cmdline)
     result = sandbox.run("syslog-forward", "tink-agent")
     assert result.returncode == 2
-    assert len(result.messages("error")) == 1
+    assert result.messages("error") == ["refusing a parameter: not a host name or IP address",
+                                        "syslog_host is not a host name or IP address; nothing forwarded"]
     assert sandbox.call_lines() == []
 
 

@@ -389,8 +389,10 @@ def test_a_password_with_a_quote_is_refused_not_changed(sandbox):
     result = sandbox.run("tink-agent-setup")
     assert result.returncode == 0, result.stderr  # the pull goes on without credentials
     assert not (sandbox.tmp / "seen-auth.json").exists()
+    # The parse refuses it by name (at boot: the generator, once), then the setup says what that means.
     errors = result.messages("error")
-    assert len(errors) == 1 and "double quote" in errors[0]
+    assert len(errors) == 2 and all("double quote" in error for error in errors), errors
+    assert errors[1].startswith("registry credentials refused")
     assert "ss word" not in result.stderr
 
 
@@ -414,7 +416,8 @@ def test_proxies_reach_the_pull(sandbox):
     assert "env HTTPS_PROXY=http://proxy.local:3128" in lines and "env https_proxy=http://proxy.local:3128" in lines
     assert "env NO_PROXY=10.0.0.0/8,.local" in lines
     assert not any(line.startswith("env HTTP_PROXY") for line in lines)
-    assert result.messages("error") == ["ignoring an invalid proxy URL"]
+    assert result.messages("error") == [
+        "refusing a parameter: not a proxy URL (http://, https:// or socks5://[user:pass@]host[:port])"]
 
 
 # --- tink-agent-start ---------------------------------------------------------------------
@@ -478,20 +481,28 @@ def test_a_tls_switch_that_is_not_a_boolean_keeps_the_agent_from_starting(sandbo
     result = sandbox.run("tink-agent-start")
     assert result.returncode == 2  # RestartPreventExitStatus: bad input does not heal
     assert not (sandbox.tmp / "argv").exists()
-    assert result.messages("error") == ["invalid boolean: the agent does not start (TLS settings fail closed)"]
+    assert result.messages("error") == ["refusing a parameter: not a boolean (true/false, 1/0, t/f, yes/no, on/off)",
+                                        "invalid boolean: the agent does not start (TLS settings fail closed)"]
     console = (sandbox.tmp / "console").read_text()
-    assert f"{param}=" in console and "the agent does not start" in console
+    assert f"{param} is not a boolean" in console and "the agent does not start" in console
 
 
-@pytest.mark.parametrize(("cmdline", "why"), [("worker_id=x", "grpc_authority must be host:port"),
-                                              ("grpc_authority=tink.local worker_id=x", "grpc_authority"),
-                                              ("grpc_authority=tink.local:42113", "no usable worker_id")])
-def test_agent_refuses_to_start_without_server_or_id(sandbox, cmdline, why):
+NO_ID = "no usable worker_id (or hw_addr): the server refuses an empty agent id"
+
+
+@pytest.mark.parametrize(("cmdline", "errors"), [
+    ("worker_id=x", ["grpc_authority must be host:port; the agent cannot reach Tinkerbell"]),
+    ("grpc_authority=tink.local worker_id=x", ["refusing a parameter: expected host:port",
+                                               "grpc_authority must be host:port; the agent cannot reach Tinkerbell"]),
+    ("grpc_authority=tink.local:42113", [NO_ID]),
+    ('grpc_authority=tink.local:42113 "worker_id=a b"', ["refusing a parameter: empty or holds a blank", NO_ID]),
+])
+def test_agent_refuses_to_start_without_server_or_id(sandbox, cmdline, errors):
     fake_agent(sandbox)
     sandbox.cmdline(cmdline)
     result = sandbox.run("tink-agent-start")
     assert result.returncode == 2
-    assert len(result.messages("error")) == 1 and why in result.messages("error")[0]
+    assert result.messages("error") == errors
     assert not (sandbox.tmp / "argv").exists()
 
 

@@ -408,11 +408,15 @@ def test_bad_parameters_are_logged_and_the_system_still_boots(kernel: Path, init
         # The debug shell is still there: the serial getty logged root in and bash prompted.
         assert re.search(r"login: root \(automatic login\)", text), guest.tail()
         assert re.search(r"root@\S+:~# ", text), guest.tail()
+        # The boot's parse refused each bad value once, with a console line (params.tsv's kinds).
+        for refused in ("ipam: expected 9 colon-separated fields, not 1", "vlan_id: not a VLAN id (1-4094)",
+                        "interface: not an interface name", "tink_worker_image: not an image reference",
+                        "syslog_host: not a host name or IP address", "syslog_port: not a port (1-65535)"):
+            assert f"captainos: captainos-cmdline: refusing {refused}" in text, refused
+        # and its error lines, on PID 1's stderr (the console: the journal does not run yet)
+        assert '"prog":"captainos-cmdline","msg":"refusing a parameter: not a VLAN id (1-4094)"' in text
         messages = [entry["msg"] for entry in logs if entry["level"] == "error"]
-        assert "ignoring ipam: expected 9 colon-separated fields" in messages
-        assert "ignoring vlan_id: must be 1-4094" in messages
-        assert "ignoring interface: not a valid interface name" in messages
-        assert "invalid tink_worker_image: not an image reference" in messages
+        assert "syslog_host is not a host name or IP address; nothing forwarded" in messages
         # The kernel itself echoes its command line (three notices at boot; only loglevel can
         # hide them); nothing of ours may repeat the secret.
         kernel_echo = re.compile(r"\] (Command line|Kernel command line|Unknown kernel command line parameters)")

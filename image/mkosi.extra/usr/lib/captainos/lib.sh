@@ -88,19 +88,38 @@ cap_cmdline_load() {
     cap_cmdline_parse
 }
 
-# Parameters that never go into the saved parse: the registry credentials stay only in the
-# kernel's own command line; the one program that needs them parses it again (cap_secrets_load).
-CAP_SECRET_PARAMS=(registry_username registry_password)
+# The parameter table (params.tsv beside this file): every parameter's kind (the check the
+# parse applies) and whether it is secret. Secret parameters never go into the saved parse:
+# they stay only in the kernel's own command line; the one program that needs them parses it
+# again (cap_secrets_load).
+CAP_PARAMS_TABLE=${CAP_PARAMS_TABLE:-${BASH_SOURCE[0]%/*}/params.tsv}
+declare -gA CAP_KIND=()
+declare -ga CAP_SECRET_PARAMS=()
+# Parameters the parse refused, name -> why (never the value): a program tells "absent" from
+# "refused" with cap_refused, where a refused value must not fall back to a default.
+declare -gA CAP_INVALID=()
+
+# cap_table_load: fill CAP_KIND and CAP_SECRET_PARAMS from CAP_PARAMS_TABLE (once).
+cap_table_load() {
+    local name kind secret _
+    ((${#CAP_KIND[@]} == 0)) || return 0
+    while IFS=$'\t' read -r name _ kind secret _; do
+        [[ -n $name && $name != '#'* ]] || continue
+        CAP_KIND["$name"]=$kind
+        [[ $secret != yes ]] || CAP_SECRET_PARAMS+=("$name")
+    done <"$CAP_PARAMS_TABLE"
+}
 
 # cap_cmdline_save: parse CMDLINE_FILE and write the result, without CAP_SECRET_PARAMS, to
 # CAP_CMDLINE_PARSED (root-only, as global array declarations).
 cap_cmdline_save() {
     local name
     cap_cmdline_parse || return 1
+    cap_table_load
     for name in "${CAP_SECRET_PARAMS[@]}"; do
         unset 'CAP_PARAMS[$name]' 'CAP_RAW[$name]'
     done
-    declare -p CAP_PARAMS CAP_RAW CAP_CONSOLES | sed 's/^declare -\([aA]\) /declare -g\1 /' |
+    declare -p CAP_PARAMS CAP_RAW CAP_CONSOLES CAP_INVALID | sed 's/^declare -\([aA]\) /declare -g\1 /' |
         cap_write_file "$CAP_CMDLINE_PARSED" 0600
 }
 
@@ -139,6 +158,61 @@ cap_cmdline_parse() {
         text=${text:${#BASH_REMATCH[0]}}
         _cap_cmdline_store "${raw//\"/}" "$raw"
     done
+    _cap_cmdline_check
+}
+
+# _cap_cmdline_check: hold every parameter the table knows to its kind; a value that fails is
+# dropped from CAP_PARAMS and CAP_RAW, recorded in CAP_INVALID and logged once (by name, and
+# with its value unless the parameter is secret or a proxy URL). Unknown parameters are left
+# alone.
+_cap_cmdline_check() {
+    local name kind
+    CAP_INVALID=()
+    cap_table_load
+    for name in "${!CAP_PARAMS[@]}"; do
+        kind=${CAP_KIND["$name"]-any}
+        CAP_WHY=""
+        _cap_check "$name" "${CAP_PARAMS["$name"]}" "$kind" && continue
+        CAP_INVALID["$name"]=$CAP_WHY
+        if [[ -n ${CAP_PARSE_QUIET-} ]]; then
+            :  # the boot's parse already logged it
+        elif [[ $kind == proxy || " ${CAP_SECRET_PARAMS[*]} " == *" $name "* ]]; then
+            # A credential, or a proxy URL that may hold one: the name only.
+            cap_error "refusing a parameter: $CAP_WHY" param="$name"
+        else
+            cap_error "refusing a parameter: $CAP_WHY" param="$name" value="${CAP_PARAMS["$name"]}"
+        fi
+        unset 'CAP_PARAMS[$name]' 'CAP_RAW[$name]'
+    done
+}
+
+# _cap_check NAME VALUE KIND: succeed when VALUE is a KIND (params.tsv's kinds); otherwise set
+# CAP_WHY to what was expected and fail. "list" values are checked entry by entry by their
+# consumer (a bad entry is skipped, the others apply); "any" and "kernel" are not checked.
+_cap_check() {
+    local name=$1 value=$2 kind=$3
+    case $kind in
+        any | list | kernel) return 0 ;;
+        image_ref) cap_is_image_ref "$value" || CAP_WHY="not an image reference" ;;
+        hostport) cap_is_hostport "$value" || CAP_WHY="expected host[:port]" ;;
+        authority) [[ $value == *:* ]] && cap_is_hostport "$value" || CAP_WHY="expected host:port" ;;
+        credential) cap_param_verbatim "$name" ||
+            CAP_WHY="a double quote inside does not survive the kernel command line" ;;
+        bool) cap_bool "$value" >/dev/null || CAP_WHY="not a boolean (true/false, 1/0, t/f, yes/no, on/off)" ;;
+        proxy) cap_is_proxy "$value" || CAP_WHY="not a proxy URL (http://, https:// or socks5://[user:pass@]host[:port])" ;;
+        host) cap_is_ipv4 "$value" || cap_is_ipv6 "$value" || cap_is_hostname "$value" ||
+            CAP_WHY="not a host name or IP address" ;;
+        port) cap_is_port "$value" || CAP_WHY="not a port (1-65535)" ;;
+        ifname) cap_is_ifname "$value" || CAP_WHY="not an interface name" ;;
+        mac) cap_is_mac "$value" || CAP_WHY="not a MAC address" ;;
+        vlan) cap_is_vlan "$value" || CAP_WHY="not a VLAN id (1-4094)" ;;
+        ipam) cap_check_ipam "$value" ;;
+        id) [[ -n $value && ! $value =~ [[:space:]] ]] || CAP_WHY="empty or holds a blank" ;;
+        seconds) [[ $value =~ ^[0-9]{1,4}$ ]] || CAP_WHY="not a number of seconds (0-9999)" ;;
+        choice:*) [[ ,${kind#choice:}, == *,"$value",* ]] || CAP_WHY="expected one of ${kind#choice:}" ;;
+        *) CAP_WHY="unknown kind $kind in the parameter table" ;;
+    esac
+    [[ -z $CAP_WHY ]]
 }
 
 _cap_cmdline_store() {
@@ -192,7 +266,65 @@ cap_param_or() {
     printf '%s' "${value:-$2}"
 }
 
+# cap_refused NAME: succeed when the parse refused NAME's value (logged once by the parse).
+cap_refused() {
+    [[ -v CAP_INVALID["$1"] ]]
+}
+
 # --- Validators: each succeeds or fails silently; callers log what was wrong. ---
+
+# A network interface name as the kernel takes it: 1-15 characters, no "/" or blank, not "." or "..".
+cap_is_ifname() {
+    [[ $1 =~ ^[A-Za-z0-9_.:-]{1,15}$ && $1 != . && $1 != .. ]]
+}
+
+# cap_check_ipam VALUE: VALUE is <mac>:<vlan>:<ip>:<mask>:<gw>:<host>:<dns,..>:<search,..>:<ntp,..>
+# with a valid MAC, IPv4 address and netmask and every other field empty or valid; otherwise
+# CAP_WHY says which field is wrong and it fails. (network-setup applies what passes.)
+cap_check_ipam() {
+    local rest
+    local -a f
+    CAP_WHY=""
+    # Exactly 9 fields: 8 colons. IFS splitting would drop trailing empty fields, so count.
+    rest=${1//[^:]/}
+    if [[ ${#rest} -ne 8 ]]; then
+        CAP_WHY="expected 9 colon-separated fields, not $((${#rest} + 1))"
+        return 1
+    fi
+    IFS=: read -r -a f <<<"$1:"
+    if ! cap_is_mac "${f[0]}"; then
+        CAP_WHY="invalid MAC address"
+    elif [[ -n ${f[1]} ]] && ! cap_is_vlan "${f[1]}"; then
+        CAP_WHY="VLAN id must be 1-4094"
+    elif ! cap_is_ipv4 "${f[2]}"; then
+        CAP_WHY="invalid IPv4 address"
+    elif ! cap_netmask_prefix "${f[3]}" >/dev/null; then
+        CAP_WHY="invalid netmask"
+    elif [[ -n ${f[4]} ]] && ! cap_is_ipv4 "${f[4]}"; then
+        CAP_WHY="invalid gateway"
+    elif [[ -n ${f[5]} ]] && ! cap_is_machine_hostname "${f[5]}"; then
+        CAP_WHY="invalid hostname"
+    elif ! cap_csv_valid "${f[6]}" cap_is_ipv4; then
+        CAP_WHY="invalid DNS server list"
+    elif ! cap_csv_valid "${f[7]}" cap_is_hostname; then
+        CAP_WHY="invalid search domain list"
+    elif ! cap_csv_valid "${f[8]}" _cap_is_ntp_server; then
+        CAP_WHY="invalid NTP server list"
+    fi
+    [[ -z ${CAP_WHY-} ]]
+}
+
+# cap_csv_valid LIST CHECK: every comma-separated item of LIST passes CHECK (empty list passes).
+cap_csv_valid() {
+    local list=$1 check=$2 item IFS=,
+    for item in $list; do
+        "$check" "$item" || return 1
+    done
+}
+
+_cap_is_ntp_server() {
+    cap_is_ipv4 "$1" || cap_is_hostname "$1"
+}
 
 # A MAC address with ":" or "-" separators.
 cap_is_mac() {
@@ -410,17 +542,13 @@ cap_is_proxy() {
 }
 
 # cap_export_proxies announce|quiet: export HTTP_PROXY, HTTPS_PROXY and NO_PROXY from the command
-# line in both spellings (containerd, nerdctl and the agent read either). An invalid proxy
-# URL is logged by name (it may hold a password) and left out; with "announce", each one set
-# is logged too ("quiet": only the invalid ones).
+# line in both spellings (containerd, nerdctl and the agent read either). A proxy URL the
+# parse refused is absent (the parse logged its name, not the URL: it may hold a password);
+# with "announce", each one set is logged.
 cap_export_proxies() {
     local name value
     for name in HTTP_PROXY HTTPS_PROXY NO_PROXY; do
-        value=$(cap_param "$name") || continue
-        if [[ $name != NO_PROXY ]] && ! cap_is_proxy "$value"; then
-            cap_error "ignoring an invalid proxy URL" param="$name"
-            continue
-        fi
+        value=$(cap_param "$name") || continue  # absent, or refused by the parse (logged there)
         export "$name=$value" "${name,,}=$value"
         [[ ${1-} != announce ]] || cap_info "proxy configured" param="$name"
     done
