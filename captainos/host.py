@@ -15,7 +15,8 @@ from captainos.core.run import base_env, run
 from captainos.sources import mkosi
 from captainos.sources.mkosi import TOOLS_DIR
 
-# What `setup` installs: every package core/needs.py names, plus the libraries the builds link against.
+# What `setup` installs: every package core/needs.py names but docker.io (the docker mode's engine is the
+# operator's) and golang-go (setup installs the pinned Go instead), plus the libraries the builds link against.
 APT_PACKAGES = (
     "make", "gcc", "flex", "bison", "bc", "perl", "kmod", "xz-utils", "libelf-dev", "libssl-dev",
     "dpkg", "gpgv", "debian-archive-keyring", "pkg-config", "libseccomp-dev", "gcc-aarch64-linux-gnu",

@@ -109,3 +109,14 @@ def test_a_secure_boot_iso_needs_the_archive_tools_on_the_host_in_any_mode():
     assert {n.command for n in host.needs(signed, "iso")} == {"docker", "gpgv", "dpkg"}
     native = config.load(env={"SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-image"})
     assert {"gpgv", "dpkg", "xorriso"} <= {n.command for n in host.needs(native, "build")}
+
+
+def test_setup_installs_every_package_a_need_names():
+    from captainos.core import needs
+
+    def flat(value):
+        return value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+
+    named = {need.package for value in vars(needs).values() for need in flat(value) if isinstance(need, needs.Need)}
+    named |= {needs.c_compiler(arch).package for arch in config.Arch}
+    assert named - set(host.APT_PACKAGES) == {"docker.io", "golang-go"}  # the exceptions APT_PACKAGES names
