@@ -1,56 +1,78 @@
-"""The command line, generated from config.Config: one flag per option, verbs as subcommands."""
+"""The command line, generated from declarations: one flag per option (config.options() and
+the stage table's pipeline.options()), one subcommand per verb (`verbs()`: build, a verb per
+stage row with its own flags, then the table OTHER_VERBS)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from captainos import __version__
 from captainos.core import config, log
-from captainos.core.config import Config
+from captainos.core.config import Config, Flag, Option, flag
 from captainos.core.errors import CaptainError
 from captainos.stages import artifacts, pipeline
 
-VERBS: dict[str, str] = {
-    "build": f"run every stage: {' -> '.join(pipeline.NAMES)} -> checksums (the default)",
-    **{stage.name: stage.help for stage in pipeline.STAGES},
-    "checksums": "write out/sha256sums-<arch>.txt (or check it with --verify)",
-    "publish": "out/ as an OCI image (files at its root) in a local layout (--oci-dir) and/or a registry (--to)",
-    "qemu-test": "boot out/ artifacts in QEMU (serial console on this terminal; Ctrl-A X quits)",
-    "shell": "open a shell in the builder container (docker mode) or with the build environment",
-    "clean": "remove out/ and build/ (with --all also the caches and the local mkosi)",
-    "summary": "print the resolved configuration and mkosi's summary (--json: machine-readable)",
-    "setup": "install the host prerequisites (Debian/Ubuntu, as root) and the pinned mkosi",
-    "bench": "measure image size, boot time to the agent, RAM floor, build times, reproducibility",
-    "lab": "the real Tinkerbell on this machine: 'lab up', 'lab run WORKFLOW', 'lab status', 'lab down'",
-}
+Handler = Callable[[Config, argparse.Namespace], None]
+
+
+@dataclass(frozen=True)
+class Verb:
+    help: str  # its line in --help
+    run: Handler
+    flags: tuple[Flag, ...] = ()  # its own arguments, after the verb
+
+
+def verbs() -> dict[str, Verb]:
+    """Every verb, in --help order: build, one per row of the stage table, then OTHER_VERBS."""
+    everything = f"run every stage: {' -> '.join(pipeline.names())} -> checksums (the default)"
+    return {"build": Verb(everything, _build),
+            **{stage.name: Verb(stage.help, _stage_verb(stage.name), stage.flags) for stage in pipeline.STAGES},
+            **OTHER_VERBS}
+
+
+def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:
+    """The option's flag; SUPPRESS so a flag given before the verb is not reset after it."""
+    shown = ",".join(str(config._jsonable(v)) for v in opt.default) if opt.sequence else config._jsonable(opt.default)
+    help_text = f"{opt.help} [env {opt.env}; default: {shown if shown not in ('', None) else 'unset'}]"
+    if opt.kind is bool:
+        group.add_argument(opt.flag, dest=opt.name, action="store_const", const="1", default=argparse.SUPPRESS,
+                           help=help_text)
+        return
+    group.add_argument(opt.flag, dest=opt.name, default=argparse.SUPPRESS, choices=opt.choices,
+                       metavar=opt.metavar or (None if opt.choices else opt.name.upper()), help=help_text)
+
+
+def _options() -> tuple[Option, ...]:
+    """Every option: the Config fields', then the stage table's."""
+    return (*config.options(), *pipeline.options())
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; SUPPRESS so a flag given before the verb is not reset after it."""
+    """Every option's flag, in two groups: the Config fields' and the stage table's."""
     group = parser.add_argument_group("options (each also read from the environment variable shown)")
-    for f in dataclasses.fields(Config):
-        kind = config.option_type(f)
-        env = config.option_env(f)
-        default = f.default
-        shown = ",".join(str(config._jsonable(v)) for v in default) if isinstance(default, tuple) else (
-            config._jsonable(default))
-        help_text = f"{f.metadata['help']} [env {env}; default: {shown if shown not in ('', None) else 'unset'}]"
-        if kind is bool:
-            group.add_argument(config.option_flag(f), dest=f.name, action="store_const", const="1",
-                               default=argparse.SUPPRESS, help=help_text)
-            continue
-        choices = [m.value for m in kind] if isinstance(kind, type) and issubclass(kind, config.enum.Enum) else None
-        group.add_argument(config.option_flag(f), dest=f.name, default=argparse.SUPPRESS, choices=choices,
-                           metavar=f.metadata["metavar"] or (None if choices else f.name.upper()), help=help_text)
+    for opt in config.options():
+        _add_option(group, opt)
     group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="log every command run and show tracebacks [env DEBUG]")
+    stages = parser.add_argument_group("stage options (from the stage table; also read from the env var shown)")
+    for opt in pipeline.options():
+        _add_option(stages, opt)
+
+
+def _add_flag(parser: argparse.ArgumentParser, item: Flag) -> None:
+    """A verb's own flag; a short form of an option sets that option (choices from its type)."""
+    if not item.short_for:
+        parser.add_argument(*item.names, **item.kwargs)
+        return
+    opt = {o.name: o for o in _options()}[item.short_for]
+    parser.add_argument(*item.names, dest=opt.name, default=argparse.SUPPRESS, choices=opt.choices, **item.kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,63 +95,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"captainos {__version__}")
     _add_options(parser)
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for verb, help_text in VERBS.items():
-        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for name, verb in verbs().items():
+        sub = subparsers.add_parser(name, help=verb.help, description=verb.help)
         _add_options(sub)
-        if verb == "summary":
-            sub.add_argument("--json", action="store_true", help="print the configuration as JSON on stdout")
-        if verb == "checksums":
-            sub.add_argument("--verify", action="store_true", help="check out/ against the sums file")
-        if verb == "publish":
-            sub.add_argument("--oci-dir", metavar="DIR", help="write the image as an OCI layout at DIR (replaced)")
-            sub.add_argument("--to", metavar="REGISTRY/REPO:TAG",
-                             help="push it there; credentials from the usual auth file (REGISTRY_AUTH_FILE, "
-                                  "containers/auth.json, ~/.docker/config.json), never from this command line")
-            sub.add_argument("--sign-key", metavar="FILE",
-                             help="sign the sums and the pushed image with this cosign key (its password "
-                                  "from COSIGN_PASSWORD)")
-        if verb == "clean":
-            sub.add_argument("--all", action="store_true", help="also remove caches and the local mkosi")
-        if verb == "iso":
-            sub.add_argument("--cmdline", dest="iso_cmdline", default=argparse.SUPPRESS, metavar="PARAMS",
-                             help="same as --iso-cmdline: kernel parameters baked into the ISO")
-        if verb == "bench":
-            sub.add_argument("--only", default=",".join(("size", "boot", "netboot", "ram", "build", "repro")),
-                             help="comma-separated sections: size, boot, netboot, ram, build, repro (the "
-                                  "default), and fleet, nics (only when named)")
-            sub.add_argument("--runs", type=int, default=3, help="boot runs to take the median of (default 3)")
-            sub.add_argument("--output", metavar="FILE", help="also write the Markdown report to FILE")
-            sub.add_argument("--workflow", metavar="FILE", default="examples/workflow.yaml",
-                             help="workflow for the boot and RAM figures (default examples/workflow.yaml)")
-        if verb == "lab":
-            sub.add_argument("action", choices=("ca", "up", "run", "status", "down"),
-                             help="ca: make the lab's CA and print its path (build the image with it); up: start "
-                                  "the lab; run: provision one VM; status: show it; down: stop it")
-            sub.add_argument("workflow", nargs="?", metavar="WORKFLOW", help="workflow file for 'run'")
-            sub.add_argument("--name", default="lab", help="lab name: labs with other names run side by side "
-                             "(default lab)")
-            sub.add_argument("--boot", default="bios", choices=("bios", "uefi", "iso"),
-                             help="how the VM boots: BIOS netboot, UEFI netboot, or the ISO Smee patched "
-                                  "(default bios)")
-            sub.add_argument("--ipv6", default="", choices=("netboot-then-ipv6", "ipv6-only"),
-                             help="run: netboot over IPv4, then reach Tinkerbell, the registry and syslog "
-                                  "over IPv6 only; or boot directly on the lab's IPv6-only network, every "
-                                  "server by name (implies a direct boot)")
-            sub.add_argument("--auth", action="store_true",
-                             help="up (or a run that starts the lab): the agent only in an htpasswd registry, "
-                                  "pulled with docker_registry= and credentials")
-            sub.add_argument("--chart", action="store_true",
-                             help="up: also serve the OS the Helm chart's way (its nginx over the published "
-                                  "image); run: the VM netboots from it")
-            sub.add_argument("--vm", type=int, default=1, help="VM number: its MAC and address (default 1)")
-            sub.add_argument("--timeout", type=float, default=900.0,
-                             help="run: seconds from power-on to the workflow's end (default 900)")
-        if verb == "qemu-test":
-            sub.add_argument("--workflow", metavar="FILE",
-                             help="run a workflow YAML end to end: registry, agent, server and VM")
-            sub.add_argument("--accel", dest="qemu_accel", default=argparse.SUPPRESS,
-                             choices=[a.value for a in config.Accel], help="same as --qemu-accel")
+        for item in verb.flags:
+            _add_flag(sub, item)
     return parser
 
 
@@ -144,9 +115,9 @@ def parse(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, 
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     verb = args.verb or "build"
-    names = {f.name for f in dataclasses.fields(Config)}
+    names = {opt.name for opt in _options()}
     flags = {k: v for k, v in vars(args).items() if k in names}
-    cfg = config.load(os.environ if env is None else env, flags)
+    cfg = config.load(os.environ if env is None else env, flags, pipeline.options())
     return verb, cfg, args
 
 
@@ -166,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         verb, cfg, args = parse(argv)
-        HANDLERS[verb](cfg, args)
+        verbs()[verb].run(cfg, args)
     except CaptainError as exc:
         if debug:
             import traceback
@@ -310,16 +281,54 @@ def _setup(cfg: Config, args: argparse.Namespace) -> None:
     host.setup(cfg)
 
 
-HANDLERS: dict[str, Callable[[Config, Any], None]] = {
-    "build": _build,
-    **{name: _stage_verb(name) for name in pipeline.NAMES},
-    "checksums": _checksums,
-    "publish": _publish,
-    "qemu-test": _qemu_test,
-    "shell": _shell,
-    "clean": _clean,
-    "summary": _summary,
-    "setup": _setup,
-    "bench": _bench,
-    "lab": _lab,
+# The verbs besides build and the stages', with their own flags (`flag` takes argparse's
+# add_argument arguments; short_for: a short name for an option).
+OTHER_VERBS: dict[str, Verb] = {
+    "checksums": Verb("write out/sha256sums-<arch>.txt (or check it with --verify)", _checksums, (
+        flag("--verify", action="store_true", help="check out/ against the sums file"),)),
+    "publish": Verb("out/ as an OCI image (files at its root) in a local layout (--oci-dir) and/or a registry (--to)",
+                    _publish, (
+        flag("--oci-dir", metavar="DIR", help="write the image as an OCI layout at DIR (replaced)"),
+        flag("--to", metavar="REGISTRY/REPO:TAG",
+             help="push it there; credentials from the usual auth file (REGISTRY_AUTH_FILE, "
+                  "containers/auth.json, ~/.docker/config.json), never from this command line"),
+        flag("--sign-key", metavar="FILE",
+             help="sign the sums and the pushed image with this cosign key (its password from COSIGN_PASSWORD)"))),
+    "qemu-test": Verb("boot out/ artifacts in QEMU (serial console on this terminal; Ctrl-A X quits)", _qemu_test, (
+        flag("--workflow", metavar="FILE", help="run a workflow YAML end to end: registry, agent, server and VM"),
+        flag("--accel", short_for="qemu_accel", help="same as --qemu-accel"))),
+    "shell": Verb("open a shell in the builder container (docker mode) or with the build environment", _shell),
+    "clean": Verb("remove out/ and build/ (with --all also the caches and the local mkosi)", _clean, (
+        flag("--all", action="store_true", help="also remove caches and the local mkosi"),)),
+    "summary": Verb("print the resolved configuration and mkosi's summary (--json: machine-readable)", _summary, (
+        flag("--json", action="store_true", help="print the configuration as JSON on stdout"),)),
+    "setup": Verb("install the host prerequisites (Debian/Ubuntu, as root) and the pinned mkosi", _setup),
+    "bench": Verb("measure image size, boot time to the agent, RAM floor, build times, reproducibility", _bench, (
+        flag("--only", default=",".join(("size", "boot", "netboot", "ram", "build", "repro")),
+             help="comma-separated sections: size, boot, netboot, ram, build, repro (the default), and fleet, "
+                  "nics (only when named)"),
+        flag("--runs", type=int, default=3, help="boot runs to take the median of (default 3)"),
+        flag("--output", metavar="FILE", help="also write the Markdown report to FILE"),
+        flag("--workflow", metavar="FILE", default="examples/workflow.yaml",
+             help="workflow for the boot and RAM figures (default examples/workflow.yaml)"))),
+    "lab": Verb("the real Tinkerbell on this machine: 'lab up', 'lab run WORKFLOW', 'lab status', 'lab down'", _lab, (
+        flag("action", choices=("ca", "up", "run", "status", "down"),
+             help="ca: make the lab's CA and print its path (build the image with it); up: start the lab; run: "
+                  "provision one VM; status: show it; down: stop it"),
+        flag("workflow", nargs="?", metavar="WORKFLOW", help="workflow file for 'run'"),
+        flag("--name", default="lab", help="lab name: labs with other names run side by side (default lab)"),
+        flag("--boot", default="bios", choices=("bios", "uefi", "iso"),
+             help="how the VM boots: BIOS netboot, UEFI netboot, or the ISO Smee patched (default bios)"),
+        flag("--ipv6", default="", choices=("netboot-then-ipv6", "ipv6-only"),
+             help="run: netboot over IPv4, then reach Tinkerbell, the registry and syslog over IPv6 only; or boot "
+                  "directly on the lab's IPv6-only network, every server by name (implies a direct boot)"),
+        flag("--auth", action="store_true",
+             help="up (or a run that starts the lab): the agent only in an htpasswd registry, pulled with "
+                  "docker_registry= and credentials"),
+        flag("--chart", action="store_true",
+             help="up: also serve the OS the Helm chart's way (its nginx over the published image); run: the VM "
+                  "netboots from it"),
+        flag("--vm", type=int, default=1, help="VM number: its MAC and address (default 1)"),
+        flag("--timeout", type=float, default=900.0,
+             help="run: seconds from power-on to the workflow's end (default 900)"))),
 }

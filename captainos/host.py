@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 
 from captainos.core import cache, log, pins
-from captainos.core.config import REPO, Arch, Config, KernelSource, StageMode
+from captainos.core.config import REPO, Arch, Config, StageMode
 from captainos.core.errors import CaptainError
-from captainos.core.needs import DEBIAN_ARCHIVE, DOCKER, LAB, QEMU, TOOLS_GO, Need
+from captainos.core.needs import DOCKER, LAB, QEMU, TOOLS_GO, Need
 from captainos.core.run import base_env, run
 from captainos.sources import mkosi
 from captainos.sources.mkosi import TOOLS_DIR
 
-# What `setup` installs: every package core/needs.py names, plus the libraries the builds link against.
+# What `setup` installs: every package core/needs.py names but docker.io (the docker mode's engine is the
+# operator's) and golang-go (setup installs the pinned Go instead), plus the libraries the builds link against.
 APT_PACKAGES = (
     "make", "gcc", "flex", "bison", "bc", "perl", "kmod", "xz-utils", "libelf-dev", "libssl-dev",
     "dpkg", "gpgv", "debian-archive-keyring", "pkg-config", "libseccomp-dev", "gcc-aarch64-linux-gnu",
@@ -41,20 +42,19 @@ APT_PACKAGES = (
 
 
 def needs(cfg: Config, verb: str) -> list[Need]:
-    """The commands a verb needs with this configuration: a stage verb those of the stages it
-    runs (the stage table's), `build` every stage's."""
+    """The commands a verb needs with this configuration: for each stage it runs (the stage
+    table's rows) those of its preflight, and its own when native or docker's; then the verb's.
+    A configuration a stage refuses raises here, before any work."""
     from captainos.stages import pipeline
 
     found: list[Need] = []
-    for name in pipeline.stages_of(verb):
-        stage = pipeline.BY_NAME[name]
+    for stage in pipeline.stages_of(verb):
         mode = stage.mode(cfg)
+        found += stage.preflight(cfg, mode)
         if mode is StageMode.DOCKER:
             found.append(DOCKER)
         elif mode is StageMode.NATIVE:
             found += stage.requires(cfg)
-    if cfg.secure_boot and "iso" in pipeline.stages_of(verb) and cfg.iso_mode is not StageMode.SKIP:
-        found += DEBIAN_ARCHIVE  # the signed shim and GRUB come from the archive, read on the host
     if verb == "publish":
         found.append(Need("skopeo", "pushing the image (publish --to)", "skopeo"))
     elif verb == "qemu-test":
@@ -64,36 +64,24 @@ def needs(cfg: Config, verb: str) -> list[Need]:
     return found
 
 
-def needs_root(cfg: Config, verb: str) -> bool:
-    """mkosi builds the image tree as root (device nodes, ownership)."""
+def root_stages(cfg: Config, verb: str) -> list[str]:
+    """The verb's stages that run natively only as root (mkosi builds the image tree as root)."""
     from captainos.stages import pipeline
 
-    return "initramfs" in pipeline.stages_of(verb) and cfg.initramfs_mode is StageMode.NATIVE
+    return [s.name for s in pipeline.stages_of(verb) if s.as_root and s.mode(cfg) is StageMode.NATIVE]
 
 
 def check(cfg: Config, verb: str) -> None:
-    """Fail before any work: one line per missing tool, with what installs it."""
-    from captainos.stages import pipeline, site
-
-    stages = pipeline.stages_of(verb)
-    if (cfg.secure_boot and "iso" in stages and cfg.iso_mode is not StageMode.SKIP
-            and cfg.kernel_source is not KernelSource.DEBIAN_IMAGE):
-        # Debian's signed GRUB boots only a kernel Debian signed: anything else fails at boot.
-        raise CaptainError(f"--secure-boot needs Debian's signed kernel, not kernel source "
-                           f"{cfg.kernel_source.value}", "add --kernel-source debian-image")
-    if "initramfs" in stages:
-        if cfg.initramfs_mode is StageMode.SKIP and site.wanted(cfg):
-            # skip reuses the last image, which may have other images and keys, or none.
-            raise CaptainError("--embed-images and --ssh-authorized-keys need the initramfs stage to run",
-                               "drop --initramfs-mode skip, or drop the option")
-        site.check(cfg)  # a bad list or key file: one line, before anything is built
-    if needs_root(cfg, verb) and os.geteuid() != 0:
+    """Fail before any work: a configuration a stage refuses, then one line per missing tool,
+    with what installs it."""
+    wanted = list(dict.fromkeys(needs(cfg, verb)))
+    as_root = root_stages(cfg, verb)
+    if as_root and os.geteuid() != 0:
         raise CaptainError(f"'{verb}' in native mode must run as root (mkosi builds the image as root)",
-                           "run it with sudo, or use --initramfs-mode docker")
+                           f"run it with sudo, or use --{as_root[0]}-mode docker")
     from captainos.sources import golang
 
     path = f"{base_env()['PATH']}:{golang.GO_FALLBACK.parent}"  # setup's Go need not be on PATH
-    wanted = list(dict.fromkeys(needs(cfg, verb)))
     missing = [n for n in wanted if shutil.which(n.command, path=path) is None]
     for need in missing:
         log.error(f"missing {need.command}: needed for {need.purpose}; install: {need.how()}")
@@ -101,7 +89,7 @@ def check(cfg: Config, verb: str) -> None:
         raise CaptainError(f"{len(missing)} prerequisite(s) missing", "or run './build.py setup' as root")
     if any(n.command == "go" for n in wanted):
         golang.go_binary()  # present, but is it the pinned version? One line if not.
-    if needs_root(cfg, verb) and not mkosi.directory().is_dir():
+    if "initramfs" in as_root and not mkosi.directory().is_dir():  # that stage is mkosi's
         raise CaptainError(f"mkosi {pins.MKOSI.version} is not unpacked in {TOOLS_DIR}",
                            "run './build.py setup' (it downloads and verifies Debian's mkosi package)")
 
@@ -191,7 +179,7 @@ def register_binfmt() -> None:
 
 def shell(cfg: Config) -> None:
     """An interactive shell: in the builder container, or on the host with the build env."""
-    if cfg.initramfs_mode is StageMode.DOCKER:
+    if cfg.mode("initramfs") is StageMode.DOCKER:
         from captainos.core import docker
         from captainos.core.run import docker_run_argv
 

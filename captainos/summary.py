@@ -14,8 +14,9 @@ from captainos.stages import artifacts, pipeline
 
 
 def collect(cfg: Config, with_mkosi: bool = True) -> dict[str, Any]:
-    report: dict[str, Any] = {"version": __version__, "config": cfg.to_json(), "stages": {}, "artifacts": {}}
-    for stage in pipeline.NAMES:
+    report: dict[str, Any] = {"version": __version__, "config": cfg.to_json(pipeline.options()), "stages": {},
+                              "artifacts": {}}
+    for stage in pipeline.names():
         try:
             entry = cache.last(cfg.cache_dir, stage, cfg.arch.value)
         except CaptainError:

@@ -1,7 +1,11 @@
 """The one typed configuration: every option declares its default, help and env var once.
 
-The CLI (cli.py) and `summary` are derived from the `Config` fields; each stage puts the
-options it reads into its own cache key.
+An option is a `Config` field (declared here with `_opt`) or one of a stage's own options,
+declared in its row of the stage table (stages/pipeline.py) and made by `stage_options`: how
+it runs (`--<stage>-mode`) and, if it has one, its rebuild flag (`--force-<stage>`). Their
+values live in `Config.modes` and `Config.forced`, read through `Config.mode(stage)` and
+`Config.force(stage)`. The CLI (cli.py), `load` and `summary` go through `Option`s, never
+through field names; each stage puts the options it reads into its own cache key.
 Precedence: default < environment variable < command-line flag.
 """
 
@@ -12,7 +16,8 @@ import enum
 import os
 import platform
 import re
-from collections.abc import Mapping
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,25 +130,22 @@ def _opt(default: Any, help: str, env: str | None = None, *, metavar: str | None
     return field(default=default, metadata=meta)
 
 
+DEFAULT_MODE = StageMode.NATIVE  # every stage's, until its option says otherwise
+
+
 @dataclass(frozen=True)
 class Config:
     arch: Arch = _opt(Arch.AMD64, "target architecture")
     out_dir: Path = _opt(Path("out"), "where artifacts are written")
     cache_dir: Path = _opt(Path.home() / ".cache" / "captainos", "cache of downloads and built stages",
                            "CAPTAINOS_CACHE")
-    kernel_mode: StageMode = _opt(StageMode.NATIVE, "how the kernel stage runs")
-    tools_mode: StageMode = _opt(StageMode.NATIVE, "how the tools stage runs")
-    initramfs_mode: StageMode = _opt(StageMode.NATIVE, "how the initramfs (mkosi) stage runs")
-    iso_mode: StageMode = _opt(StageMode.NATIVE, "how the ISO stage runs")
     kernel_source: KernelSource = _opt(KernelSource.AUTO, "where the kernel comes from")
     kernel_src: Path | None = _opt(None, "local kernel source tree (implies --kernel-source local)",
                                    metavar="DIR")
     kernel_version: str = _opt("6.12.69", "kernel.org release to build")
-    force_kernel: bool = _opt(False, "rebuild the kernel even when cached")
     tools_source: ToolsSource = _opt(ToolsSource.AUTO, "where containerd/runc/nerdctl/CNI come from")
     tools_mirror: str = _opt("", "base URL replacing the upstream release host (air-gapped sites)",
                              metavar="URL")
-    force_tools: bool = _opt(False, "redo the tools stage even when cached")
     no_cache: bool = _opt(False, "ignore every cache: rebuild the builder image and all stages")
     profiles: tuple[str, ...] = _opt((), "comma-separated mkosi profiles (e.g. test)", metavar="LIST")
     extra_ca_certs: tuple[Path, ...] = _opt((), "comma-separated PEM files added to the image's trust store",
@@ -162,6 +164,9 @@ class Config:
     qemu_mem: str = _opt("2G", "guest memory for qemu-test (e.g. 512M, 2G)")
     qemu_smp: int = _opt(2, "guest CPUs for qemu-test")
     qemu_accel: Accel = _opt(Accel.AUTO, "QEMU accelerator")
+    # The stages' own options (stage_options), by stage name: not options themselves.
+    modes: Mapping[str, StageMode] = field(default_factory=dict)  # absent: DEFAULT_MODE
+    forced: frozenset[str] = frozenset()  # stages whose --force-<stage> is on
 
     def __post_init__(self) -> None:
         if not _SIZE.match(self.qemu_mem):
@@ -175,56 +180,115 @@ class Config:
                                f"{self.kernel_source.value}", "unset one of them")
         if self.tools_mirror and not re.match(r"^https?://", self.tools_mirror):
             raise CaptainError(f"invalid tools mirror {self.tools_mirror!r}", "use an http:// or https:// URL")
+        # Frozen all the way down, and a default mode never stored: equal configs compare equal.
+        modes = {stage: mode for stage, mode in self.modes.items() if mode is not DEFAULT_MODE}
+        object.__setattr__(self, "modes", types.MappingProxyType(modes))
+        object.__setattr__(self, "forced", frozenset(self.forced))
 
     # Derived paths: every stage agrees on them through here.
     @property
     def build_dir(self) -> Path:
         return REPO / "build" / self.arch.value
 
+    def mode(self, stage: str) -> StageMode:
+        """How this stage runs: its `--<stage>-mode`."""
+        return self.modes.get(stage, DEFAULT_MODE)
+
     def force(self, stage: str) -> bool:
-        """Rebuild this stage's entries even when cached: NO_CACHE for every stage, and
-        FORCE_KERNEL / FORCE_TOOLS for theirs. The one rule every cache lookup uses."""
-        return self.no_cache or bool(getattr(self, f"force_{stage}", False))
+        """Rebuild this stage's entries even when cached: NO_CACHE for every stage, and a
+        stage's own `--force-<stage>` (FORCE_KERNEL, FORCE_TOOLS) for its. The one rule every
+        cache lookup uses."""
+        return self.no_cache or stage in self.forced
 
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def option_env(f: dataclasses.Field[Any]) -> str:
-    return f.metadata["env"] or f.name.upper()
+    def to_json(self, stages: Sequence[Option] = ()) -> dict[str, Any]:
+        """Every option's value by name: the fields', then the given stage options'."""
+        return {opt.name: _jsonable(opt.get(self)) for opt in (*options(), *stages)}
 
 
-def option_flag(f: dataclasses.Field[Any]) -> str:
-    return "--" + f.name.replace("_", "-")
+@dataclass(frozen=True)
+class Option:
+    """One option: its flag (`--name-with-dashes`), env var, type, default and help."""
+
+    name: str
+    kind: Any  # the value's type (of each item, for a sequence): an enum, Path, bool, int or str
+    default: Any
+    help: str
+    env: str
+    metavar: str | None = None
+    sequence: bool = False  # a comma-separated tuple
+    stage: str = ""  # the stage whose mode (kind StageMode) or force (bool) this is; "": a Config field
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def choices(self) -> list[str] | None:
+        is_enum = isinstance(self.kind, type) and issubclass(self.kind, enum.Enum)
+        return [m.value for m in self.kind] if is_enum else None
+
+    def get(self, cfg: Config) -> Any:
+        if not self.stage:
+            return getattr(cfg, self.name)
+        return cfg.mode(self.stage) if self.kind is StageMode else self.stage in cfg.forced
 
 
-def option_type(f: dataclasses.Field[Any]) -> Any:
-    """The field's base type: Arch, Path, bool, int, str, or tuple[X, ...] element type."""
-    hints = {"Arch": Arch, "StageMode": StageMode, "KernelSource": KernelSource,
-             "ToolsSource": ToolsSource, "Accel": Accel, "Path": Path, "bool": bool, "int": int, "str": str}
+_KINDS = {"Arch": Arch, "StageMode": StageMode, "KernelSource": KernelSource, "ToolsSource": ToolsSource,
+          "Accel": Accel, "Path": Path, "bool": bool, "int": int, "str": str}
+
+
+def _field_option(f: dataclasses.Field[Any]) -> Option:
+    """The option a Config field declares: its type from the annotation (X | None is X,
+    tuple[X, ...] a sequence of X)."""
     text = str(f.type).replace("| None", "").strip()
-    if text.startswith("tuple["):
-        text = text[len("tuple["):].split(",")[0]
-    return hints[text]
+    sequence = text.startswith("tuple[")
+    kind = _KINDS[text[len("tuple["):].split(",")[0] if sequence else text]
+    return Option(f.name, kind, f.default, f.metadata["help"], f.metadata["env"] or f.name.upper(),
+                  f.metadata["metavar"], sequence)
 
 
-def is_sequence(f: dataclasses.Field[Any]) -> bool:
-    return str(f.type).startswith("tuple[")
+def options() -> tuple[Option, ...]:
+    """The Config fields' options, in declaration order."""
+    return tuple(_field_option(f) for f in dataclasses.fields(Config) if "help" in f.metadata)
+
+
+def stage_options(stage: str, mode_help: str, force_help: str = "") -> tuple[Option, ...]:
+    """A stage's own options, as its row in the stage table declares them: `--<stage>-mode`
+    (env <STAGE>_MODE, default native) and, given force_help, `--force-<stage>` (env
+    FORCE_<STAGE>)."""
+    mode = Option(f"{stage}_mode", StageMode, DEFAULT_MODE, mode_help, f"{stage.upper()}_MODE", stage=stage)
+    if not force_help:
+        return (mode,)
+    return mode, Option(f"force_{stage}", bool, False, force_help, f"FORCE_{stage.upper()}", stage=stage)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A verb's own argument: argparse's names and keywords (cli.py adds it to that verb
+    alone, and it is no Config option). With short_for, a shorter name for that option
+    (`iso --cmdline` for --iso-cmdline), read and checked as the option is."""
+
+    names: tuple[str, ...]
+    kwargs: Mapping[str, Any]
+    short_for: str = ""
+
+
+def flag(*names: str, short_for: str = "", **kwargs: Any) -> Flag:
+    return Flag(names, kwargs, short_for)
 
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
 
-def parse_value(f: dataclasses.Field[Any], raw: str, source: str) -> Any:
-    """Turn a string from the environment or a flag into the field's type, or fail clearly."""
-    kind = option_type(f)
-    if is_sequence(f):
-        return tuple(_parse_one(f, kind, part.strip(), source) for part in raw.split(",") if part.strip())
-    return _parse_one(f, kind, raw, source)
+def parse_value(opt: Option, raw: str, source: str) -> Any:
+    """Turn a string from the environment or a flag into the option's type, or fail clearly."""
+    if opt.sequence:
+        return tuple(_parse_one(opt.kind, part.strip(), source) for part in raw.split(",") if part.strip())
+    return _parse_one(opt.kind, raw, source)
 
 
-def _parse_one(f: dataclasses.Field[Any], kind: Any, raw: str, source: str) -> Any:
+def _parse_one(kind: Any, raw: str, source: str) -> Any:
     if kind is bool:
         if raw.lower() in _TRUE:
             return True
@@ -247,19 +311,33 @@ def _parse_one(f: dataclasses.Field[Any], kind: Any, raw: str, source: str) -> A
     return raw
 
 
-def load(env: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None) -> Config:
-    """Resolve the configuration from the environment and raw flag strings (flags win)."""
+def load(env: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None,
+         stages: Sequence[Option] = ()) -> Config:
+    """Resolve the configuration from the environment and raw flag strings (flags win).
+    stages: the stage options to read (the CLI passes the stage table's, pipeline.options());
+    a stage option not given keeps its default."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        name = option_env(f)
-        if name in env and (env[name] != "" or option_type(f) is not bool):
-            values[f.name] = parse_value(f, env[name], name)
-        if flags and f.name in flags:
-            values[f.name] = parse_value(f, flags[f.name], option_flag(f))
+    values = {opt.name: value for opt in options() if (value := _read(opt, env, flags or {})) is not _UNSET}
     if values.get("kernel_src") is not None and values.get("kernel_source", KernelSource.AUTO) is KernelSource.AUTO:
         values["kernel_source"] = KernelSource.LOCAL
-    return Config(**values)
+    given = {opt: value for opt in stages if (value := _read(opt, env, flags or {})) is not _UNSET}
+    modes = {opt.stage: value for opt, value in given.items() if opt.kind is StageMode}
+    forced = frozenset(opt.stage for opt, value in given.items() if opt.kind is bool and value)
+    return Config(**values, modes=modes, forced=forced)
+
+
+_UNSET = object()
+
+
+def _read(opt: Option, env: Mapping[str, str], flags: Mapping[str, str]) -> Any:
+    """The option's value from its flag, else its env var (an empty boolean one is unset), else
+    _UNSET. A bad env var fails even when a flag overrides it."""
+    value = _UNSET
+    if opt.env in env and (env[opt.env] != "" or opt.kind is not bool):
+        value = parse_value(opt, env[opt.env], opt.env)
+    if opt.name in flags:
+        value = parse_value(opt, flags[opt.name], opt.flag)
+    return value
 
 
 def _jsonable(value: Any) -> Any:

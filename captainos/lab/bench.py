@@ -529,16 +529,17 @@ def option_env(cfg: Config) -> dict[str, str]:
     """cfg's build options as the environment variables that set them (the same inputs in
     another checkout); the cache and output dirs are the caller's."""
     from captainos.core import config
+    from captainos.stages import pipeline
 
     env = {}
-    for f in dataclasses.fields(cfg):
-        if f.name in ("cache_dir", "out_dir", "no_cache"):
+    for opt in (*config.options(), *pipeline.options()):
+        if opt.name in ("cache_dir", "out_dir", "no_cache"):
             continue
-        value = config._jsonable(getattr(cfg, f.name))
+        value = config._jsonable(opt.get(cfg))
         if isinstance(value, bool):
-            env[config.option_env(f)] = "1" if value else ""
+            env[opt.env] = "1" if value else ""
         elif value not in (None, "", [], ()):
-            env[config.option_env(f)] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            env[opt.env] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return env
 
 

@@ -1,11 +1,18 @@
 """The stage table: kernel -> tools -> initramfs -> iso, then checksums.
 
 One row per stage says everything the rest of the tool needs to know about it: its verb's
-help, the option that says how it runs (`--<stage>-mode native|docker|skip`), the earlier
-stages whose entries it consumes, the host commands it needs, how it produces its cache
-entry and what it publishes to out/. The verbs (cli), the prerequisite check (host),
+help and own flags, its options (`--<stage>-mode native|docker|skip`, and `--force-<stage>`
+when it has one: config.stage_options makes them from the row), the earlier stages whose
+entries it consumes, the host commands it needs and the checks before any work, how it
+produces its cache entry and what it publishes to out/. The verbs, flags and env vars (cli),
+the configuration (config.load through `options()`), the prerequisite check (host),
 `summary` and `build` all read this table; `run_stage` is the one place that skips, picks a
 runner, logs and publishes.
+
+Adding a stage: its module, its row here, its tests. Everything reads `STAGES` when it runs
+(nothing copies it at import), so a test adds a row with
+`monkeypatch.setattr(pipeline, "STAGES", (*pipeline.STAGES, row))`
+(tests/unit/test_pipeline.py, the `toy` fixture).
 
 Stage contract (each stage module):
 - `build(cfg, runner, ...) -> Path`: returns the stage's cache entry directory, produced
@@ -26,13 +33,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from captainos.core import cache, log, needs
-from captainos.core.config import REPO, Config, KernelSource, StageMode, ToolsSource
+from captainos.core import cache, config, log, needs
+from captainos.core.config import REPO, Config, Flag, KernelSource, Option, StageMode, ToolsSource, flag
+from captainos.core.errors import CaptainError
 from captainos.core.needs import Need
 from captainos.core.run import DockerRunner, Runner
 from captainos.stages import artifacts
 
 Entries = dict[str, Path]
+
+
+def _no_preflight(cfg: Config, mode: StageMode) -> tuple[Need, ...]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -44,11 +56,21 @@ class Stage:
     produce: Callable[[Config, Runner, Entries], Path]  # the cache entry, built or hit
     publish: Callable[[Config, Path, Entries], None]  # copies and links into out/
     requires: Callable[[Config], tuple[Need, ...]]  # host commands when it runs natively
+    mode_help: str  # the help of its --<stage>-mode option
+    force_help: str = ""  # the help of its --force-<stage> option; none when empty
+    flags: tuple[Flag, ...] = ()  # its verb's own flags
+    # Before any work, for each stage a verb covers (skipped ones too, given their mode):
+    # raises for a configuration it refuses, returns the host commands it needs in any mode.
+    preflight: Callable[[Config, StageMode], tuple[Need, ...]] = _no_preflight
+    as_root: bool = False  # runs natively only as root
     reusable: bool = True  # mode skip reuses the last entry (False: nothing consumes it)
 
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return config.stage_options(self.name, self.mode_help, self.force_help)
+
     def mode(self, cfg: Config) -> StageMode:
-        mode: StageMode = getattr(cfg, f"{self.name}_mode")
-        return mode
+        return cfg.mode(self.name)
 
 
 def _kernel(cfg: Config, runner: Runner, entries: Entries) -> Path:
@@ -104,6 +126,17 @@ def _initramfs_needs(cfg: Config) -> tuple[Need, ...]:
     return (*needs.INITRAMFS, Need("skopeo", "pulling the embedded images (--embed-images)", "skopeo"))
 
 
+def _initramfs_preflight(cfg: Config, mode: StageMode) -> tuple[Need, ...]:
+    from captainos.stages import site
+
+    if mode is StageMode.SKIP and site.wanted(cfg):
+        # skip reuses the last image, which may have other images and keys, or none.
+        raise CaptainError("--embed-images and --ssh-authorized-keys need the initramfs stage to run",
+                           "drop --initramfs-mode skip, or drop the option")
+    site.check(cfg)  # a bad list or key file: one line, before anything is built
+    return ()
+
+
 def _iso(cfg: Config, runner: Runner, entries: Entries) -> Path:
     from captainos.stages import iso
 
@@ -117,24 +150,54 @@ def _publish_iso(cfg: Config, entry: Path, entries: Entries) -> None:
     artifacts.link_versioned(cfg.out_dir, cfg.arch, artifacts.iso_name(cfg.arch), kernel.release(entries["kernel"]))
 
 
+def _iso_preflight(cfg: Config, mode: StageMode) -> tuple[Need, ...]:
+    """--secure-boot, the one place it is checked: Debian's signed GRUB boots only a kernel
+    Debian signed, and the signed shim and GRUB come from the archive, read on the host in any
+    mode."""
+    if mode is StageMode.SKIP or not cfg.secure_boot:
+        return ()
+    if cfg.kernel_source is not KernelSource.DEBIAN_IMAGE:
+        raise CaptainError(f"--secure-boot needs Debian's signed kernel, not kernel source "
+                           f"{cfg.kernel_source.value}", "add --kernel-source debian-image")
+    return needs.DEBIAN_ARCHIVE
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("kernel", "build or fetch the kernel and its modules", (),
           lambda cfg: f"{cfg.arch.value}, source {cfg.kernel_source.value}",
-          _kernel, _publish_kernel, _kernel_needs),
+          _kernel, _publish_kernel, _kernel_needs,
+          mode_help="how the kernel stage runs", force_help="rebuild the kernel even when cached"),
     Stage("tools", "produce containerd, runc, nerdctl and the CNI plugins at their pinned versions", (),
           lambda cfg: f"{cfg.arch.value}, source {cfg.tools_source.value}",
           _tools, lambda cfg, entry, entries: None,
           lambda cfg: (needs.c_compiler(cfg.arch),
-                       *(() if cfg.tools_source is ToolsSource.RELEASE else needs.TOOLS_GO))),
+                       *(() if cfg.tools_source is ToolsSource.RELEASE else needs.TOOLS_GO)),
+          mode_help="how the tools stage runs", force_help="redo the tools stage even when cached"),
     Stage("initramfs", "assemble the initramfs with mkosi (needs the kernel and tools stages)", ("kernel", "tools"),
           lambda cfg: f"mkosi, Debian trixie, {cfg.arch.value}",
-          _initramfs, _publish_initramfs, _initramfs_needs),
+          _initramfs, _publish_initramfs, _initramfs_needs,
+          mode_help="how the initramfs (mkosi) stage runs", preflight=_initramfs_preflight,
+          as_root=True),  # mkosi builds the image tree as root (device nodes, ownership)
     Stage("iso", "build the UEFI-bootable ISO from the kernel and initramfs", ("kernel", "initramfs"),
           lambda cfg: f"UEFI hybrid ISO, {cfg.arch.value}",
-          _iso, _publish_iso, lambda cfg: needs.ISO, reusable=False),
+          _iso, _publish_iso, lambda cfg: needs.ISO,
+          mode_help="how the ISO stage runs", preflight=_iso_preflight, reusable=False,
+          flags=(flag("--cmdline", short_for="iso_cmdline", metavar="PARAMS",
+                      help="same as --iso-cmdline: kernel parameters baked into the ISO"),)),
 )
-BY_NAME = {stage.name: stage for stage in STAGES}
-NAMES = tuple(BY_NAME)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(stage.name for stage in STAGES)
+
+
+def by_name(name: str) -> Stage:
+    return {stage.name: stage for stage in STAGES}[name]
+
+
+def options() -> tuple[Option, ...]:
+    """Every stage's own options, in table order: the CLI's, config.load's and summary's."""
+    return tuple(option for stage in STAGES for option in stage.options)
 
 
 def closure(name: str) -> tuple[Stage, ...]:
@@ -146,11 +209,11 @@ def closure(name: str) -> tuple[Stage, ...]:
     return tuple(stage for stage in STAGES if stage.name in wanted)
 
 
-def stages_of(verb: str) -> tuple[str, ...]:
+def stages_of(verb: str) -> tuple[Stage, ...]:
     """The stages a verb runs: `build` all of them, a stage verb its closure, others none."""
     if verb == "build":
-        return NAMES
-    return tuple(stage.name for stage in closure(verb)) if verb in BY_NAME else ()
+        return STAGES
+    return closure(verb) if verb in names() else ()
 
 
 def runner_for(cfg: Config, mode: StageMode) -> Runner:
@@ -177,8 +240,12 @@ def run_stage(cfg: Config, stage: Stage, entries: Entries) -> Path | None:
 
 def run_through(cfg: Config, name: str) -> Entries:
     """Run the named stage and the stages it consumes; their entries by stage name."""
+    return _run(cfg, closure(name))
+
+
+def _run(cfg: Config, stages: tuple[Stage, ...]) -> Entries:
     entries: Entries = {}
-    for stage in closure(name):
+    for stage in stages:
         entry = run_stage(cfg, stage, {n: entries[n] for n in stage.inputs})
         if entry is not None:
             entries[stage.name] = entry
@@ -187,14 +254,14 @@ def run_through(cfg: Config, name: str) -> Entries:
 
 def build(cfg: Config) -> None:
     """The whole build: every stage, then the checksums of out/."""
-    run_through(cfg, STAGES[-1].name)
+    _run(cfg, STAGES)
     with log.stage("checksums"):
         artifacts.write_checksums(cfg.out_dir, cfg.arch)
 
 
 # One call per stage for callers that hold the entries already (tests, bench).
 def _entry(cfg: Config, name: str, entries: Entries) -> Path:
-    entry = run_stage(cfg, BY_NAME[name], entries)
+    entry = run_stage(cfg, by_name(name), entries)
     assert entry is not None  # only the ISO, which these callers never skip, can give none
     return entry
 
@@ -212,4 +279,4 @@ def build_initramfs(cfg: Config, kernel_entry: Path, tools_entry: Path) -> Path:
 
 
 def build_iso(cfg: Config, kernel_entry: Path, initramfs_entry: Path) -> Path | None:
-    return run_stage(cfg, BY_NAME["iso"], {"kernel": kernel_entry, "initramfs": initramfs_entry})
+    return run_stage(cfg, by_name("iso"), {"kernel": kernel_entry, "initramfs": initramfs_entry})

@@ -259,11 +259,12 @@ def test_code_digest_ignores_comments_docstrings_and_layout_but_not_code(tmp_pat
 
 def test_one_force_rule_for_every_stage():
     from captainos.core import config
+    from captainos.stages import pipeline
 
-    plain = config.load(env={})
+    plain = config.load(env={}, stages=pipeline.options())
     assert not any(plain.force(s) for s in ("kernel", "tools", "initramfs", "iso", "publish"))
-    kernel = config.load(env={"FORCE_KERNEL": "1"})
+    kernel = config.load(env={"FORCE_KERNEL": "1"}, stages=pipeline.options())
     assert kernel.force("kernel") and not kernel.force("tools") and not kernel.force("iso")
-    assert config.load(env={"FORCE_TOOLS": "1"}).force("tools")
+    assert config.load(env={"FORCE_TOOLS": "1"}, stages=pipeline.options()).force("tools")
     everything = config.load(env={"NO_CACHE": "1"})
     assert all(everything.force(s) for s in ("kernel", "tools", "initramfs", "iso", "publish"))

@@ -4,18 +4,28 @@ from pathlib import Path
 import pytest
 
 from captainos.core import config
-from captainos.core.config import Accel, Arch, Config, KernelSource, StageMode, ToolsSource
+from captainos.core.config import Accel, Arch, KernelSource, StageMode, ToolsSource
 from captainos.core.errors import CaptainError
+from captainos.stages import pipeline
+
+
+def _load(env):
+    """The configuration as the CLI reads it: the Config fields and the stage table's options."""
+    return config.load(env=env, stages=pipeline.options())
+
+
+def _value(cfg, name):
+    return {opt.name: opt.get(cfg) for opt in (*config.options(), *pipeline.options())}[name]
 
 
 def test_defaults_match_the_original_interface():
-    cfg = config.load(env={})
+    cfg = _load({})
     assert cfg.arch is Arch.AMD64
     assert cfg.qemu_mem == "2G"
     assert cfg.qemu_smp == 2
     assert cfg.kernel_version == "6.12.69"
-    assert cfg.force_kernel is False and cfg.force_tools is False and cfg.no_cache is False
-    assert cfg.kernel_mode is StageMode.NATIVE
+    assert cfg.force("kernel") is False and cfg.force("tools") is False and cfg.no_cache is False
+    assert cfg.mode("kernel") is StageMode.NATIVE
     assert cfg.out_dir == Path("out")
 
 
@@ -42,7 +52,7 @@ def test_defaults_match_the_original_interface():
     ],
 )
 def test_every_env_var_is_read(env, field, expected):
-    assert getattr(config.load(env=env), field) == expected
+    assert _value(_load(env), field) == expected
 
 
 def test_flags_win_over_env():
@@ -74,17 +84,18 @@ def test_kernel_src_conflicting_with_explicit_source_is_an_error():
 )
 def test_bad_values_fail_with_one_clear_line(env, message):
     with pytest.raises(CaptainError) as err:
-        config.load(env=env)
+        _load(env)
     assert message in str(err.value)
     assert "\n" not in err.value.message
     assert err.value.hint
 
 
 def test_every_option_declares_help_and_a_unique_env_var():
-    envs = [config.option_env(f) for f in dataclasses.fields(Config)]
+    options = (*config.options(), *pipeline.options())
+    envs = [opt.env for opt in options]
     assert len(envs) == len(set(envs))
-    for f in dataclasses.fields(Config):
-        assert f.metadata["help"], f.name
+    for opt in options:
+        assert opt.help, opt.name
 
 
 def test_config_is_frozen():

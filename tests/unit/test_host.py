@@ -6,10 +6,16 @@ from captainos import host
 from captainos.core import cache, config, pins
 from captainos.core.errors import CaptainError
 from captainos.sources import mkosi
+from captainos.stages import pipeline
 
 
 def _names(found):
     return {n.command for n in found}
+
+
+def _load(env):
+    """The configuration with the stage table's options (modes) read, as the CLI reads it."""
+    return config.load(env=env, stages=pipeline.options())
 
 
 def test_needs_follow_stage_modes_and_sources():
@@ -18,7 +24,7 @@ def test_needs_follow_stage_modes_and_sources():
     assert {"dpkg-deb", "gpgv", "go", "xorriso", "zstd"} <= found and "flex" not in found
     compiled = _names(host.needs(config.load(env={"KERNEL_SOURCE": "debian-source"}), "kernel"))
     assert {"make", "flex", "bison", "bc"} <= compiled
-    skipped = _names(host.needs(config.load(env={"ISO_MODE": "skip", "KERNEL_MODE": "docker"}), "build"))
+    skipped = _names(host.needs(_load({"ISO_MODE": "skip", "KERNEL_MODE": "docker"}), "build"))
     assert "xorriso" not in skipped and "docker" in skipped
     assert _names(host.needs(config.load(env={"ARCH": "arm64"}), "qemu-test")) == {"qemu-system-aarch64"}
 
@@ -98,8 +104,19 @@ def test_clean_removes_outputs_and_with_all_the_caches(tmp_path, monkeypatch, ev
 
 def test_a_secure_boot_iso_needs_the_archive_tools_on_the_host_in_any_mode():
     docker = {"KERNEL_MODE": "docker", "TOOLS_MODE": "docker", "INITRAMFS_MODE": "docker", "ISO_MODE": "docker"}
-    assert {n.command for n in host.needs(config.load(env=docker), "iso")} == {"docker"}
-    signed = config.load(env={**docker, "SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-image"})
+    assert {n.command for n in host.needs(_load(docker), "iso")} == {"docker"}
+    signed = _load({**docker, "SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-image"})
     assert {n.command for n in host.needs(signed, "iso")} == {"docker", "gpgv", "dpkg"}
     native = config.load(env={"SECURE_BOOT": "1", "KERNEL_SOURCE": "debian-image"})
     assert {"gpgv", "dpkg", "xorriso"} <= {n.command for n in host.needs(native, "build")}
+
+
+def test_setup_installs_every_package_a_need_names():
+    from captainos.core import needs
+
+    def flat(value):
+        return value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+
+    named = {need.package for value in vars(needs).values() for need in flat(value) if isinstance(need, needs.Need)}
+    named |= {needs.c_compiler(arch).package for arch in config.Arch}
+    assert named - set(host.APT_PACKAGES) == {"docker.io", "golang-go"}  # the exceptions APT_PACKAGES names

@@ -203,7 +203,7 @@ def test_skip_mode_refuses_site_options(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(real_key(tmp_path) + "\n")
     with pytest.raises(CaptainError, match="need the initramfs stage to run"):
-        host.check(Config(ssh_authorized_keys=keys, initramfs_mode=StageMode.SKIP), "build")
+        host.check(Config(ssh_authorized_keys=keys, modes={"initramfs": StageMode.SKIP}), "build")
 
 
 def test_a_source_with_only_a_digest_is_fine(tmp_path):

@@ -668,7 +668,7 @@ def test_force_tools_redoes_every_component(server, released, tmp_path, capsys):
     cfg = cfg_for(tmp_path, arch="arm64", tools_source="release", tools_mirror=server.url)
     tools.build(cfg, Runner())
     capsys.readouterr()
-    tools.build(dataclasses.replace(cfg, force_tools=True), Runner())
+    tools.build(dataclasses.replace(cfg, forced={"tools"}), Runner())
     assert "cached:" not in capsys.readouterr().err
     assert len(server.requests) == 4, "verified downloads are reused even when forced"
 
