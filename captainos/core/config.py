@@ -95,7 +95,7 @@ class StageMode(enum.Enum):
 
 
 class KernelSource(enum.Enum):
-    """Where the kernel comes from (see kernel.py)."""
+    """Where the kernel comes from (see sources/kernel.py)."""
 
     AUTO = "auto"  # KERNEL_SRC if set, else kernel.org if reachable, else debian-source
     LOCAL = "local"  # KERNEL_SRC tree

@@ -290,7 +290,7 @@ ISO_MAGIC = (
 ISO_MAGIC_SHA256 = "252feaf619f32ca02d967c78c9fa1434c4c70c7774bf038e1de2fafbc5e88a78"
 
 
-# --- KERNEL (owned by the kernel stage, captainos/stages/kernel.py) -------------------------
+# --- KERNEL (owned by the kernel's source selection, captainos/sources/kernel.py) -----------
 KERNEL_ORG_MIRROR = "https://cdn.kernel.org/pub/linux/kernel"
 # sha256 of linux-<version>.tar.xz, as kernel.org's v6.x/sha256sums.asc lists it (6.12.69:
 # copied from Buildroot's linux/before-6.17/linux.hash at 48186093fd355ede91151b2342e222cef303a6ca,

@@ -28,7 +28,7 @@ from captainos.core.config import REPO, Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
 from captainos.sources import debian
-from captainos.stages import kernel
+from captainos.stages import kernel, kernel_config
 
 LIST = REPO / "kernel" / "firmware.txt"
 COMPONENT = "non-free-firmware"
@@ -93,7 +93,7 @@ def declared(runner: Runner, kernel_entry: Path) -> dict[str, list[str]]:
     for ko in sorted(mods.rglob("*.ko*")):
         names = runner.run(["modinfo", "-F", "firmware", ko], capture=True).stdout.split()
         if names:
-            found[kernel.module_name(ko.name)] = names
+            found[kernel_config.module_name(ko.name)] = names
     return found
 
 

@@ -18,7 +18,7 @@ from captainos.core.config import Accel, Arch, Config
 from captainos.core.run import Runner
 from captainos.lab.qemu import Guest, Machine
 from captainos.sources import debian
-from captainos.stages import cpio, image, kernel, pipeline
+from captainos.stages import cpio, image, kernel, kernel_config, kernel_patch, pipeline
 
 BUSYBOX = Path("/bin/busybox")
 # Long enough to overflow the stock 2048-byte x86 command line, as Smee's ISO patcher does.
@@ -62,7 +62,7 @@ def busybox_initramfs(entry: Path, dest: Path, busybox: Path = BUSYBOX) -> Path:
     ]
     dirs = {"lib", "lib/modules", f"lib/modules/{release}"}
     files = [p for p in moddir.rglob("*") if p.is_file() and (p.name.startswith("modules.") or
-                                                             kernel.module_name(p.name) == "dummy")]
+                                                             kernel_config.module_name(p.name) == "dummy")]
     for path in files:
         rel = f"lib/modules/{release}/{path.relative_to(moddir).as_posix()}"
         parent = rel.rsplit("/", 1)[0]
@@ -109,7 +109,7 @@ def test_debian_image_amd64(tmp_path: Path) -> None:
     assert info["source"] == "debian-image" and info["version"].endswith("-amd64")
     assert (entry / "vmlinuz").read_bytes()[0x202:0x206] == b"HdrS"
     moddir = entry / "modules" / "usr" / "lib" / "modules" / info["version"]
-    kept = {kernel.module_name(p.name) for p in moddir.rglob("*.ko*")}
+    kept = {kernel_config.module_name(p.name) for p in moddir.rglob("*.ko*")}
     assert {"overlay", "br_netfilter", "bridge", "virtio_net", "nf_tables", "dummy"} <= kept
     assert "snd" not in kept and "amdgpu" not in kept  # trimmed: no sound, no GPU
     assert (moddir / "modules.dep").is_file()
@@ -139,8 +139,8 @@ def test_compile_from_debian_source_amd64(tmp_path: Path) -> None:
     info = json.loads((entry / "kernel.json").read_text())
     assert info["source"] == "debian-source" and info["version"].endswith("-captainos")
     assert info["command_line_size"] == 4096
-    assert kernel.bzimage_cmdline_size(entry / "vmlinuz") == 4095
-    resolved = kernel.parse_config((entry / "config").read_text())
+    assert kernel_patch.bzimage_cmdline_size(entry / "vmlinuz") == 4095
+    resolved = kernel_config.parse_config((entry / "config").read_text())
     assert resolved["CONFIG_IKCONFIG_PROC"] == "y" and resolved["CONFIG_RD_ZSTD"] == "y"
     assert [resolved.get(o, "n") for o in ("CONFIG_DRM", "CONFIG_SOUND", "CONFIG_WLAN")] == ["n", "n", "n"]
     assert (entry / "vmlinuz").stat().st_size < 16 * 1024 * 1024
