@@ -60,7 +60,7 @@ def check_key(key: Path) -> None:
     """One line before any work: the key file exists and its password is in COSIGN_PASSWORD."""
     if not key.is_file():
         raise CaptainError(f"signing key {key} does not exist",
-                           "make a pair with 'cosign generate-key-pair' (README, \"Signatures\")")
+                           "make a pair with 'cosign generate-key-pair' (docs/publishing.md, \"Signatures\")")
     head = key.read_bytes()[:64]
     if b"ENCRYPTED SIGSTORE PRIVATE KEY" not in head and b"ENCRYPTED COSIGN PRIVATE KEY" not in head:
         raise CaptainError(f"{key} is not a cosign private key", "give the .key of 'cosign generate-key-pair'")

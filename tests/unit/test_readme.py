@@ -51,3 +51,15 @@ def test_workflow_example_is_documented_and_exists():
     section = _section("Testing with QEMU")
     assert "./build.py qemu-test --workflow examples/workflow.yaml" in section
     assert (Path(__file__).resolve().parents[2] / "examples" / "workflow.yaml").is_file()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` sets the machine up with the README's first command and then runs the README's
+    full-suite command as written (issue 33: the two commands work as written on Debian)."""
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    quick = _section("Quick start")
+    assert "./build.py setup && ./build.py" in quick and "\n.venv/bin/pytest " in quick
+    command = '.venv/bin/pytest -m "not kernel_compile and not slow"'
+    assert f"```sh\n{command}\n```" in quick
+    assert "python3 ./build.py setup\n" in ci
+    assert f"\n{command} || status=$?\n" in ci
