@@ -276,8 +276,8 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
     analysis: dict[str, bytes] = {}
     for number in range(runs):
         plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs)
-        with e2e.Lab(cfg, plan, workdir=workdir / f"boot-{number}") as lab:
-            result = lab.run()
+        with e2e.Harness(cfg, plan, workdir=workdir / f"boot-{number}") as harness:
+            result = harness.run()
         if result.state != "SUCCESS":
             raise CaptainError(f"benchmark workflow ended {result.state}")
         for label, mark in result.timeline:
@@ -313,7 +313,8 @@ def boot(report: Report, cfg: Config, vmlinuz: Path, initramfs: Path, runs: int,
 
 def netboot(report: Report, cfg: Config, runs: int, workdir: Path, workflow_file: Path) -> None:
     """Median of N provisioning runs through the real Tinkerbell (the lab), BIOS and UEFI:
-    power-on, Smee's DHCP answer, iPXE, the kernel, the agent, the first action, the end."""
+    power-on, Smee's DHCP answer, iPXE, the kernel, the OS's start, the agent, the first action,
+    the end."""
     from captainos.lab.lab import Lab, Provision
 
     marks: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -371,12 +372,13 @@ def fleet(report: Report, cfg: Config, workdir: Path, workflow_file: Path,
     the boot and the agent setup is exercised. Returns what failed (run() fails after printing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from captainos.lab.lab import Lab, Outcome, Provision
+    from captainos.lab.lab import Lab, Provision
+    from captainos.lab.vm import Run
 
     failed: list[str] = []
     with Lab(cfg, root=workdir / "fleet-lab", iso=False) as lab:
         for size in sizes:
-            def one(index: int, size: int = size) -> Outcome | Exception:
+            def one(index: int, size: int = size) -> Run | Exception:
                 plan = Provision(workflow=workflow_file, boot="uefi", index=index, mem=FLEET_MEM, timeout=1800.0,
                                  settle=2.0)
                 try:
@@ -388,10 +390,10 @@ def fleet(report: Report, cfg: Config, workdir: Path, workflow_file: Path,
                 outcomes = list(pool.map(one, range(1, size + 1)))
             elapsed = time.monotonic() - start
             command = "./build.py bench --only fleet"
-            done = [o for o in outcomes if isinstance(o, Outcome) and o.state == "SUCCESS"]
+            done = [o for o in outcomes if isinstance(o, Run) and o.state == "SUCCESS"]
             report.add(f"fleet of {size}: all done", f"{elapsed:.0f} s ({len(done)}/{size} SUCCESS)", command)
             for number, out in enumerate(outcomes, 1):
-                if not isinstance(out, Outcome):
+                if not isinstance(out, Run):
                     failed.append(f"fleet of {size}, machine {number}: {out}")
                     report.add(f"fleet of {size}, machine {number}", f"error: {str(out)[:120]}", command)
                     continue
@@ -475,8 +477,8 @@ def harness_probe(cfg: Config, workdir: Path, workflow_file: Path, vmlinuz: Path
 
     plan = e2e.Plan(workflow=workflow_file, kernel=vmlinuz, initrd=initramfs, timeout=900.0,
                     fail_patterns=e2e.Plan.fail_patterns + RAM_GIVE_UP)
-    with e2e.Lab(dataclasses.replace(cfg, qemu_mem=f"{mib}M"), plan, workdir=workdir) as lab:
-        return lab.run().state
+    with e2e.Harness(dataclasses.replace(cfg, qemu_mem=f"{mib}M"), plan, workdir=workdir) as harness:
+        return harness.run().state
 
 
 # --- build times and reproducibility ------------------------------------------------------------

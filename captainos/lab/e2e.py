@@ -1,15 +1,17 @@
-"""End-to-end provisioning in a VM: real registry, real tink-agent, our workflow server, real image.
+"""The `qemu-test --workflow` harness: one VM against our model workflow server, over QEMU user networking.
 
-    with Lab(cfg, Plan(workflow=Path("examples/workflow.yaml"), kernel=..., initrd=...)) as lab:
-        result = lab.run()
-        print(result.report())
+    with Harness(cfg, Plan(workflow=Path("examples/workflow.yaml"), kernel=..., initrd=...)) as harness:
+        run = harness.run()
+        print(run.report())
 
-A Lab starts a TLS registry (and an htpasswd one when the plan asks for credentials), pushes
+A Harness starts a TLS registry (and an htpasswd one when the plan asks for credentials), pushes
 the agent image (the real agent, built by agent.py, packaged by oci.py) and a busybox action
-image, starts the workflow server and a syslog receiver, then boots the CaptainOS kernel and
-initramfs in QEMU with the Tinkerbell command line, waits until the workflow succeeds, fails
-or times out, powers the VM off and collects what happened: the server's records, the syslog
-stream, the serial console with host-side timestamps, and a timeline.
+image (vm.images), starts the model workflow server (workflow.py: the real server's rules, not
+the real server) and a syslog receiver, then boots the CaptainOS kernel and initramfs in QEMU
+with the Tinkerbell command line, waits until the workflow succeeds, fails or times out, powers
+the VM off and returns a vm.Run: the server's records, the syslog stream, the serial console
+with host-side timestamps, and a timeline. The real-Tinkerbell lab (lab.py, `Lab`) netboots
+VMs through Smee and the real tink server instead; both share vm.py.
 
 The registries use the harness CA (`<cache>/e2e-ca/ca.pem`), which the image must trust:
 build it with `--profiles test --extra-ca-certs <cache>/e2e-ca/ca.pem`.
@@ -22,32 +24,20 @@ import re
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-from captainos.core import cache, log, pins
+from captainos.core import log
 from captainos.core.config import Config
 from captainos.core.errors import CaptainError
 from captainos.core.run import Runner
-from captainos.lab import agent, oci, qemu, registry, syslogd, workflow
-from captainos.sources import debian
+from captainos.lab import oci, qemu, registry, syslogd, vm, workflow
 from captainos.stages import artifacts
 
 GUEST_HOST = "10.0.2.2"  # the host, as QEMU user networking shows it to the guest
-AGENT_REPO = "tink-agent"
-AGENT_TAG = pins.TINK_AGENT.version
-ACTION_REPO = "actions/busybox"
-ACTION_TAG = "e2e"
-# The test profile's self-test powers the VM off when it is done: not during a workflow.
-TEST_PROFILE_ARGS = ("captainos.selftest=off",)
-AGENT_MESSAGES = ("starting Agent", "received action", "reported action status", "executed action",
-                  "error executing action")
 
 
 @dataclass(frozen=True)
@@ -73,8 +63,8 @@ class Plan:
     append: str = ""  # extra kernel parameters; "{registry}" becomes the open registry's guest address
     agent_image: str = ""  # tink_worker_image= instead of the open registry's agent (same placeholder)
     forward_ssh: int = 0  # host port forwarded to the guest's port 22 (127.0.0.1 only)
-    # Called with the Lab once the workflow is final, before the power-off (the VM still runs).
-    on_done: Callable[[Lab], None] | None = None
+    # Called with the Harness once the workflow is final, before the power-off (the VM still runs).
+    on_done: Callable[[Harness], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,195 +90,11 @@ class Cmdline:
             parts += [f"registry_username={self.username}", f"registry_password={self.password}"]
         parts += [f"grpc_authority={self.grpc_authority}", f"worker_id={self.worker_id}", "tinkerbell_tls=false",
                   f"syslog_host={GUEST_HOST}", f"syslog_port={self.syslog_port}", "facility=onprem",
-                  f"hw_addr={self.worker_id}", *TEST_PROFILE_ARGS]
+                  f"hw_addr={self.worker_id}", *vm.TEST_PROFILE_ARGS]
         return " ".join(parts + ([self.extra] if self.extra else []))
 
 
-# ---------------------------------------------------------------------------------------------
-# Images
-
-
-def action_busybox(cfg: Config, runner: Runner) -> Path:
-    """The busybox of the action image: the host's (Debian's busybox-static) when the guest
-    has the host's architecture, else Debian's busybox-static for the guest's, from the signed
-    archive (cached by the package's digest)."""
-    if cfg.arch.is_host():
-        return oci.BUSYBOX
-    deb = debian.package("busybox-static", cfg.arch.value, cache_dir=cfg.cache_dir)
-
-    def produce(work: Path) -> None:
-        debian.extract(runner, deb, work / "root")
-
-    entry = cache.cached(cfg.cache_dir, "busybox", cfg.arch.value, {"deb": cache.sha256_file(deb)}, force=False,
-                         produce=produce)
-    found = [p for p in (entry / "root/usr/bin/busybox", entry / "root/bin/busybox") if p.is_file()]
-    if not found:
-        raise CaptainError(f"{deb.name} holds no busybox binary")
-    return found[0]
-
-
-def images(cfg: Config, runner: Runner) -> Path:
-    """Cache entry with OCI layouts `agent/` (tag AGENT_TAG) and `busybox/` (tag ACTION_TAG)."""
-    agent_entry = agent.build(cfg, runner)
-    binary = agent_entry / agent.BINARY
-    busybox = action_busybox(cfg, runner)
-    parts = {"agent": cache.sha256_file(binary), "busybox": cache.sha256_file(busybox),
-             "oci": cache.sha256_file(Path(oci.__file__)), "agent_tag": AGENT_TAG, "action_tag": ACTION_TAG}
-
-    def produce(work: Path) -> None:
-        oci.write_layout(oci.agent_image(binary, cfg.arch, AGENT_TAG), work / "agent", AGENT_TAG)
-        oci.write_layout(oci.busybox_image(cfg.arch, busybox), work / "busybox", ACTION_TAG)
-
-    return cache.cached(cfg.cache_dir, "e2e-images", cfg.arch.value, parts, force=False, produce=produce)
-
-
-# ---------------------------------------------------------------------------------------------
-# The serial console, with the host time each line appeared
-
-
-class Console:
-    """Follows the serial log file in a thread and timestamps each complete line (wall clock)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="console", daemon=True)
-
-    def start(self) -> Console:
-        self._thread.start()
-        return self
-
-    def _follow(self) -> None:
-        offset, partial = 0, b""
-        while not self._stop.is_set():
-            if self.path.exists():
-                with self.path.open("rb") as handle:
-                    handle.seek(offset)
-                    data = handle.read()
-                offset += len(data)
-                *complete, partial = (partial + data).split(b"\n")
-                now = time.time()
-                self.lines.extend((now, line.decode(errors="replace").rstrip("\r")) for line in complete)
-            self._stop.wait(0.2)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-
-
-def first_line(lines: list[tuple[float, str]], pattern: str) -> tuple[float, str] | None:
-    """The first (time, line) matching pattern."""
-    regex = re.compile(pattern)
-    return next(((t, line) for t, line in lines if regex.search(line)), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# The outcome
-
-
-@dataclass
-class Result:
-    workflow_id: str
-    state: str
-    records: list[dict[str, Any]]
-    syslog: list[syslogd.Message]
-    console: list[tuple[float, str]]
-    started: float  # wall clock when QEMU started
-    disk: Path
-    timeline: list[tuple[str, float | None]] = field(default_factory=list)
-
-    @property
-    def serial(self) -> str:
-        return "\n".join(line for _, line in self.console)
-
-    def reports(self) -> list[tuple[str, str]]:
-        """(action name, state) of every status report, in order."""
-        return [(r["action"], r["state"]) for r in self.records if r["kind"] == "report"]
-
-    def served(self) -> list[str]:
-        return [r["action"] for r in self.records if r["kind"] == "served"]
-
-    def agent_lines(self) -> list[tuple[float, dict[str, Any]]]:
-        """The agent's JSON log lines that reached syslog (else the console), as (time, object)."""
-        found = [(m.received, obj) for m in self.syslog if (obj := agent_json(m.msg)) is not None]
-        if not found:
-            found = [(t, obj) for t, line in self.console if (obj := agent_json(line)) is not None]
-        return found
-
-    def report(self) -> str:
-        lines = [f"workflow {self.workflow_id}: {self.state}", "agent log:"]
-        for when, obj in self.agent_lines():
-            if obj.get("msg") in AGENT_MESSAGES:
-                action = obj.get("action") or {}
-                detail = " ".join(f"{k}={v}" for k, v in (("action", action.get("name")), ("state", obj.get("state")),
-                                                           ("error", obj.get("error"))) if v)
-                lines.append(f"  {when - self.started:7.1f}s  {obj['msg']}  {detail}".rstrip().replace("\n", " | "))
-        lines.append("timeline (seconds after QEMU started):")
-        for label, mark in self.timeline:
-            lines.append(f"  {label:<22} " + (f"{mark:7.1f}s" if mark is not None else "    -"))
-        return "\n".join(lines)
-
-
-def agent_json(text: str) -> dict[str, Any] | None:
-    start = text.find('{"time"')
-    if start < 0 or '"msg"' not in text:
-        return None
-    try:
-        obj = json.loads(text[start:])
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) and obj.get("msg") in AGENT_MESSAGES else None
-
-
-def _wall(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def timeline(result: Result) -> list[tuple[str, float | None]]:
-    """When each milestone happened, in seconds after QEMU started (None: not seen)."""
-    con = {label: first_line(result.console, pattern) for label, pattern in (
-        ("printk", r"^\[\s*\d+\.\d+\]"),
-        ("init", r'"prog":"init".*starting systemd'),
-        ("systemd", r"systemd\[1\]|systemd \d+ running|Welcome to"),
-        # Only the start-up line: shutdown prints "Stopped target network-online.target" too.
-        ("network", r"Reached target .*Network is Online"),
-        ("agent", r"starting Agent"),
-    )}
-
-    def at(hit: tuple[float, Any] | None) -> float | None:
-        return None if hit is None else round(hit[0] - result.started, 1)
-
-    # The kernel's own clock starts when it does: the first timestamped console line, minus
-    # its timestamp, is when the kernel began (whatever its log level hides before that).
-    printk = con["printk"]
-    kernel = None if printk is None else round(
-        printk[0] - float(printk[1].split("]", 1)[0].strip("[ ")) - result.started, 1)
-
-    first_syslog = min((m.received for m in result.syslog), default=None)
-    agent_log = next((t for t, obj in result.agent_lines() if obj.get("msg") == "starting Agent"), None)
-    served = [r for r in result.records if r["kind"] == "served"]
-    finals = [r for r in result.records if r["kind"] == "report" and r["workflow_state"] in workflow.FINAL]
-    # A syslog message from the VM proves its network was up when it arrived; the console's
-    # line may come late, or never (systemd stops printing status once the getty owns it).
-    candidates = [m for m in (at(con["network"]),
-                              round(first_syslog - result.started, 1) if first_syslog else None) if m is not None]
-    network = min(candidates) if candidates else None
-    return [
-        ("QEMU started", 0.0),
-        ("kernel started", kernel),
-        ("/init starts systemd", at(con["init"])),
-        ("systemd up", at(con["systemd"])),
-        ("network up", network),
-        ("agent started", round(agent_log - result.started, 1) if agent_log else at(con["agent"])),
-        ("first action received", round(_wall(served[0]["time"]) - result.started, 1) if served else None),
-        ("workflow done", round(_wall(finals[0]["time"]) - result.started, 1) if finals else None),
-    ]
-
-
-def secret_leaks(result: Result, records_json: str, secret: str) -> list[str]:
+def secret_leaks(result: vm.Run, records_json: str, secret: str) -> list[str]:
     """Every place a secret shows up: serial lines, syslog messages, server records."""
     if not secret:
         return []
@@ -301,11 +107,11 @@ def secret_leaks(result: Result, records_json: str, secret: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The lab
+# The harness
 
 
-class Lab:
-    """Everything a VM needs to be provisioned; `run()` boots it once."""
+class Harness:
+    """Everything a VM needs to be provisioned against the model server; `run()` boots it once."""
 
     def __init__(self, cfg: Config, plan: Plan, *, workdir: Path | None = None, runner: Runner | None = None,
                  keep: bool = False) -> None:
@@ -320,13 +126,13 @@ class Lab:
         self.server: workflow.Server | None = None
         self.syslog: syslogd.Receiver | None = None
         self.guest: qemu.Guest | None = None
-        self.console: Console | None = None
+        self.console: vm.Console | None = None
         self.open_registry: registry.Registry | None = None
         self.auth_registry: registry.Registry | None = None
         self.wf: workflow.Workflow | None = None
 
     # --- setup --------------------------------------------------------------------------------
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Harness:
         try:
             self._setup()
         except BaseException:
@@ -340,28 +146,28 @@ class Lab:
                 raise CaptainError(f"{path} does not exist", "build the image first: ./build.py --profiles test "
                                    f"--extra-ca-certs {self.cfg.cache_dir / 'e2e-ca' / 'ca.pem'}")
         ca = registry.ensure_ca(self.cfg.cache_dir, self.runner)
-        layouts = images(self.cfg, self.runner)
+        layouts = vm.images(self.cfg, self.runner)
         self.open_registry = registry.Registry(ca, self.workdir, "registry", runner=self.runner).start()
         self.registries.append(self.open_registry)
         reg = self.open_registry
-        oci.push(self.runner, layouts / "busybox", ACTION_TAG, f"{reg.host_address}/{ACTION_REPO}:{ACTION_TAG}",
-                 cert_dir=reg.cert_dir)
+        oci.push(self.runner, layouts / "busybox", vm.ACTION_TAG,
+                 f"{reg.host_address}/{vm.ACTION_REPO}:{vm.ACTION_TAG}", cert_dir=reg.cert_dir)
         if self.plan.agent_auth:
             creds = oci.Credentials(self.plan.username, self.password)
             self.auth_registry = registry.Registry(ca, self.workdir, "registry-auth", creds=creds,
                                                    runner=self.runner).start()
             self.registries.append(self.auth_registry)
             auth = self.auth_registry
-            oci.push(self.runner, layouts / "agent", AGENT_TAG, f"{auth.host_address}/{AGENT_REPO}:latest",
+            oci.push(self.runner, layouts / "agent", vm.AGENT_TAG, f"{auth.host_address}/{vm.AGENT_REPO}:latest",
                      cert_dir=auth.cert_dir, creds=creds)
         else:
-            oci.push(self.runner, layouts / "agent", AGENT_TAG, f"{reg.host_address}/{AGENT_REPO}:{AGENT_TAG}",
-                     cert_dir=reg.cert_dir)
+            oci.push(self.runner, layouts / "agent", vm.AGENT_TAG,
+                     f"{reg.host_address}/{vm.AGENT_REPO}:{vm.AGENT_TAG}", cert_dir=reg.cert_dir)
         if self.plan.registry_delay > 0:
             for each in self.registries:
                 each.stop()  # same port and storage when it comes back
         variables = {"worker_id": self.plan.mac, "device_1": self.plan.mac, "registry": reg.guest_address,
-                     "action_image": f"{reg.guest_address}/{ACTION_REPO}:{ACTION_TAG}"}
+                     "action_image": f"{reg.guest_address}/{vm.ACTION_REPO}:{vm.ACTION_TAG}"}
         self.wf = workflow.load(self.plan.workflow, variables)
         self.server = workflow.Server((self.wf,), self.cfg.cache_dir, long_poll=self.plan.long_poll,
                                       bind="127.0.0.1").start()
@@ -383,7 +189,7 @@ class Lab:
             return Cmdline(grpc, self.plan.mac, port, docker_registry=self.auth_registry.guest_address,
                            username=self.plan.username, password=self.password, extra=extra)
         agent_image = (self.plan.agent_image.replace("{registry}", self.open_registry.guest_address)
-                       or f"{self.open_registry.guest_address}/{AGENT_REPO}:{AGENT_TAG}")
+                       or f"{self.open_registry.guest_address}/{vm.AGENT_REPO}:{vm.AGENT_TAG}")
         return Cmdline(grpc, self.plan.mac, port, agent_image=agent_image, extra=extra)
 
     def machine(self) -> qemu.Machine:
@@ -396,14 +202,14 @@ class Lab:
                             disks=(self.disk,), monitor=self.workdir / "monitor.sock")
 
     # --- the run -------------------------------------------------------------------------------
-    def run(self) -> Result:
+    def run(self) -> vm.Run:
         assert self.server is not None and self.wf is not None and self.syslog is not None
         machine = self.machine()
         log.info(f"==> booting {self.plan.initrd.name} ({machine.accel.value}), workflow {self.wf.id}")
         self.guest = qemu.Guest(machine, workdir=self.workdir / "qemu", secrets=(self.password,))
         self.guest.start()
         started = time.time()
-        self.console = Console(machine.serial_log or self.workdir / "serial.log").start()
+        self.console = vm.Console(machine.serial_log or self.workdir / "serial.log").start()
         delayed = self.plan.registry_delay > 0
         deadline = time.monotonic() + self.plan.timeout
         state = self.server.state(self.wf.id)
@@ -430,9 +236,9 @@ class Lab:
         time.sleep(self.plan.settle)
         self.power_off()
         self.console.stop()
-        result = Result(self.wf.id, state, self.server.snapshot(), self.syslog.snapshot(), list(self.console.lines),
-                        started, self.disk)
-        result.timeline = timeline(result)
+        result = vm.Run(name=self.wf.id, state=state, console=list(self.console.lines), syslog=self.syslog.snapshot(),
+                        started=started, disk=self.disk, records=self.server.snapshot())
+        result.timeline = vm.timeline(result)
         return result
 
     def _fatal(self) -> str | None:
@@ -451,7 +257,7 @@ class Lab:
         assert self.server is not None
         records = self.server.snapshot()
         for rec in records[seen:]:
-            when = _wall(rec["time"]) - started
+            when = (vm.stamp(rec["time"]) or started) - started
             what = "sent" if rec["kind"] == "served" else rec["state"]
             log.info(f"    {when:6.1f}s  action {rec['action']}: {what}")
         return len(records)
@@ -518,17 +324,17 @@ class Lab:
 
 
 def run_workflow_file(cfg: Config, path: Path | str, *, kernel: Path | None = None,
-                      initrd: Path | None = None) -> Result:
+                      initrd: Path | None = None) -> vm.Run:
     """Provision a VM booted from out/ with the workflow in path; raise unless it succeeds."""
     kernel = kernel or cfg.out_dir / artifacts.vmlinuz_name(cfg.arch)
     initrd = initrd or cfg.out_dir / artifacts.initramfs_name(cfg.arch)
     plan = Plan(workflow=Path(path), kernel=kernel, initrd=initrd)
-    with Lab(cfg, plan) as lab:
-        result = lab.run()
+    with Harness(cfg, plan) as harness:
+        result = harness.run()
         log.info(result.report())
         if result.state != "SUCCESS":
-            log.error(lab.diagnostics())
+            log.error(harness.diagnostics())
     if result.state != "SUCCESS":
-        raise CaptainError(f"workflow {result.workflow_id} ended {result.state}",
+        raise CaptainError(f"workflow {result.name} ended {result.state}",
                            "the agent log above shows the failing action")
     return result

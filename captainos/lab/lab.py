@@ -1,8 +1,8 @@
 """The real-Tinkerbell lab: a sealed network, the real server, and VMs that netboot from it.
 
     with Lab(cfg, artifacts=Path("out")) as lab:           # or Lab.attach() to a `lab up`
-        outcome = lab.provision(Provision(workflow=Path("examples/workflow.yaml")))
-        print(outcome.report())
+        result = lab.provision(Provision(workflow=Path("examples/workflow.yaml")))
+        print(result.report())
 
 `up()` makes the network namespace (a bridge, no route out), starts a TLS registry holding the
 real tink-agent and a busybox action image, an HTTP server for the artifacts (Smee's OSIE URL)
@@ -10,8 +10,9 @@ and the real Tinkerbell (Smee's DHCP/TFTP/iPXE/ISO/syslog, tink server, the cont
 kube-apiserver), all on the bridge address. `provision()` makes the Hardware, Template and
 Workflow through the Kubernetes API, powers a VM on with no kernel given (BIOS or UEFI
 netboot, or the ISO as Smee patched it), follows the Workflow to its final state, and returns
-what happened: the Workflow object, the events, Smee's log, the syslog Smee received, the
-consoles and a timeline. Everything runs in the namespace; `down()` stops all of it.
+what happened as a vm.Run (the result the `qemu-test --workflow` harness returns too): the
+Workflow object, the events, Smee's log, the syslog Smee received, the consoles and a
+timeline. Everything runs in the namespace; `down()` stops all of it.
 
 The registry uses the harness CA, which the image must trust: build it with
 `--extra-ca-certs <cache>/e2e-ca/ca.pem` (the lab says so when the artifacts are missing).
@@ -32,7 +33,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,7 +44,6 @@ from captainos.core.run import Runner
 from captainos.lab import (
     agent,
     dnsmasq,
-    e2e,
     hub,
     kube,
     netns,
@@ -54,6 +53,7 @@ from captainos.lab import (
     registry,
     syslogd,
     tinkerbell,
+    vm,
     workflow,
 )
 from captainos.lab import chart as helm_chart
@@ -63,7 +63,7 @@ REGISTRY_PORT = 5000
 AUTH_REGISTRY_PORT = 5001
 ARTIFACT_PORT = 8080
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
-AGENT_IMAGE_PATH = f"{e2e.AGENT_REPO}:{e2e.AGENT_TAG}"
+AGENT_IMAGE_PATH = f"{vm.AGENT_REPO}:{vm.AGENT_TAG}"
 # direct: QEMU loads the kernel and initramfs itself, with a command line made as Smee makes
 # it (the IPv6-only network has no DHCPv4, so nothing could netboot there).
 BOOT_MODES = ("bios", "uefi", "iso", "direct")
@@ -72,8 +72,7 @@ BOOT_MODES = ("bios", "uefi", "iso", "direct")
 # "ipv6-only" boots directly on the IPv6-only bridge and names them by SERVER_NAME6 only.
 IPV6_KINDS = ("netboot-then-ipv6", "ipv6-only")
 # The test profile's self-test would power the VM off; an image without that profile ignores it.
-LAB_KERNEL_PARAMS = e2e.TEST_PROFILE_ARGS
-OS_UNITS = ("tink-agent", "tink-agent-setup")  # what CaptainOS forwards to syslog_host
+LAB_KERNEL_PARAMS = vm.TEST_PROFILE_ARGS
 FIRMWARE_START = re.compile(r"SeaBIOS \(version|BdsDxe: loading|UEFI Interactive Shell|EDK II")
 KERNEL_START = re.compile(r"^\[\s*0\.000000\] Linux version")
 TRUST_STORE = "etc/ssl/certs/ca-certificates.crt"  # in the image: update-ca-certificates's bundle
@@ -169,67 +168,6 @@ class Provision:
         return f"52:54:00:88:00:{self.index:02x}"
 
 
-@dataclass
-class Outcome:
-    """What one provisioning run produced, read back from the real stack."""
-
-    name: str
-    mac: str
-    index: int
-    state: str
-    workflow: dict[str, Any]
-    events: list[dict[str, Any]]
-    smee: list[dict[str, Any]]  # Tinkerbell log records from power-on on
-    syslog: list[syslogd.Message]  # as Smee's receiver got them
-    firmware_console: list[tuple[float, str]]  # ttyS0: SeaBIOS/OVMF, iPXE
-    console: list[tuple[float, str]]  # ttyS1: the OS (Smee's console=ttyS1,115200)
-    http: list[tuple[float, str]]  # the artifact server's request lines
-    started: float
-    disk: Path
-    timeline: list[tuple[str, float | None]] = field(default_factory=list)
-    other: dict[str, Any] = field(default_factory=dict)  # the other network's findings (other.Other.probe)
-    ipv6: dict[str, Any] = field(default_factory=dict)  # an IPv6 scenario's findings (watch6_counters, addresses)
-
-    @property
-    def serial(self) -> str:
-        return "\n".join(line for _, line in self.console)
-
-    def actions(self) -> list[tuple[str, str]]:
-        return kube.action_states(self.workflow)
-
-    def os_syslog(self) -> list[syslogd.Message]:
-        """The messages of CaptainOS's forwarded units (iPXE logs to Smee too, before the OS)."""
-        return [m for m in self.syslog if m.app in OS_UNITS]
-
-    def agent_lines(self) -> list[tuple[float, dict[str, Any]]]:
-        """The agent's JSON log lines as Smee received them, as (time, object)."""
-        found = []
-        for m in self.syslog:
-            if m.app != "tink-agent":
-                continue
-            try:
-                obj = json.loads(m.msg)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and obj.get("msg") in e2e.AGENT_MESSAGES:
-                found.append((m.received, obj))
-        return found
-
-    def report(self) -> str:
-        found = ", ".join(f"{k}={v}" for k, v in kube.conditions(self.workflow).items()) or "none"
-        lines = [f"workflow {self.name} ({self.mac}): {self.state}; conditions: {found}", "actions:"]
-        for name, state in self.actions():
-            lines.append(f"  {name:<24} {state}")
-        lines.append("timeline (seconds after power-on):")
-        for label, mark in self.timeline:
-            lines.append(f"  {label:<24} " + (f"{mark:7.1f}s" if mark is not None else "    -"))
-        if self.other:
-            lines.append("other network: " + ", ".join(f"{k}={v}" for k, v in self.other.items() if k != "queries"))
-        if self.ipv6:
-            lines.append("ipv6: " + ", ".join(f"{k}={v}" for k, v in self.ipv6.items()))
-        return "\n".join(lines)
-
-
 def smee_syslog(records: list[dict[str, Any]], received: list[float]) -> list[syslogd.Message]:
     """The syslog messages Smee's receiver logged, as Messages (received: the record's time)."""
     found = []
@@ -276,61 +214,6 @@ def direct_cmdline(*, mac: str, grpc: str, syslog_host: str, agent_image: str) -
     return " ".join([f"facility= syslog_host={syslog_host} grpc_authority={grpc} tinkerbell_tls=false",
                      f"tinkerbell_insecure_tls=false worker_id={mac} hw_addr={mac} console=tty0",
                      f"console=ttyS1,115200 tink_worker_image={agent_image}", *LAB_KERNEL_PARAMS])
-
-
-def _stamp(text: str) -> float | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except (TypeError, ValueError):
-        return None
-
-
-def timeline(out: Outcome) -> list[tuple[str, float | None]]:
-    """When each step of a netboot happened, in seconds after power-on (None: not seen)."""
-    def rel(when: float | None) -> float | None:
-        return None if when is None else round(when - out.started, 1)
-
-    def smee_first(pattern: str) -> float | None:
-        regex = re.compile(pattern)
-        for rec in out.smee:
-            if regex.search(json.dumps(rec)):
-                return _stamp(str(rec.get("time", "")))
-        return None
-
-    def first(lines: list[tuple[float, str]], pattern: str) -> float | None:
-        hit = e2e.first_line(lines, pattern)
-        return None if hit is None else hit[0]
-
-    mac = re.escape(out.mac.lower())
-    ip = ""
-    for rec in out.smee:
-        if rec.get("msg") == "sent DHCP response" and rec.get("mac") == out.mac.lower():
-            ip = str(rec.get("ipAddress", ""))
-            break
-    # The kernel logs to every console named; the ISO's set leaves ttyS1 to user space.
-    printk = e2e.first_line(out.console, r"^\[\s*\d+\.\d+\]") or e2e.first_line(out.firmware_console,
-                                                                                   r"^\[\s*\d+\.\d+\]")
-    kernel = None if printk is None else printk[0] - float(printk[1].split("]", 1)[0].strip("[ "))
-    # Host-clock times (when Smee received the agent's lines), not the VM's clock: under TCG
-    # the guest's clock is not the host's.
-    agent = out.agent_lines()
-    agent_start = next((t for t, obj in agent if obj.get("msg") == "starting Agent"), None)
-    starts = [t for t, obj in agent if obj.get("msg") == "received action"]
-    stops = [t for t, obj in agent if obj.get("msg") == "reported action status"
-             and obj.get("state") in ("success", "failure", "timeout")]
-    script = rf'"uri": "/ipxe/script/{mac}/auto\.ipxe"' if not ip else rf'auto\.ipxe".*"client": "{re.escape(ip)}"'
-    marks: list[tuple[str, float | None]] = [
-        ("power on", 0.0),
-        ("DHCP answered", rel(smee_first(rf'"msg": "sent DHCP response", "mac": "{mac}"'))),
-        ("iPXE binary sent", rel(smee_first(rf'"msg": "file served".*"filename": "{mac}/'))),
-        ("iPXE script served", rel(smee_first(rf'"msg": "response".*{script}'))),
-        ("kernel fetched", rel(first(out.http, r"GET /vmlinuz"))),
-        ("kernel started", rel(kernel)),
-        ("agent started", rel(agent_start)),
-        ("first action started", rel(min(starts)) if starts else None),
-        ("workflow done", rel(max(stops)) if stops and out.state in kube.FINAL else None),
-    ]
-    return marks
 
 
 class Lab:
@@ -392,7 +275,7 @@ class Lab:
             raise CaptainError(f"lab {self.name!r} is already up ({self.network.netns})",
                                f"'./build.py lab down --name {self.name}' takes it down")
         binary = agent.build(self.cfg, self.runner, program=agent.TINKERBELL) / agent.TINKERBELL.binary
-        layouts = e2e.images(self.cfg, self.runner)
+        layouts = vm.images(self.cfg, self.runner)
         hub_entries = self._hub(ca)
         if self.root.exists():
             cache.remove(self.root)
@@ -416,7 +299,7 @@ class Lab:
             return None
         links = artifacts.smee_links(self.cfg.arch)
         kernel, initramfs = (self.artifacts / name for name in links)
-        disk = hub.disk_image(self.cfg, self.runner, kernel, initramfs, e2e.action_busybox(self.cfg, self.runner))
+        disk = hub.disk_image(self.cfg, self.runner, kernel, initramfs, vm.action_busybox(self.cfg, self.runner))
         return images, disk
 
     def _start(self, binary: Path, ca: registry.CA, layouts: Path, hub_entries: tuple[Path, Path] | None) -> None:
@@ -427,9 +310,9 @@ class Lab:
         reg = registry.Registry(ca, self.root, "registry", runner=self.inside, port=REGISTRY_PORT,
                                 lab_address=addr, also=also, call_in=probe).start()
         self.registries.append(reg)
-        oci.push(self.inside, layouts / "busybox", e2e.ACTION_TAG, f"{reg.host_address}/{e2e.ACTION_REPO}:"
-                 f"{e2e.ACTION_TAG}", cert_dir=reg.cert_dir)
-        oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{reg.host_address}/{AGENT_IMAGE_PATH}",
+        oci.push(self.inside, layouts / "busybox", vm.ACTION_TAG, f"{reg.host_address}/{vm.ACTION_REPO}:"
+                 f"{vm.ACTION_TAG}", cert_dir=reg.cert_dir)
+        oci.push(self.inside, layouts / "agent", vm.AGENT_TAG, f"{reg.host_address}/{AGENT_IMAGE_PATH}",
                  cert_dir=reg.cert_dir)
         if hub_entries is not None:
             hub.push(self.inside, *hub_entries, reg.host_address, reg.cert_dir)
@@ -439,7 +322,7 @@ class Lab:
             auth = registry.Registry(ca, self.root, "registry-auth", creds=creds, runner=self.inside,
                                      port=AUTH_REGISTRY_PORT, lab_address=addr, also=also, call_in=probe).start()
             self.registries.append(auth)
-            oci.push(self.inside, layouts / "agent", e2e.AGENT_TAG, f"{auth.host_address}/{e2e.AGENT_REPO}:latest",
+            oci.push(self.inside, layouts / "agent", vm.AGENT_TAG, f"{auth.host_address}/{vm.AGENT_REPO}:latest",
                      cert_dir=auth.cert_dir, creds=creds)
             auth_address = auth.host_address
         self.http = self._serve_artifacts(hub_entries[1] if hub_entries else None)
@@ -555,7 +438,7 @@ class Lab:
             self.down()
 
     # --- provisioning ------------------------------------------------------------------------
-    def provision(self, plan: Provision, *, workdir: Path | None = None) -> Outcome:
+    def provision(self, plan: Provision, *, workdir: Path | None = None) -> vm.Run:
         """Power a VM on against the real Tinkerbell and follow its Workflow to the end."""
         if plan.boot not in BOOT_MODES:
             raise CaptainError(f"unknown boot mode {plan.boot!r}", f"use one of {', '.join(BOOT_MODES)}")
@@ -576,7 +459,7 @@ class Lab:
         mac, ip = plan.mac, self.network.host(plan.index)
         reg_host = self.registry_host(plan.ipv6)
         variables = {"worker_id": "{{.device_1}}", "device_1": "{{.device_1}}", "registry": reg_host,
-                     "action_image": f"{reg_host}/{e2e.ACTION_REPO}:{e2e.ACTION_TAG}",
+                     "action_image": f"{reg_host}/{vm.ACTION_REPO}:{vm.ACTION_TAG}",
                      "hub": f"{reg_host}/{hub.REPO_PATH}",
                      "hub_disk": f"{reg_host}/{hub.DISK_REPO}:{hub.DISK_TAG}",
                      "artifacts": f"http://{self.state.address}:{ARTIFACT_PORT}"}
@@ -625,8 +508,8 @@ class Lab:
         access = helm_chart.access_path(self.chart_work)
         access_offset = access.stat().st_size if access.exists() else 0
         guest = qemu.Guest(machine, workdir=work / "qemu", secrets=(self.password,))
-        fw = e2e.Console(work / "serial0.log")
-        con = e2e.Console(work / "serial1.log")
+        fw = vm.Console(work / "serial0.log")
+        con = vm.Console(work / "serial1.log")
         guest.start()
         started = time.time()
         fw.start()
@@ -659,7 +542,7 @@ class Lab:
             if side is not None:
                 side.down(self.runner)
         records = list(tinkerbell.log_records(self.root / "tinkerbell.log", log_offset))
-        stamps = [_stamp(str(r.get("time", ""))) or started for r in records]
+        stamps = [vm.stamp(str(r.get("time", ""))) or started for r in records]
         events = []
         with contextlib.suppress(CaptainError, OSError):
             events = [e for e in self.client.events() if e.get("involvedObject", {}).get("name") in (run_name, hw_name)]
@@ -668,14 +551,13 @@ class Lab:
         mine6 = {f"[{a}]" for a in found6.get("addresses", [])}
         syslog += [m for m in syslogd.read_lines(syslog6_file, syslog6_offset) if m.peer.rpartition(":")[0] in mine6]
         syslog.sort(key=lambda m: m.received)
-        out = Outcome(run_name, mac, plan.index, kube.workflow_state(obj), obj, events, records, syslog,
-                      list(fw.lines), list(con.lines), self.http_lines(http_offset, ip), started, disk)
-        out.http += [(r.time, f"{r.method} {r.path}") for r in helm_chart.access_log(access, access_offset)
-                     if r.client == ip]
-        out.http.sort()
-        out.timeline = timeline(out)
-        out.other = found_other
-        out.ipv6 = found6
+        http = self.http_lines(http_offset, ip)
+        http += [(r.time, f"{r.method} {r.path}") for r in helm_chart.access_log(access, access_offset)
+                 if r.client == ip]
+        out = vm.Run(name=run_name, state=kube.workflow_state(obj), console=list(con.lines), syslog=syslog,
+                     started=started, disk=disk, mac=mac, index=plan.index, workflow=obj, events=events, smee=records,
+                     firmware_console=list(fw.lines), http=sorted(http), other=found_other, ipv6=found6)
+        out.timeline = vm.timeline(out)
         (work / "outcome.json").write_text(json.dumps({"workflow": obj, "events": events}, indent=1, default=str))
         return out
 
@@ -790,7 +672,7 @@ class Lab:
         threading.Thread(target=later, daemon=True).start()
 
     def _follow(self, name: str, guest: qemu.Guest, plan: Provision, started: float,
-                console: e2e.Console) -> dict[str, Any]:
+                console: vm.Console) -> dict[str, Any]:
         """Poll the Workflow until its state is final; log each action's change. A console line
         matching one of plan.give_up ends the run with that line."""
         assert self.client is not None
@@ -824,7 +706,7 @@ class Lab:
                                    f"{plan.timeout:.0f}s", f"consoles in {guest.workdir.parent}")
             time.sleep(2.0)
 
-    def _wait_restart(self, plan: Provision, fw: e2e.Console, con: e2e.Console) -> float:
+    def _wait_restart(self, plan: Provision, fw: vm.Console, con: vm.Console) -> float:
         """When the machine was seen restarting: a second firmware start for a reboot; for kexec a
         second kernel on the OS console with no firmware start in between."""
         deadline = time.monotonic() + plan.restart_timeout

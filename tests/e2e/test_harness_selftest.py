@@ -3,8 +3,9 @@
 The guest is a Debian kernel with a throwaway busybox initramfs whose /init configures the
 NIC by hand, forwards its log with busybox syslogd to the harness, and runs the real tink-agent
 (copied in, not pulled) against the harness's workflow server. Without containerd the action
-cannot start, so the agent reports TIMEOUT: enough to check every moving part of a Lab (QEMU
-user networking to 10.0.2.2, gRPC, syslog, serial timestamps, timeline, power-off path).
+cannot start, so the agent reports TIMEOUT: enough to check every moving part of the harness
+(e2e.Harness: QEMU user networking to 10.0.2.2, gRPC, syslog, serial timestamps, timeline,
+power-off path).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def selftest_initramfs(dest: Path, kernel_entry: Path, agent_binary: Path) -> Pa
 
 
 @pytest.mark.skipif(not Path("/bin/busybox").is_file(), reason="needs busybox-static")
-def test_lab_against_a_busybox_guest_running_the_real_agent(tmp_path):
+def test_the_harness_against_a_busybox_guest_running_the_real_agent(tmp_path):
     from captainos.stages import pipeline
 
     env = {"KERNEL_SOURCE": os.environ.get("KERNEL_SOURCE", "debian-image"), "QEMU_ACCEL": "tcg",
@@ -97,10 +98,10 @@ def test_lab_against_a_busybox_guest_running_the_real_agent(tmp_path):
     workflow_file.write_text(textwrap.dedent(WORKFLOW))
     plan = e2e.Plan(workflow=workflow_file, kernel=kernel_entry / "vmlinuz", initrd=initrd, timeout=300,
                     settle=3, poweroff_timeout=3, long_poll=5)
-    with e2e.Lab(cfg, plan, workdir=tmp_path / "lab") as lab:
-        result = lab.run()
+    with e2e.Harness(cfg, plan, workdir=tmp_path / "harness") as harness:
+        result = harness.run()
         print(result.report())
-        assert result.state == "TIMEOUT", lab.diagnostics()
+        assert result.state == "TIMEOUT", harness.diagnostics()
         assert result.reports() == [("cannot-pull", "RUNNING"), ("cannot-pull", "TIMEOUT")]
         assert result.served() == ["cannot-pull"]
         served = next(r for r in result.records if r["kind"] == "served")
@@ -114,4 +115,4 @@ def test_lab_against_a_busybox_guest_running_the_real_agent(tmp_path):
             assert marks[label] is not None, result.report()
         assert marks["kernel started"] <= marks["agent started"] <= marks["first action received"] \
             <= marks["workflow done"], result.report()
-        assert lab.guest is not None and lab.guest.proc is not None and lab.guest.proc.poll() is not None
+        assert harness.guest is not None and harness.guest.proc is not None and harness.guest.proc.poll() is not None

@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 
 from captainos.core.run import Runner
-from captainos.lab import e2e, oci, registry
+from captainos.lab import e2e, oci, registry, vm
 from captainos.stages import pipeline
 
 pytestmark = pytest.mark.integration
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
-EMBEDDED_AGENT = f"10.0.2.2:1/tinkerbell/tink-agent:{e2e.AGENT_TAG}"
+EMBEDDED_AGENT = f"10.0.2.2:1/tinkerbell/tink-agent:{vm.AGENT_TAG}"
 EMBEDDED_ACTION = "10.0.2.2:1/embedded/busybox:e2e"
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR")
@@ -58,7 +58,7 @@ def site_image(lab_cfg, kernel_entry, tmp_path_factory) -> Iterator[SiteImage]:
     any VM boots; the build host trusts it through /etc/containers/certs.d, as an operator's would."""
     work = tmp_path_factory.mktemp("site")
     runner = Runner()
-    layouts = e2e.images(lab_cfg, runner)
+    layouts = vm.images(lab_cfg, runner)
     key, other, cmdline = keygen(work / "id_site"), keygen(work / "id_other"), keygen(work / "id_cmdline")
     ca = registry.ensure_ca(lab_cfg.cache_dir, runner)
     with registry.Registry(ca, work, "build-registry") as reg:
@@ -66,12 +66,12 @@ def site_image(lab_cfg, kernel_entry, tmp_path_factory) -> Iterator[SiteImage]:
         trust.mkdir(parents=True)
         try:
             shutil.copy(reg.cert_dir / "ca.crt", trust / "ca.crt")
-            oci.push(runner, layouts / "agent", e2e.AGENT_TAG, f"{reg.host_address}/tink-agent:{e2e.AGENT_TAG}",
+            oci.push(runner, layouts / "agent", vm.AGENT_TAG, f"{reg.host_address}/tink-agent:{vm.AGENT_TAG}",
                      cert_dir=reg.cert_dir)
-            oci.push(runner, layouts / "busybox", e2e.ACTION_TAG, f"{reg.host_address}/busybox:e2e",
+            oci.push(runner, layouts / "busybox", vm.ACTION_TAG, f"{reg.host_address}/busybox:e2e",
                      cert_dir=reg.cert_dir)
             listing = work / "images.txt"
-            listing.write_text(f"{reg.host_address}/tink-agent:{e2e.AGENT_TAG} {EMBEDDED_AGENT}\n"
+            listing.write_text(f"{reg.host_address}/tink-agent:{vm.AGENT_TAG} {EMBEDDED_AGENT}\n"
                                f"{reg.host_address}/busybox:e2e {EMBEDDED_ACTION}\n")
             cfg = dataclasses.replace(lab_cfg, embed_images=listing, ssh_authorized_keys=key.with_suffix(".pub"),
                                       out_dir=work / "out")
@@ -102,15 +102,15 @@ def ssh(port: int, key: Path, command: str) -> subprocess.CompletedProcess[str]:
 
 @dataclasses.dataclass
 class Boot:
-    result: e2e.Result
+    result: vm.Run
     registry_log: str  # every registry's log, the harness's own pushes and probes included
     seen: dict[str, object]  # what the checks saw while the VM was up
 
 
 def boot(cfg, plan: e2e.Plan, workdir: Path, seen: dict[str, object]) -> Boot:
-    with e2e.Lab(cfg, plan, workdir=workdir) as lab:
-        result = lab.run()
-        logs = "\n".join(reg.log_file.read_text(errors="replace") for reg in lab.registries)
+    with e2e.Harness(cfg, plan, workdir=workdir) as harness:
+        result = harness.run()
+        logs = "\n".join(reg.log_file.read_text(errors="replace") for reg in harness.registries)
     print(result.report())
     return Boot(result, logs, seen)
 
@@ -130,7 +130,7 @@ def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot
     ports = {"embedded": registry.free_port(), "mirror": registry.free_port()}
     seen: dict[str, dict[str, object]] = {"embedded": {}, "mirror": {}}
 
-    def while_up_embedded(lab: e2e.Lab) -> None:
+    def while_up_embedded(harness: e2e.Harness) -> None:
         port, found = ports["embedded"], seen["embedded"]
         found["banner"] = banner(port)
         found["inside"] = ssh(port, site_image.key, "cat /run/captainos/embedded-images; "
@@ -149,9 +149,9 @@ def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot
                              on_done=while_up_embedded, append=f'"ssh_authorized_keys={cmdline_key}"',
                              mac="52:54:00:12:34:71", timeout=900),
         "mirror": e2e.Plan(workflow=WORKFLOWS / "mirror.yaml", kernel=kernel_entry / "vmlinuz", initrd=shipped,
-                           agent_image=f"10.0.2.2:1/{e2e.AGENT_REPO}:{e2e.AGENT_TAG}",
+                           agent_image=f"10.0.2.2:1/{vm.AGENT_REPO}:{vm.AGENT_TAG}",
                            append="registry_mirrors=10.0.2.2:1=https://{registry}", forward_ssh=ports["mirror"],
-                           on_done=lambda lab: seen["mirror"].update(banner=banner(ports["mirror"])),
+                           on_done=lambda harness: seen["mirror"].update(banner=banner(ports["mirror"])),
                            mac="52:54:00:12:34:72", timeout=900),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -194,7 +194,7 @@ def test_the_agent_image_comes_through_a_mirror_and_the_agents_action_pulls_do_n
     run = boots["mirror"]
     result = run.result
     # The agent's name is on 10.0.2.2:1: only the mirror can have served it.
-    agent = [line for line in vm_pulls(run.registry_log) if f"/v2/{e2e.AGENT_REPO}/manifests/" in line]
+    agent = [line for line in vm_pulls(run.registry_log) if f"/v2/{vm.AGENT_REPO}/manifests/" in line]
     assert agent and all("ns=10.0.2.2%3A1" in line for line in agent), agent
     states = dict(result.reports())  # the last report of each action
     assert states == {"direct": "SUCCESS", "through-the-mirror": "FAILED"}, result.report()

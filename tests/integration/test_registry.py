@@ -8,7 +8,7 @@ import pytest
 
 from captainos.core import config
 from captainos.core.run import Runner
-from captainos.lab import agent, e2e, oci, registry
+from captainos.lab import agent, oci, registry, vm
 from captainos.lab.oci import Credentials
 
 pytestmark = [
@@ -25,7 +25,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def layouts(cfg):
-    return e2e.images(cfg, Runner())
+    return vm.images(cfg, Runner())
 
 
 def inspect(reg, ref, *extra):
@@ -39,8 +39,8 @@ def test_agent_image_through_tls_and_auth(cfg, layouts, tmp_path):
     with registry.Registry(ca, tmp_path, "open") as open_reg, \
             registry.Registry(ca, tmp_path, "auth", creds=creds) as auth_reg:
         assert open_reg.ping() == 200 and auth_reg.ping() == 401
-        ref = f"{open_reg.host_address}/tink-agent:{e2e.AGENT_TAG}"
-        oci.push(Runner(), layouts / "agent", e2e.AGENT_TAG, ref, cert_dir=open_reg.cert_dir)
+        ref = f"{open_reg.host_address}/tink-agent:{vm.AGENT_TAG}"
+        oci.push(Runner(), layouts / "agent", vm.AGENT_TAG, ref, cert_dir=open_reg.cert_dir)
         seen = inspect(open_reg, ref)
         assert seen.returncode == 0, seen.stderr
         info = json.loads(seen.stdout)
@@ -50,7 +50,7 @@ def test_agent_image_through_tls_and_auth(cfg, layouts, tmp_path):
         assert json.loads(config_blob)["config"]["Entrypoint"] == ["/tink-agent"]
 
         auth_ref = f"{auth_reg.host_address}/tink-agent:latest"
-        oci.push(Runner(), layouts / "agent", e2e.AGENT_TAG, auth_ref, cert_dir=auth_reg.cert_dir, creds=creds)
+        oci.push(Runner(), layouts / "agent", vm.AGENT_TAG, auth_ref, cert_dir=auth_reg.cert_dir, creds=creds)
         anonymous = inspect(auth_reg, auth_ref)
         assert anonymous.returncode != 0 and "authentication required" in anonymous.stderr
         wrong = inspect(auth_reg, auth_ref, "--creds", "captain:wrong")
@@ -76,8 +76,8 @@ def test_registry_restarts_with_the_same_content(cfg, layouts, tmp_path):
     ca = registry.ensure_ca(cfg.cache_dir, Runner())
     reg = registry.Registry(ca, tmp_path, "open").start()
     try:
-        ref = f"{reg.host_address}/{e2e.ACTION_REPO}:{e2e.ACTION_TAG}"
-        oci.push(Runner(), layouts / "busybox", e2e.ACTION_TAG, ref, cert_dir=reg.cert_dir)
+        ref = f"{reg.host_address}/{vm.ACTION_REPO}:{vm.ACTION_TAG}"
+        oci.push(Runner(), layouts / "busybox", vm.ACTION_TAG, ref, cert_dir=reg.cert_dir)
         reg.stop()
         assert inspect(reg, ref).returncode != 0
         reg.start()

@@ -23,7 +23,8 @@ import pytest
 
 from captainos.core.errors import CaptainError
 from captainos.lab import chart, hub, kube, netns, tinkerbell
-from captainos.lab.lab import SERVER_NAME, SERVER_NAME6, Lab, Outcome, Provision
+from captainos.lab.lab import SERVER_NAME, SERVER_NAME6, Lab, Provision
+from captainos.lab.vm import Run
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ PATTERN = b"CAPTAINOS-E2E-PATTERN-0123456789"  # examples/workflow.yaml writes i
 PATTERN_OFFSET = 2048 * 512
 
 
-def provision(lab: Lab, reports: list[tuple[str, str]], plan: Provision, tmp_path: Path) -> Outcome:
+def provision(lab: Lab, reports: list[tuple[str, str]], plan: Provision, tmp_path: Path) -> Run:
     out = lab.provision(plan, workdir=tmp_path)
     print(out.report())
     reports.append((f"{plan.workflow.name} ({plan.boot}{', ' + plan.restart if plan.restart else ''})",
@@ -40,21 +41,21 @@ def provision(lab: Lab, reports: list[tuple[str, str]], plan: Provision, tmp_pat
     return out
 
 
-def explain(lab: Lab, out: Outcome) -> str:
+def explain(lab: Lab, out: Run) -> str:
     console = "\n".join(line for _, line in out.console[-40:])
     firmware = "\n".join(line for _, line in out.firmware_console[-15:])
     return (f"{out.report()}\n--- OS console (ttyS1, last 40) ---\n{console}\n--- firmware console (ttyS0) ---\n"
             f"{firmware}\n--- Tinkerbell log ---\n{lab.diagnostics()}")
 
 
-def printed(out: Outcome, pattern: str) -> re.Match[str] | None:
+def printed(out: Run, pattern: str) -> re.Match[str] | None:
     """The first line an action printed matching pattern, in syslog or on the console (not the
     agent's log of the action's command, which holds the same words unexpanded)."""
     text = "\n".join([m.raw for m in out.syslog] + [line for _, line in out.console])
     return next((m for m in re.finditer(pattern, text) if "$(" not in m.group(0)), None)
 
 
-def check_every_run(lab: Lab, out: Outcome) -> None:
+def check_every_run(lab: Lab, out: Run) -> None:
     """What every netboot shows: Smee answered, the VM's OS console is on ttyS1, its syslog
     reached Smee's own receiver under the Hardware's host name, and the agent logged every
     action the real server handed out."""
@@ -113,10 +114,10 @@ PARALLEL = int(os.environ.get("CAPTAINOS_LAB_PARALLEL", "4"))
 
 @pytest.fixture(scope="session")
 def runs(real_lab, lab_cfg, lab_artifacts, lab_reports,
-         tmp_path_factory) -> dict[str, Outcome | AuthRun | BaseException]:
+         tmp_path_factory) -> dict[str, Run | AuthRun | BaseException]:
     """Every scenario of the first lab and the second lab's run, once each (a run's error is kept
     for its test to raise)."""
-    def one(name: str) -> Outcome | AuthRun | BaseException:
+    def one(name: str) -> Run | AuthRun | BaseException:
         if name == "hub" and not (real_lab.state and real_lab.state.hub):
             return pytest.skip.Exception("the hub actions were neither cached nor given a source "
                                          "(CAPTAINOS_HUB_ACTIONS: a git repository of github.com/tinkerbell/actions)")
@@ -133,18 +134,18 @@ def runs(real_lab, lab_cfg, lab_artifacts, lab_reports,
     return found
 
 
-def scenario(runs: dict[str, Outcome | AuthRun | BaseException], name: str) -> Outcome:
+def scenario(runs: dict[str, Run | AuthRun | BaseException], name: str) -> Run:
     if name not in runs:
         pytest.skip(f"scenario {name} not in CAPTAINOS_LAB_SCENARIOS")
     found = runs[name]
     if isinstance(found, BaseException):
         raise found
-    assert isinstance(found, Outcome)
+    assert isinstance(found, Run)
     return found
 
 
 @pytest.fixture
-def bios_run(runs) -> Outcome:
+def bios_run(runs) -> Run:
     return scenario(runs, "bios")
 
 
@@ -239,7 +240,7 @@ def test_the_machine_routes_nothing_between_its_networks(real_lab, runs):
 
 # --- IPv6 ----------------------------------------------------------------------------------------
 
-def ipv6_report(out: Outcome) -> dict[str, list[str]]:
+def ipv6_report(out: Run) -> dict[str, list[str]]:
     """What the ipv6 workflow printed: v6, v4, routes6 and dns, each a list."""
     found = printed(out, r"ipv6 v6=\[(.*?)\] v4=\[(.*?)\] routes6=\[(.*?)\] dns=\[(.*?)\]")
     assert found, out.report()
@@ -247,7 +248,7 @@ def ipv6_report(out: Outcome) -> dict[str, list[str]]:
             "routes6": [r.strip() for r in found.group(3).split(";") if r.strip()], "dns": found.group(4).split()}
 
 
-def check_ipv6_only_on_the_wire(lab: Lab, out: Outcome) -> None:
+def check_ipv6_only_on_the_wire(lab: Lab, out: Run) -> None:
     """After the boot, tink server, the registry and syslog saw this VM over IPv6 only: the
     lab's counters by the VM's MAC, and Smee's IPv4 receiver got nothing from the OS."""
     seen = out.ipv6
@@ -382,7 +383,7 @@ def test_iso_patched_by_smee_boots_with_the_hardwares_static_address(real_lab, r
 class AuthRun:
     """What the second lab showed, gathered before it was taken down."""
     netns: str
-    out: Outcome
+    out: Run
     explanation: str  # explain() of its run, for a failing assertion
     pulls: list[str]  # the auth registry's log lines of manifest pulls answered 200 (skopeo's push excluded)
     leaks: list[str]  # the places the registry password was found in

@@ -290,7 +290,7 @@ def test_a_harness_probe_boots_with_that_memory_and_gives_up_on_memory_messages(
 
     made = []
 
-    class FakeLab:
+    class FakeHarness:
         def __init__(self, cfg, plan, workdir):
             made.append((cfg, plan, workdir))
 
@@ -303,7 +303,7 @@ def test_a_harness_probe_boots_with_that_memory_and_gives_up_on_memory_messages(
         def run(self):
             return SimpleNamespace(state="SUCCESS")
 
-    monkeypatch.setattr(e2e, "Lab", FakeLab)
+    monkeypatch.setattr(e2e, "Harness", FakeHarness)
     cfg = config.load(env={"ARCH": "arm64"})
     state = bench.harness_probe(cfg, tmp_path / "ram-384", tmp_path / "wf.yaml", tmp_path / "v", tmp_path / "i", 384)
     assert state == "SUCCESS"

@@ -1,4 +1,4 @@
-"""The end-to-end harness's pure parts: command line, console parsing, timeline, leak finder."""
+"""The `qemu-test --workflow` harness's pure parts: command line, console parsing, timeline, leak finder."""
 
 import json
 import time
@@ -8,7 +8,7 @@ import pytest
 
 from captainos.core import config
 from captainos.core.errors import CaptainError
-from captainos.lab import e2e, syslogd
+from captainos.lab import e2e, syslogd, vm
 
 MAC = "52:54:00:12:34:56"
 
@@ -56,7 +56,8 @@ def make_result(start):
                (start + 4, '[  3.2] {"level":"info","prog":"init","msg":"root moved; starting systemd"}'),
                (start + 6, "[  5.1] systemd[1]: Welcome"),
                (start + 15, "[  OK  ] Reached target network-online.target - Network is Online.")]
-    return e2e.Result("default/x", "SUCCESS", records, syslog, console, start, Path("/disk"))
+    return vm.Run(name="default/x", state="SUCCESS", records=records, syslog=syslog, console=console, started=start,
+                  disk=Path("/disk"))
 
 
 def test_timeline_and_report():
@@ -64,7 +65,7 @@ def test_timeline_and_report():
 
     start = datetime.fromisoformat("2026-11-25T17:00:00+00:00").timestamp()
     result = make_result(start)
-    result.timeline = e2e.timeline(result)
+    result.timeline = vm.timeline(result)
     assert dict(result.timeline) == {
         "QEMU started": 0.0, "kernel started": 1.0, "/init starts systemd": 4.0, "systemd up": 6.0,
         "network up": 15.0, "agent started": 20.0, "first action received": 30.0, "workflow done": 40.0}
@@ -81,43 +82,45 @@ def test_network_is_up_by_the_first_syslog_message_whatever_the_console_says():
     result = make_result(start)
     # No start-up line on the console, only the shutdown's: the syslog stream decides.
     result.console[-1] = (start + 90, "[  OK  ] Stopped target network-online.target - Network is Online.")
-    assert dict(e2e.timeline(result))["network up"] == 16.0
+    assert dict(vm.timeline(result))["network up"] == 16.0
     result.syslog[-1] = syslogd.parse("<14>1 - captainos kernel - - - early", received=start + 12)
     result.console[-1] = (start + 15, "[  OK  ] Reached target network-online.target - Network is Online.")
-    assert dict(e2e.timeline(result))["network up"] == 12.0
+    assert dict(vm.timeline(result))["network up"] == 12.0
 
 
 def test_timeline_marks_what_never_happened():
-    result = e2e.Result("default/x", "RUNNING", [], [], [], time.time(), Path("/disk"))
-    marks = dict(e2e.timeline(result))
+    result = vm.Run(name="default/x", state="RUNNING", console=[], syslog=[], started=time.time(), disk=Path("/disk"))
+    marks = dict(vm.timeline(result))
     assert marks["QEMU started"] == 0.0 and marks["workflow done"] is None and marks["network up"] is None
-    result.timeline = e2e.timeline(result)
+    result.timeline = vm.timeline(result)
     assert "workflow done              -" in result.report()
 
 
 def test_agent_lines_fall_back_to_the_console():
     start = time.time()
     line = "tink-agent[42]: " + agent_line("received action", action={"name": "z"})
-    result = e2e.Result("w", "SUCCESS", [], [], [(start + 3, line), (start + 4, "{not json")], start, Path("/d"))
+    result = vm.Run(name="w", state="SUCCESS", console=[(start + 3, line), (start + 4, "{not json")], syslog=[],
+                    started=start, disk=Path("/d"))
     assert [obj["action"]["name"] for _, obj in result.agent_lines()] == ["z"]
 
 
 def test_secret_leaks_finds_every_place():
     start = time.time()
     secret = "pw-s3cret"
-    result = e2e.Result("w", "SUCCESS", [], [syslogd.parse(f"<14>1 - vm kernel - - - Command line: x={secret}")],
-                        [(start, f"Kernel command line: registry_password={secret}"), (start, "clean")], start,
-                        Path("/d"))
+    result = vm.Run(name="w", state="SUCCESS",
+                    syslog=[syslogd.parse(f"<14>1 - vm kernel - - - Command line: x={secret}")],
+                    console=[(start, f"Kernel command line: registry_password={secret}"), (start, "clean")],
+                    started=start, disk=Path("/d"))
     leaks = e2e.secret_leaks(result, json.dumps([{"message": secret}]), secret)
     assert len(leaks) == 3 and not any(secret in leak for leak in leaks)
     assert leaks[0].startswith("serial:") and leaks[1].startswith("syslog from vm/kernel")
     assert e2e.secret_leaks(result, "[]", "") == []
 
 
-def test_lab_refuses_a_missing_image_with_a_hint(tmp_path):
+def test_the_harness_refuses_a_missing_image_with_a_hint(tmp_path):
     cfg = config.Config(cache_dir=tmp_path / "cache")
     plan = e2e.Plan(workflow=tmp_path / "wf.yaml", kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd")
-    with pytest.raises(CaptainError) as info, e2e.Lab(cfg, plan, workdir=tmp_path / "lab"):
+    with pytest.raises(CaptainError) as info, e2e.Harness(cfg, plan, workdir=tmp_path / "harness"):
         pass
     assert "does not exist" in info.value.message and "--extra-ca-certs" in (info.value.hint or "")
     assert "e2e-ca/ca.pem" in (info.value.hint or "")
@@ -128,61 +131,14 @@ def test_plan_hides_the_password():
     assert "hidden-pw" not in repr(plan)
 
 
-def test_lab_gives_up_when_the_guest_says_the_agent_cannot_start(tmp_path):
+def test_the_harness_gives_up_when_the_guest_says_the_agent_cannot_start(tmp_path):
     cfg = config.Config(cache_dir=tmp_path / "cache")
     plan = e2e.Plan(workflow=tmp_path / "w", kernel=tmp_path / "k", initrd=tmp_path / "i")
-    lab = e2e.Lab(cfg, plan, workdir=tmp_path / "lab")
-    lab.console = e2e.Console(tmp_path / "serial.log")
-    lab.syslog = syslogd.Receiver()
-    lab.console.lines = [(0.0, "[  OK  ] Started containerd.service")]
-    assert lab._fatal() is None
-    lab.syslog.messages.append(syslogd.parse(
+    harness = e2e.Harness(cfg, plan, workdir=tmp_path / "harness")
+    harness.console = vm.Console(tmp_path / "serial.log")
+    harness.syslog = syslogd.Receiver()
+    harness.console.lines = [(0.0, "[  OK  ] Started containerd.service")]
+    assert harness._fatal() is None
+    harness.syslog.messages.append(syslogd.parse(
         "<14>1 - vm tink-agent - - - Dependency failed for tink-agent.service - Tinkerbell agent."))
-    assert lab._fatal() == "Dependency failed for tink-agent.service - Tinkerbell agent."
-
-
-def test_the_action_busybox_is_the_hosts_on_the_hosts_architecture():
-    from captainos.lab import oci
-
-    cfg = config.load(env={"ARCH": "amd64"})
-    assert e2e.action_busybox(cfg, runner=None) == oci.BUSYBOX  # type: ignore[arg-type]
-
-
-def test_the_action_busybox_of_another_architecture_comes_from_debian(tmp_path, monkeypatch):
-    from captainos.sources import debian
-
-    cfg = config.load(env={"ARCH": "arm64", "CAPTAINOS_CACHE": str(tmp_path / "cache")})
-    deb = tmp_path / "busybox-static_1.37.0-6_arm64.deb"
-    deb.write_bytes(b"a deb")
-    asked = []
-
-    def package(name, arch, **kwargs):
-        asked.append((name, arch))
-        return deb
-
-    def extract(runner, path, dest):
-        assert path == deb
-        asked.append(("extract", dest.name))
-        (dest / "usr/bin").mkdir(parents=True)
-        (dest / "usr/bin/busybox").write_bytes(b"\x7fELF arm64 busybox")
-
-    monkeypatch.setattr(debian, "package", package)
-    monkeypatch.setattr(debian, "extract", extract)
-    found = e2e.action_busybox(cfg, runner=None)  # type: ignore[arg-type]
-    assert asked == [("busybox-static", "arm64"), ("extract", "root")]
-    assert found.read_bytes() == b"\x7fELF arm64 busybox"
-    assert e2e.action_busybox(cfg, runner=None) == found  # type: ignore[arg-type]
-    # The index is asked each time; the extraction is cached by the package's digest.
-    assert asked[2:] == [("busybox-static", "arm64")]
-
-
-def test_a_busybox_package_without_busybox_is_refused(tmp_path, monkeypatch):
-    from captainos.sources import debian
-
-    cfg = config.load(env={"ARCH": "arm64", "CAPTAINOS_CACHE": str(tmp_path / "cache")})
-    deb = tmp_path / "busybox-static_arm64.deb"
-    deb.write_bytes(b"a deb")
-    monkeypatch.setattr(debian, "package", lambda name, arch, **kwargs: deb)
-    monkeypatch.setattr(debian, "extract", lambda runner, path, dest: dest.mkdir(parents=True))
-    with pytest.raises(CaptainError, match="holds no busybox binary"):
-        e2e.action_busybox(cfg, runner=None)  # type: ignore[arg-type]
+    assert harness._fatal() == "Dependency failed for tink-agent.service - Tinkerbell agent."

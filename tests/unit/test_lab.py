@@ -20,7 +20,8 @@ from captainos.core import config, pins
 from captainos.core.errors import CaptainError
 from captainos.lab import agent, dnsmasq, kube, netns, other, qemu, registry, syslogd, tinkerbell, workflow
 from captainos.lab import lab as lab_module
-from captainos.lab.lab import Lab, Outcome, Provision, State, smee_syslog, timeline
+from captainos.lab.lab import Lab, Provision, State, smee_syslog
+from captainos.lab.vm import Run, timeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -156,11 +157,11 @@ def test_smee_syslog_records_become_messages():
     assert json.loads(m.msg)["msg"] == "starting Agent"
 
 
-def outcome(**kw) -> Outcome:
+def outcome(**kw) -> Run:
     base = dict(name="w", mac="52:54:00:77:00:01", index=1, state="SUCCESS", workflow={}, events=[], smee=[],
                 syslog=[], firmware_console=[], console=[], http=[], started=1000.0, disk=Path("/d"))
     base.update(kw)
-    return Outcome(**base)  # type: ignore[arg-type]
+    return Run(**base)  # type: ignore[arg-type]
 
 
 def test_timeline_marks_each_netboot_step():
