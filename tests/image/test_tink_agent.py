@@ -288,13 +288,35 @@ def test_a_containerd_socket_is_not_asked_again_and_a_dead_one_is_retried(sandbo
 
 @pytest.mark.parametrize("cmdline", ['tink_worker_image="reg.local/tink agent:1"', "tink_worker_image=",
                                      "docker_registry=bad/host", "docker_registry=reg:99999"])
-def test_bad_image_reference_is_one_error_and_no_pull(sandbox, cmdline):
+def test_a_refused_image_reference_is_said_and_nothing_is_pulled(sandbox, cmdline):
     fake_runtime(sandbox)
     sandbox.cmdline(cmdline)
     result = sandbox.run("tink-agent-setup")
     assert result.returncode != 0
-    assert len(result.messages("error")) == 1
+    # The parse's refusal (at boot: the generator's, once), then what it means for the setup.
+    refusal, consequence = result.messages("error")
+    assert refusal.startswith("refusing a parameter: ")
+    name = cmdline.strip('"').split("=")[0]
+    assert consequence == f"no agent image: {name} was refused"
     assert pulls(sandbox) == []
+
+
+def test_a_refused_image_does_not_fall_back_to_docker_registry(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline('tink_worker_image="reg.local/tink agent:1" docker_registry=reg.local')
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode != 0
+    assert result.messages("error")[-1] == "no agent image: tink_worker_image was refused"
+    assert pulls(sandbox) == []
+
+
+def test_no_image_parameter_is_one_error(sandbox):
+    fake_runtime(sandbox)
+    sandbox.cmdline("quiet")
+    result = sandbox.run("tink-agent-setup")
+    assert result.returncode != 0
+    assert result.messages("error") == [
+        "no agent image: neither tink_worker_image nor docker_registry is on the command line"]
 
 
 def test_insecure_registries_get_hosts_toml(sandbox):
@@ -327,7 +349,8 @@ def test_docker_registry_glob_is_refused_at_once(sandbox):
     sandbox.cmdline("docker_registry=sys/*/*/*/*/*/*/*/*")
     result = sandbox.run("tink-agent-setup", timeout=5)
     assert result.returncode != 0
-    assert len(result.messages("error")) == 1
+    assert result.messages("error") == ["refusing a parameter: expected host[:port]",
+                                        "no agent image: docker_registry was refused"]
     assert pulls(sandbox) == []
 
 
