@@ -66,6 +66,7 @@ class Sandbox:
         path = Path(program) if os.sep in str(program) else PROGRAMS / str(program)
         env = {"PATH": f"{self.bin}:/usr/bin:/bin", "ROOT": str(self.root), "CMDLINE_FILE": str(self.cmdline_file),
                "CAPTAINOS_LIB": str(LIB), "HOME": str(self.tmp), "CAP_CONSOLE": str(self.tmp / "console"),
+               "CAP_KMSG": str(self.tmp / "kmsg"),
                "AGENT_MACHINE": "x86_64", **self.env}
         # Working directory "/", as systemd runs them: a glob in a value would match real paths.
         # A session of its own: a program that hangs is killed with everything it started

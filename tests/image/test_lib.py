@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -432,3 +433,19 @@ def test_the_generator_saves_refusals_and_says_each_on_the_console(sandbox):
     result = sandbox.bash("cap_cmdline_load\ncap_refused tinkerbell_tls && cap_refused vlan_id && "
                           "cap_refused registry_password && ! cap_param vlan_id && cap_param syslog_host")
     assert result.returncode == 0 and result.messages("error") == []
+
+
+def test_the_generators_log_lines_go_to_the_kernels_log_when_it_can_write_there(sandbox):
+    # A generator's stderr goes nowhere; /dev/kmsg is where journald finds its lines.
+    kmsg = sandbox.tmp / "kmsg"
+    kmsg.write_text("")
+    sandbox.cmdline("vlan_id=0 quiet")
+    out = sandbox.root / "run/systemd/generator"
+    out.mkdir(parents=True)
+    result = sandbox.run(GENERATOR, str(out))
+    assert result.returncode == 0 and result.stderr == ""
+    [record] = kmsg.read_text().splitlines()
+    header, line = record.split(": ", 1)
+    assert re.fullmatch(r"<13>captainos-cmdline\[\d+\]", header), header
+    assert json.loads(line) == {"level": "error", "prog": "captainos-cmdline",
+                                "msg": "refusing a parameter: not a VLAN id (1-4094)", "param": "vlan_id", "value": "0"}

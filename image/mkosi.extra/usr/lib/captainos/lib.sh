@@ -9,6 +9,7 @@
 #   CAP_CMDLINE_PARSED  the boot's parse of the command line, written once by the generator
 #                 captainos-cmdline (default $ROOT/run/captainos/cmdline.parsed)
 #   CAP_PROGRAM   the "prog" field of log lines (default: the script's file name)
+#   CAP_LOG_PREFIX  written before each log line (the generator's kernel log record header)
 
 # Values from the command line and DHCP are split on "," "." ":" in loops; with globbing on,
 # a value like "[b]in" or "*" would be matched against the working directory ("/" under
@@ -64,7 +65,7 @@ cap_log() {
         cap_json_escape value "${pair#*=}"
         line+=",\"$key\":\"$value\""
     done
-    printf '%s}\n' "$line" >&2
+    printf '%s%s}\n' "${CAP_LOG_PREFIX-}" "$line" >&2
 }
 # cap_console MESSAGE: one plain line on the system console, for the operator watching the
 # machine (the journal has the details). CAP_CONSOLE overrides the device in tests.
