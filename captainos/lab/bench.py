@@ -377,6 +377,7 @@ def fleet(report: Report, cfg: Config, workdir: Path, workflow_file: Path,
 
     failed: list[str] = []
     with Lab(cfg, root=workdir / "fleet-lab", iso=False) as lab:
+        lab.accel()  # the KVM probe once, outside every fleet's clock
         for size in sizes:
             def one(index: int, size: int = size) -> Run | Exception:
                 plan = Provision(workflow=workflow_file, boot="uefi", index=index, mem=FLEET_MEM, timeout=1800.0,

@@ -438,6 +438,13 @@ class Lab:
             self.down()
 
     # --- provisioning ------------------------------------------------------------------------
+    def accel(self) -> Accel:
+        """The lab's VMs' accelerator: KVM where a probe kernel really boots under it (up to 20 s
+        to find out), decided once per lab; a benchmark asks before it starts its clock."""
+        if self._accel is None:
+            self._accel = qemu.resolve_accel(Arch.AMD64, self.cfg.qemu_accel, self.artifacts / "vmlinuz-x86_64")
+        return self._accel
+
     def provision(self, plan: Provision, *, workdir: Path | None = None) -> vm.Run:
         """Power a VM on against the real Tinkerbell and follow its Workflow to the end."""
         if plan.boot not in BOOT_MODES:
@@ -633,10 +640,8 @@ class Lab:
             firmware = OVMF
         if plan.boot == "iso":
             cdrom = self._patched_iso(plan.mac, work)
-        if self._accel is None:  # KVM where a probe kernel really boots under it, once per lab
-            self._accel = qemu.resolve_accel(Arch.AMD64, self.cfg.qemu_accel, self.artifacts / "vmlinuz-x86_64")
         return qemu.Machine(
-            Arch.AMD64, mem=plan.mem or self.cfg.qemu_mem, smp=self.cfg.qemu_smp, accel=self._accel,
+            Arch.AMD64, mem=plan.mem or self.cfg.qemu_mem, smp=self.cfg.qemu_smp, accel=self.accel(),
             serial_log=work / "serial0.log", serial2_log=work / "serial1.log", monitor=work / "monitor.sock",
             mac=plan.mac, netdev=f"tap,id=net0,ifname={tap},script=no,downscript=no", disks=(disk,),
             firmware=firmware, cdrom=cdrom, net_boot=cdrom is None and kernel is None, reboot=plan.restart == "reboot",

@@ -18,7 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -107,12 +107,33 @@ class Boot:
     seen: dict[str, object]  # what the checks saw while the VM was up
 
 
-def boot(cfg, plan: e2e.Plan, workdir: Path, seen: dict[str, object]) -> Boot:
-    with e2e.Harness(cfg, plan, workdir=workdir) as harness:
-        result = harness.run()
-        logs = "\n".join(reg.log_file.read_text(errors="replace") for reg in harness.registries)
+def boot(cfg, plan: e2e.Plan, workdir: Path, seen: dict[str, object]) -> Boot | Exception:
+    """One VM's run, or why it did not finish: a failure is the failure of that VM's tests only
+    (the other VM runs on), with its reason and the harness's diagnostics in the log above."""
+    try:
+        with e2e.Harness(cfg, plan, workdir=workdir) as harness:
+            result = harness.run()
+            logs = "\n".join(reg.log_file.read_text(errors="replace") for reg in harness.registries)
+    except Exception as exc:  # reported by each test of this VM
+        return exc
     print(result.report())
     return Boot(result, logs, seen)
+
+
+def booted(boots: dict[str, Boot | Exception], name: str) -> Boot:
+    found = boots[name]
+    if isinstance(found, Exception):
+        pytest.fail(f"the {name} VM did not finish: {type(found).__name__}: {found}")
+    return found
+
+
+def checked(fn: Callable[[], object]) -> object:
+    """A check run while the VM is up; its exception (an SSH client's timeout, say) becomes what
+    the check saw, so the VM is powered off as usual and the test names it."""
+    try:
+        return fn()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return exc
 
 
 def vm_pulls(text: str) -> list[str]:
@@ -121,7 +142,7 @@ def vm_pulls(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot]:
+def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot | Exception]:
     """The two VMs, side by side (TCG runs each on one host thread): `embedded` boots the site
     image with every registry down; `mirror` boots the test image with the agent's name on
     10.0.2.2:1 and registry_mirrors pointing at the harness registry."""
@@ -132,15 +153,18 @@ def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot
 
     def while_up_embedded(harness: e2e.Harness) -> None:
         port, found = ports["embedded"], seen["embedded"]
-        found["banner"] = banner(port)
-        found["inside"] = ssh(port, site_image.key, "cat /run/captainos/embedded-images; "
-                              "ls /usr/share/captainos/embedded; systemctl is-active tink-agent")
-        found["other"] = ssh(port, site_image.other, "true")
-        found["cmdline"] = ssh(port, site_image.cmdline, "echo key from the command line")
-        keyscan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(port), "127.0.0.1"], capture_output=True,
-                                 text=True, timeout=60, check=False)
-        found["fingerprint"] = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=keyscan.stdout,
-                                              capture_output=True, text=True, check=False).stdout
+        found["banner"] = checked(lambda: banner(port))
+        found["inside"] = checked(lambda: ssh(port, site_image.key, "cat /run/captainos/embedded-images; "
+                                              "ls /usr/share/captainos/embedded; systemctl is-active tink-agent"))
+        found["other"] = checked(lambda: ssh(port, site_image.other, "true"))
+        found["cmdline"] = checked(lambda: ssh(port, site_image.cmdline, "echo key from the command line"))
+
+        def fingerprint() -> str:
+            keyscan = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(port), "127.0.0.1"],
+                                     capture_output=True, text=True, timeout=60, check=False)
+            return subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=keyscan.stdout, capture_output=True,
+                                  text=True, check=False).stdout
+        found["fingerprint"] = checked(fingerprint)
 
     cmdline_key = site_image.cmdline.with_suffix(".pub").read_text().strip()
     plans = {
@@ -151,7 +175,7 @@ def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot
         "mirror": e2e.Plan(workflow=WORKFLOWS / "mirror.yaml", kernel=kernel_entry / "vmlinuz", initrd=shipped,
                            agent_image=f"10.0.2.2:1/{vm.AGENT_REPO}:{vm.AGENT_TAG}",
                            append="registry_mirrors=10.0.2.2:1=https://{registry}", forward_ssh=ports["mirror"],
-                           on_done=lambda harness: seen["mirror"].update(banner=banner(ports["mirror"])),
+                           on_done=lambda _: seen["mirror"].update(banner=checked(lambda: banner(ports["mirror"]))),
                            mac="52:54:00:12:34:72", timeout=900),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -160,7 +184,7 @@ def boots(lab_cfg, kernel_entry, site_image, tmp_path_factory) -> dict[str, Boot
 
 
 def test_embedded_images_run_a_workflow_with_every_registry_down(boots):
-    run = boots["embedded"]
+    run = booted(boots, "embedded")
     result = run.result
     assert result.state == "SUCCESS", result.report() + "\n" + result.serial[-4000:]
     assert dict(result.reports()) == {"from-the-image": "SUCCESS"}
@@ -170,7 +194,7 @@ def test_embedded_images_run_a_workflow_with_every_registry_down(boots):
 
 
 def test_ssh_takes_the_built_in_and_the_command_line_key_and_refuses_another(boots, site_image):
-    run = boots["embedded"]
+    run = booted(boots, "embedded")
     seen, serial = run.seen, run.result.serial
     assert isinstance(seen["banner"], bytes) and seen["banner"].startswith(b"SSH-2.0-"), seen["banner"]
     inside = seen["inside"]
@@ -191,7 +215,7 @@ def test_ssh_takes_the_built_in_and_the_command_line_key_and_refuses_another(boo
 
 
 def test_the_agent_image_comes_through_a_mirror_and_the_agents_action_pulls_do_not(boots):
-    run = boots["mirror"]
+    run = booted(boots, "mirror")
     result = run.result
     # The agent's name is on 10.0.2.2:1: only the mirror can have served it.
     agent = [line for line in vm_pulls(run.registry_log) if f"/v2/{vm.AGENT_REPO}/manifests/" in line]
@@ -206,4 +230,5 @@ def test_the_agent_image_comes_through_a_mirror_and_the_agents_action_pulls_do_n
 
 
 def test_the_shipped_configuration_has_no_ssh_server(boots):
-    assert boots["mirror"].seen["banner"] == b"", boots["mirror"].seen
+    run = booted(boots, "mirror")
+    assert run.seen["banner"] == b"", run.seen

@@ -403,6 +403,19 @@ def test_every_kind_of_the_table_has_examples_here():
     assert kinds - UNCHECKED_KINDS == set(KIND_EXAMPLES)
 
 
+
+@pytest.mark.parametrize(("name", "written", "read"), [
+    ("syslog_port", "0514", "514"), ("captainos.restart_wait", "08", "8"), ("captainos.restart_wait", "0", "0"),
+    ("vlan_id", "0042", "42"),
+])
+def test_the_parse_reads_numbers_in_base_10_once_for_every_reader(sandbox, name, written, read):
+    """Bash arithmetic takes a leading zero for octal ("08" is an error): the parse keeps a
+    number without them, so no reader has to remember."""
+    sandbox.cmdline(f"{name}={written}")
+    result = sandbox.bash(f"cap_cmdline_load\ncap_param {name}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == read
+
 @pytest.mark.parametrize("kind", sorted(KIND_EXAMPLES))
 def test_the_parse_takes_a_good_value_and_refuses_a_bad_one_by_its_kind(sandbox, kind):
     name, good, bad = KIND_EXAMPLES[kind]

@@ -341,6 +341,9 @@ def test_the_fleet_runs_each_size_at_once_and_reports_every_machine(tmp_path, mo
     lock = threading.Lock()
 
     class FakeLab(LabStandIn):
+        def accel(self):
+            plans.append("accel")  # the KVM probe: before any clock starts
+
         def provision(self, plan, workdir):
             import time
             with lock:
@@ -359,6 +362,8 @@ def test_the_fleet_runs_each_size_at_once_and_reports_every_machine(tmp_path, mo
     monkeypatch.setattr(lab_module, "Lab", FakeLab)
     report = bench.Report()
     failed = bench.fleet(report, Config(cache_dir=tmp_path), tmp_path, Path("w.yaml"), sizes=(1, 4))
+    assert plans[0] == "accel" and "accel" not in plans[1:]
+    plans = plans[1:]
     assert peak[0] == 4 and sorted(p.index for p in plans) == [1, 1, 2, 3, 4]
     assert {p.mem for p in plans} == {bench.FLEET_MEM} and {p.boot for p in plans} == {"uefi"}
     assert failed == ["fleet of 4, machine 2: TIMEOUT",

@@ -165,7 +165,7 @@ cap_cmdline_parse() {
 # _cap_cmdline_check: hold every parameter the table knows to its kind; a value that fails is
 # dropped from CAP_PARAMS and CAP_RAW, recorded in CAP_INVALID and logged once (by name, and
 # with its value unless the parameter is secret or a proxy URL). Unknown parameters are left
-# alone.
+# alone. A number (kinds port, seconds, vlan) is kept in base 10 without leading zeros.
 _cap_cmdline_check() {
     local name kind
     CAP_INVALID=()
@@ -173,7 +173,14 @@ _cap_cmdline_check() {
     for name in "${!CAP_PARAMS[@]}"; do
         kind=${CAP_KIND["$name"]-any}
         CAP_WHY=""
-        _cap_check "$name" "${CAP_PARAMS["$name"]}" "$kind" && continue
+        if _cap_check "$name" "${CAP_PARAMS["$name"]}" "$kind"; then
+            case $kind in
+                # Numbers are read in base 10 here, once: "0514" is 514, "08" is 8 (bash's
+                # arithmetic would take a leading zero for octal in every reader).
+                port | seconds | vlan) CAP_PARAMS["$name"]=$((10#${CAP_PARAMS["$name"]})) ;;
+            esac
+            continue
+        fi
         CAP_INVALID["$name"]=$CAP_WHY
         if [[ -n ${CAP_PARSE_QUIET-} ]]; then
             :  # the boot's parse already logged it
