@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 from captainos.core import log
@@ -44,15 +46,24 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         raise CaptainError(f"workflow file {path} does not exist")
     started_here = not (lab_dir(cfg, args.name) / "lab.json").is_file()
     lab = _start(cfg, args) if started_here else Lab.attach(cfg, args.name)
+    # The VM's consoles (serial0.log: firmware and iPXE, serial1.log: the OS), its disk and the
+    # Workflow object as it ended: removed after a SUCCESS, kept (and named) otherwise.
+    work = Path(tempfile.mkdtemp(prefix=f"captainos-lab-{args.name}-"))
+    succeeded = False
     try:
         boot = "direct" if args.ipv6 == "ipv6-only" else args.boot
         outcome = lab.provision(Provision(workflow=path, boot=boot, index=args.vm, timeout=args.timeout,
-                                          osie="chart" if args.chart else "", ipv6=args.ipv6))
+                                          osie="chart" if args.chart else "", ipv6=args.ipv6), workdir=work)
+        succeeded = outcome.state == "SUCCESS"
     finally:
         if started_here:
             lab.down()
+        if succeeded:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.info(f"    kept the run's consoles, disk and Workflow object in {work}")
     print(outcome.report())
-    if outcome.state != "SUCCESS":
+    if not succeeded:
         raise CaptainError(f"workflow {outcome.name} ended {outcome.state}",
                            "the actions above show which one; the Workflow object has each action's message")
 

@@ -579,9 +579,10 @@ def test_a_failure_inside_the_lab_leaves_nothing_running(lab_cfg, lab_artifacts,
     assert lab.server is not None and lab.server.proc is None
 
 
-def _lab_run(lab_cfg, lab_artifacts, name: str, *args: str) -> subprocess.Popen[str]:
+def _lab_run(lab_cfg, lab_artifacts, name: str, *args: str, tmp: Path) -> subprocess.Popen[str]:
+    # TMPDIR: a run that fails keeps its files in a temporary directory; this test's own.
     env = {**os.environ, "CAPTAINOS_CACHE": str(lab_cfg.cache_dir), "OUT_DIR": str(lab_artifacts),
-           "QEMU_ACCEL": "tcg"}
+           "QEMU_ACCEL": "tcg", "TMPDIR": str(tmp)}
     subprocess.run([sys.executable, str(REPO / "build.py"), "lab", "down", "--name", name], env=env,
                    capture_output=True, check=False)  # what an earlier, killed run may have left
     # SIGINT back to its default in the child: a runner that started us in the background
@@ -592,10 +593,10 @@ def _lab_run(lab_cfg, lab_artifacts, name: str, *args: str) -> subprocess.Popen[
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def test_ctrl_c_during_a_run_takes_its_lab_down(lab_cfg, lab_artifacts):
+def test_ctrl_c_during_a_run_takes_its_lab_down(lab_cfg, lab_artifacts, tmp_path):
     """`lab run` without `lab up` starts a lab for the run; Ctrl-C while the VM boots stops
     the VM, Tinkerbell, the registry and the server, and removes the namespace."""
-    proc = _lab_run(lab_cfg, lab_artifacts, "sigint")
+    proc = _lab_run(lab_cfg, lab_artifacts, "sigint", tmp=tmp_path)
     try:
         deadline = time.monotonic() + 300
         while not any("qemu" in _comm(pid) for pid in netns.pids("captainos-sigint")):
@@ -612,13 +613,16 @@ def test_ctrl_c_during_a_run_takes_its_lab_down(lab_cfg, lab_artifacts):
     assert not netns.exists("captainos-sigint")
 
 
-def test_a_run_past_its_timeout_is_one_line_and_leaves_nothing(lab_cfg, lab_artifacts):
-    proc = _lab_run(lab_cfg, lab_artifacts, "late", "--timeout", "5")
+def test_a_run_past_its_timeout_is_one_line_and_leaves_nothing_but_its_files(lab_cfg, lab_artifacts, tmp_path):
+    proc = _lab_run(lab_cfg, lab_artifacts, "late", "--timeout", "5", tmp=tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "after 5s" in errors[0], err
     assert not netns.exists("captainos-late")
+    [kept] = tmp_path.glob("captainos-lab-late-*")  # the VM's consoles, for the cause
+    assert f"kept the run's consoles, disk and Workflow object in {kept}" in err
+    assert (kept / "serial0.log").is_file()
 
 
 def _comm(pid: int) -> str:

@@ -490,3 +490,42 @@ def test_the_relay_carries_ipv6_connections_to_the_ipv4_service(tmp_path):
             proc.terminate()
             proc.wait(5)
     assert "connection from ::1" in log_file.read_text()
+
+
+@pytest.mark.parametrize("state", ["SUCCESS", "FAILED", "raises"])
+def test_lab_run_keeps_a_runs_files_only_when_it_did_not_succeed(tmp_path, monkeypatch, capsys, state):
+    """The consoles and the disk of a run that failed are where its cause is: kept and named;
+    a SUCCESS leaves nothing in the temporary directory."""
+    import argparse
+    import tempfile
+
+    from captainos.core import log as core_log
+    from captainos.lab import cli as lab_cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    workflow_file = tmp_path / "w.yaml"
+    workflow_file.write_text("name: w\n")
+    lines: list[str] = []
+    monkeypatch.setattr(core_log, "info", lines.append)
+
+    class Attached:
+        def provision(self, plan, workdir):
+            (workdir / "serial1.log").write_text("the OS console\n")
+            if state == "raises":
+                raise CaptainError("workflow w still PENDING after 5s")
+            return outcome(state=state)
+
+    monkeypatch.setattr(lab_cli, "lab_dir", lambda cfg, name: tmp_path)
+    (tmp_path / "lab.json").write_text("{}")
+    monkeypatch.setattr(lab_cli.Lab, "attach", staticmethod(lambda cfg, name: Attached()))
+    args = argparse.Namespace(workflow=str(workflow_file), name="t", ipv6="", boot="uefi", vm=12, timeout=5.0,
+                              chart=False)
+    if state == "SUCCESS":
+        lab_cli.run(config.Config(cache_dir=tmp_path / "cache"), args)
+        assert not list(tmp_path.glob("captainos-lab-t-*")) and not lines
+        return
+    with pytest.raises(CaptainError):
+        lab_cli.run(config.Config(cache_dir=tmp_path / "cache"), args)
+    [kept] = tmp_path.glob("captainos-lab-t-*")
+    assert (kept / "serial1.log").read_text() == "the OS console\n"
+    assert lines == [f"    kept the run's consoles, disk and Workflow object in {kept}"]
