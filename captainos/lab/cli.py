@@ -45,7 +45,12 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     if not path.is_file():
         raise CaptainError(f"workflow file {path} does not exist")
     started_here = not (lab_dir(cfg, args.name) / "lab.json").is_file()
-    lab = _start(cfg, args) if started_here else Lab.attach(cfg, args.name)
+    if started_here:
+        lab = _start(cfg, args)
+    else:
+        lab = Lab.attach(cfg, args.name)
+        # The lab serves the out/ it was started with: rebuilt since, it must still trust the CA.
+        lab.check_artifacts(registry.ensure_ca(cfg.cache_dir, Runner()))
     # The VM's consoles (serial0.log: firmware and iPXE, serial1.log: the OS), its disk and the
     # Workflow object as it ended: removed after a SUCCESS, kept (and named) otherwise.
     work = Path(tempfile.mkdtemp(prefix=f"captainos-lab-{args.name}-"))

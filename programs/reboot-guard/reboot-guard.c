@@ -47,13 +47,34 @@ static const char *env_or(const char *name, const char *fallback) {
     return value && *value ? value : fallback;
 }
 
-/* Append text to out as the inside of a JSON string. */
+/* The text is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above
+ * U+10FFFF): the lead byte gives the length, E0, ED, F0 and F4 narrow the second byte. */
+static int utf8_ok(const unsigned char *c) {
+    while (*c) {
+        int n = *c < 0x80 ? 0 : *c >= 0xc2 && *c <= 0xdf ? 1 : *c >= 0xe0 && *c <= 0xef ? 2
+              : *c >= 0xf0 && *c <= 0xf4 ? 3 : -1;
+        if (n < 0)
+            return 0;
+        unsigned char lo = *c == 0xe0 ? 0xa0 : *c == 0xf0 ? 0x90 : 0x80;
+        unsigned char hi = *c == 0xed ? 0x9f : *c == 0xf4 ? 0x8f : 0xbf;
+        for (c++; n > 0; n--, c++, lo = 0x80, hi = 0xbf)
+            if (*c < lo || *c > hi) /* a NUL ends the text here too */
+                return 0;
+    }
+    return 1;
+}
+
+/* A JSON string's contents. Text that is not UTF-8 would make the line no JSON at all: then
+ * every byte above 0x7f is "?", as the shell programs' cap_json_escape does. */
 static void json_text(FILE *out, const char *text) {
+    int utf8 = utf8_ok((const unsigned char *)text);
     for (const unsigned char *c = (const unsigned char *)text; *c; c++) {
         if (*c == '"' || *c == '\\')
             fprintf(out, "\\%c", *c);
         else if (*c < 0x20)
             fprintf(out, "\\u%04x", *c);
+        else if (*c >= 0x80 && !utf8)
+            fputc('?', out);
         else
             fputc(*c, out);
     }

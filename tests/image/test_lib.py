@@ -211,13 +211,15 @@ def test_log_lines_are_one_json_object_each_even_with_hostile_text(sandbox):
 
 
 @pytest.mark.parametrize(("mask", "prefix"), [("255.255.255.0", "24"), ("255.255.252.0", "22"), ("24", "24"),
-                                              ("/16", "16"), ("0.0.0.0", "0"), ("255.255.255.255", "32")])
+                                              ("/16", "16"), ("0.0.0.0", "0"), ("255.255.255.255", "32"),
+                                              ("08", "8"), ("024", "24"), ("/09", "9"), ("00", "0")])
 def test_netmask_prefix_accepts_dotted_and_prefix_length(sandbox, mask, prefix):
     result = sandbox.bash(f"cap_netmask_prefix '{mask}'")
     assert (result.returncode, result.stdout) == (0, prefix)
 
 
-@pytest.mark.parametrize("mask", ["255.0.255.0", "33", "255.255.255", "abc", "", "255.255.255.256"])
+@pytest.mark.parametrize("mask", ["255.0.255.0", "33", "255.255.255", "abc", "", "255.255.255.256", "033", "0024",
+                                  "255.255.255.000"])
 def test_netmask_prefix_rejects_nonsense(sandbox, mask):
     assert sandbox.bash(f"cap_netmask_prefix '{mask}'").returncode != 0
 
@@ -392,6 +394,7 @@ KIND_EXAMPLES = {
     "ipam": ("ipam", "de-ad-be-ef-fe-ed::10.0.0.2:24:::::", "de-ad-be-ef-fe-ed::10.0.0.2:24::::"),
     "id": ("worker_id", "de:ad:be:ef:fe:ed", '"a b"'),
     "seconds": ("captainos.restart_wait", "08", "-1"),
+    "counts": ("captainos.test.hardware", "08,1", "2;1"),
     "choice:on,off": ("captainos.zram", "off", "no"),
     "choice:off,nopoweroff": ("captainos.selftest", "nopoweroff", "of"),
 }
@@ -406,7 +409,7 @@ def test_every_kind_of_the_table_has_examples_here():
 
 @pytest.mark.parametrize(("name", "written", "read"), [
     ("syslog_port", "0514", "514"), ("captainos.restart_wait", "08", "8"), ("captainos.restart_wait", "0", "0"),
-    ("vlan_id", "0042", "42"),
+    ("vlan_id", "0042", "42"), ("captainos.test.hardware", "08,010", "8,10"),
 ])
 def test_the_parse_reads_numbers_in_base_10_once_for_every_reader(sandbox, name, written, read):
     """Bash arithmetic takes a leading zero for octal ("08" is an error): the parse keeps a

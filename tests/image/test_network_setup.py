@@ -66,6 +66,22 @@ def test_ipam_with_a_vlan_puts_the_address_on_the_vlan(sandbox):
     assert "MACAddress=de:ad:be:ef:fe:ed" in parent and "VLAN=vlan100" in parent
 
 
+@pytest.mark.parametrize(("vlan", "mask", "device", "prefix"), [("08", "08", "vlan8", "8"),
+                                                                ("0100", "024", "vlan100", "24")])
+def test_ipam_numbers_with_leading_zeros_are_base_10(sandbox, vlan, mask, device, prefix):
+    files, sb = setup(sandbox, f"ipam=de-ad-be-ef-fe-ed:{vlan}:10.0.0.5:{mask}:::1.1.1.1::")
+    assert sb.result.messages("error") == []
+    assert f"Name={device}" in files["10-captainos-static.network"]
+    assert f"Address=10.0.0.5/{prefix}" in files["10-captainos-static.network"]
+    assert f"Id={device[4:]}\n" in files[f"10-captainos-{device}.netdev"]
+
+
+def test_vlan_id_with_leading_zeros_is_base_10(sandbox):
+    files, sb = setup(sandbox, "vlan_id=08 hw_addr=52:54:00:12:34:56\n")
+    assert sb.result.messages("error") == []
+    assert "Id=8\n" in files["10-captainos-vlan8.netdev"] and "Name=vlan8" in files["10-captainos-vlan8.network"]
+
+
 def test_ipam_without_dns_warns_but_applies(sandbox):
     files, sb = setup(sandbox, "ipam=de-ad-be-ef-fe-ed::192.168.2.193:255.255.255.0:192.168.2.1:h:::")
     assert "Address=192.168.2.193/24" in files["10-captainos-static.network"]

@@ -12,6 +12,7 @@ of restarting the host running the test.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -112,3 +113,30 @@ def test_a_connection_without_a_descriptor_is_one_error(guard):
     entry = json.loads(line)
     assert entry["msg"] == "no seccomp descriptor from runc; this container's reboot calls fail"
     assert entry["error"] == "0 descriptors, not 1"
+
+
+@pytest.mark.parametrize(("sent", "logged"), [
+    (b"action-\xc3\xa9t\xe2\x82\xac-\xf0\x9f\x93\xa6", "action-ét€-📦"),  # UTF-8 as it is
+    (b"action-\xff\xc3\xa9", "action-???"),  # a byte no UTF-8 text holds
+    (b"action-\xc0\xaf\xc3\xa9", "action-????"),  # an overlong "/"
+    (b"action-\xed\xa0\x80", "action-???"),  # a surrogate
+    (b"action-\xf4\x90\x80\x80", "action-????"),  # above U+10FFFF
+    (b"action-\xe2\x82", "action-??"),  # cut short
+])
+def test_log_lines_stay_json_whatever_bytes_the_container_id_holds(guard, sent, logged):
+    """The container ID comes from runc's state as bytes: a line with bytes that are not UTF-8
+    is no JSON at all, so they become "?" (as in the shell programs' log lines)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    read_end, write_end = os.pipe()
+    state = b'{"pid": 1, "state": {"id": "' + sent + b'", "pid": 1}}'
+    socket.send_fds(theirs, [state], [read_end])
+    for fd in (read_end, write_end):  # a hung-up descriptor: the guard logs the ID, then ends
+        os.close(fd)
+    result = subprocess.run([guard], stdin=ours.fileno(), capture_output=True, timeout=30, check=False)
+    ours.close()
+    theirs.close()
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    entry = json.loads(line.decode("utf-8", errors="strict"))
+    assert entry["msg"] == "watching the reboot calls of an action in the host's PID namespace"
+    assert entry["container"] == logged

@@ -19,9 +19,12 @@ def fake_tools(sandbox, *, logger_fails: bool = False, stop_after: float | None 
     sent, with the host name of the moment, to `sent`."""
     (sandbox.tmp / "journal").touch(exist_ok=True)
     stop = "" if stop_after is None else f'(sleep {stop_after}; kill -TERM "$PPID") &'
+    # SIGTERM is taken between entries, never between printing one and noting its cursor (bash
+    # runs a trap between any two commands; journalctl's own handler runs in its event loop).
     sandbox.fake("journalctl", f"""
-last=""
-trap '[[ -z $last ]] || printf "%s\\n" "$last" >"$file"; exit 143' TERM
+last="" stop=0
+trap 'stop=1' TERM
+finish() {{ [[ -z $last ]] || printf "%s\\n" "$last" >"$file"; exit 143; }}
 file=""
 for arg; do [[ $arg == --cursor-file=* ]] && file=${{arg#*=}}; done
 after=""
@@ -36,9 +39,12 @@ while :; do
     while IFS=$'\\t' read -r cursor message; do
         if [[ -z $after || $seen == 1 ]]; then printf '%s\\n' "$message"; last=$cursor; fi
         [[ $cursor != "$after" ]] || seen=1
+        ((stop == 0)) || finish
     done <"{sandbox.tmp}/journal"
     after=$last
+    ((stop == 0)) || finish
     sleep 0.05 & wait $!
+    ((stop == 0)) || finish
 done
 """)
     fail = "exit 1" if logger_fails else ""

@@ -586,6 +586,19 @@ def test_an_insecure_mirror_is_not_verified_and_an_insecure_registry_keeps_its_o
     assert "skip_verify = true" in hosts_toml(sandbox, "mirror.local:443")  # pulls naming the mirror itself
 
 
+def test_a_mirror_of_an_insecure_registry_is_verified_unless_listed_itself(sandbox):
+    """nerdctl's --insecure-registry (given for the registry) makes containerd skip the checks of
+    every hosts.toml entry that does not say otherwise: the mirror's entry says so."""
+    import tomllib
+
+    setup_ok(sandbox, "tink_worker_image=10.0.2.2:5000/agent:1 registry_mirrors=10.0.2.2:5000=https://mirror.local:443 "
+                      "insecure_registries=10.0.2.2:5000")
+    hosts = tomllib.loads(hosts_toml(sandbox, "10.0.2.2:5000"))["host"]
+    assert list(hosts) == ["https://mirror.local:443", "https://10.0.2.2:5000", "http://10.0.2.2:5000"]
+    assert hosts["https://mirror.local:443"]["skip_verify"] is False
+    assert hosts["https://10.0.2.2:5000"]["skip_verify"] is True
+
+
 @pytest.mark.parametrize("entry", ["docker.io", "docker.io=", "docker.io=ftp://m.example", "=https://m.example",
                                    "docker.io=https://user:pw@m.example", "bad/name=https://m.example",
                                    "docker.io=https://*", "docker.io=https://m.example/a b",

@@ -74,8 +74,9 @@ def test_unknown_profile_names_the_available_ones():
 
 
 def test_ca_certs_must_exist_and_be_pem(tmp_path):
-    with pytest.raises(CaptainError, match="does not exist"):
+    with pytest.raises(CaptainError, match="does not exist") as missing:
         image.check_ca_certs((tmp_path / "missing.pem",))
+    assert "./build.py lab ca" in str(missing.value.hint)  # the README's first lab command names this file
     der = tmp_path / "ca.der"
     der.write_bytes(b"\x30\x82\x01")
     with pytest.raises(CaptainError, match="not a PEM certificate"):

@@ -322,6 +322,42 @@ def test_lab_up_refuses_an_image_that_does_not_trust_the_labs_ca(tmp_path):
     lab.check_artifacts(ca)
 
 
+def test_lab_run_on_a_running_lab_refuses_an_out_rebuilt_without_the_ca(tmp_path, monkeypatch):
+    """`lab up` checked the image it serves; an out/ rebuilt after it is checked again by `lab run`
+    before any VM boots."""
+    import argparse
+
+    from captainos.lab import cli as lab_cli
+    from captainos.lab import registry
+    from captainos.stages import artifacts
+    cfg = config.Config(cache_dir=tmp_path / "cache", out_dir=tmp_path / "out")
+    cfg.out_dir.mkdir()
+    for name in artifacts.smee_links(cfg.arch):
+        (cfg.out_dir / name).write_bytes(b"")
+    _initramfs(cfg.out_dir / artifacts.initramfs_name(cfg.arch), _pem("WFla" * 40))
+    ca = registry.CA(tmp_path / "ca")
+    ca.root.mkdir()
+    ca.cert.write_bytes(_pem("QUJD" * 40))
+    booted: list[object] = []
+
+    class Running(Lab):
+        def provision(self, plan, workdir):
+            booted.append(plan)
+
+    monkeypatch.setattr(lab_cli, "lab_dir", lambda cfg, name: tmp_path)
+    (tmp_path / "lab.json").write_text("{}")
+    monkeypatch.setattr(lab_cli.Lab, "attach", staticmethod(lambda cfg, name: Running(cfg, name=name,
+                                                                                      root=tmp_path / "lab")))
+    monkeypatch.setattr(lab_cli.registry, "ensure_ca", lambda cache, runner: ca)
+    workflow_file = tmp_path / "w.yaml"
+    workflow_file.write_text("name: w\n")
+    args = argparse.Namespace(workflow=str(workflow_file), name="t", ipv6="", boot="uefi", vm=12, timeout=5.0,
+                              chart=False)
+    with pytest.raises(CaptainError, match="does not trust the lab's CA") as refused:
+        lab_cli.run(cfg, args)
+    assert f"--extra-ca-certs {ca.cert}" in str(refused.value.hint) and not booted
+
+
 def test_lab_ca_makes_the_ca_once_and_prints_its_path(tmp_path, capsys):
     import argparse
 
@@ -509,6 +545,9 @@ def test_lab_run_keeps_a_runs_files_only_when_it_did_not_succeed(tmp_path, monke
     monkeypatch.setattr(core_log, "info", lines.append)
 
     class Attached:
+        def check_artifacts(self, ca):
+            assert ca == "the lab's CA"
+
         def provision(self, plan, workdir):
             (workdir / "serial1.log").write_text("the OS console\n")
             if state == "raises":
@@ -518,6 +557,7 @@ def test_lab_run_keeps_a_runs_files_only_when_it_did_not_succeed(tmp_path, monke
     monkeypatch.setattr(lab_cli, "lab_dir", lambda cfg, name: tmp_path)
     (tmp_path / "lab.json").write_text("{}")
     monkeypatch.setattr(lab_cli.Lab, "attach", staticmethod(lambda cfg, name: Attached()))
+    monkeypatch.setattr(lab_cli.registry, "ensure_ca", lambda cache, runner: "the lab's CA")
     args = argparse.Namespace(workflow=str(workflow_file), name="t", ipv6="", boot="uefi", vm=12, timeout=5.0,
                               chart=False)
     if state == "SUCCESS":

@@ -63,3 +63,28 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert f"```sh\n{command}\n```" in quick
     assert "python3 ./build.py setup\n" in ci
     assert f"\n{command} || status=$?\n" in ci
+
+
+def test_the_lab_commands_parse_in_the_order_written_and_name_the_ca_lab_ca_makes():
+    """The README's lab block is what a new user types first (issue 34): every line is a command
+    the CLI takes, `lab ca` comes before the build that names its file, that file is where
+    `lab ca` makes it in the default cache, and the workflow it runs exists."""
+    import shlex
+
+    from captainos.lab import registry
+
+    section = _section("The real-Tinkerbell lab")
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert [c[0] for c in commands] == ["./build.py"] * len(commands)
+    for argv in commands:
+        verb, _, args = cli.parse([str(Path(w).expanduser()) if w.startswith("~/") else w for w in argv[1:]],
+                                  env={})
+        if verb == "lab" and args.action == "run":
+            assert (Path(__file__).resolve().parents[2] / args.workflow).is_file(), args.workflow
+    order = [" ".join(c[1:3]) for c in commands]
+    assert order.index("lab ca") < next(i for i, c in enumerate(commands) if "--extra-ca-certs" in c) \
+        < order.index("lab up") < order.index("lab run")
+    build = next(c for c in commands if "--extra-ca-certs" in c)
+    named = Path(build[build.index("--extra-ca-certs") + 1]).expanduser()
+    assert named == registry.CA(config.load(env={}).cache_dir / "e2e-ca").cert

@@ -178,6 +178,7 @@ _cap_cmdline_check() {
                 # Numbers are read in base 10 here, once: "0514" is 514, "08" is 8 (bash's
                 # arithmetic would take a leading zero for octal in every reader).
                 port | seconds | vlan) CAP_PARAMS["$name"]=$((10#${CAP_PARAMS["$name"]})) ;;
+                counts) CAP_PARAMS["$name"]=$((10#${CAP_PARAMS["$name"]%,*})),$((10#${CAP_PARAMS["$name"]#*,})) ;;
             esac
             continue
         fi
@@ -217,6 +218,7 @@ _cap_check() {
         ipam) cap_check_ipam "$value" ;;
         id) [[ -n $value && ! $value =~ [[:space:]] ]] || CAP_WHY="empty or holds a blank" ;;
         seconds) [[ $value =~ ^[0-9]{1,4}$ ]] || CAP_WHY="not a number of seconds (0-9999)" ;;
+        counts) [[ $value =~ ^[0-9]{1,3},[0-9]{1,3}$ ]] || CAP_WHY="expected two counts, like 2,1" ;;
         choice:*) [[ ,${kind#choice:}, == *,"$value",* ]] || CAP_WHY="expected one of ${kind#choice:}" ;;
         *) CAP_WHY="unknown kind $kind in the parameter table" ;;
     esac
@@ -414,7 +416,7 @@ _cap_ipv6_groups() {
 # cap_netmask_prefix MASK: print the prefix length of a dotted netmask or of "0".."32".
 cap_netmask_prefix() {
     local mask=$1 IFS=. octet bits=0 seen_zero=0 b
-    if [[ $mask =~ ^/?[0-9]{1,2}$ ]]; then
+    if [[ $mask =~ ^/?[0-9]{1,3}$ ]]; then  # a prefix length, base 10 (024 is 24)
         mask=${mask#/}
         ((10#$mask <= 32)) || return 1
         printf '%d' "$((10#$mask))"
