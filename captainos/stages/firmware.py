@@ -34,6 +34,9 @@ LIST = REPO / "kernel" / "firmware.txt"
 COMPONENT = "non-free-firmware"
 TARGET = Path("usr/lib/firmware")
 REPORT = Path("usr/share/captainos/firmware.json")
+# Each package's copyright file, for the SBOM's licenses: mkosi.postinst.chroot reads them into
+# licenses.tsv beside the installed packages' and removes the directory.
+COPYRIGHTS = Path("usr/share/captainos/firmware-copyright")
 # Where Debian's firmware packages put their files (trixie: usr/lib; older ones: lib).
 PACKAGE_ROOTS = ("usr/lib/firmware", "lib/firmware")
 MAX_DICT = 64 << 20
@@ -97,20 +100,24 @@ def declared(runner: Runner, kernel_entry: Path) -> dict[str, list[str]]:
     return found
 
 
-def package_file(root: Path, name: str) -> Path | None:
-    """The regular file a package tree holds at a firmware name, links followed inside the tree."""
-    for base in PACKAGE_ROOTS:
-        path = root / base / name
-        for _ in range(16):  # a link chain longer than this is a loop
-            if not path.is_symlink():
-                break
-            target = os.readlink(path)
-            path = root / target.lstrip("/") if target.startswith("/") else path.parent / target
-        if path.is_file() and not path.is_symlink():
-            real = path.resolve()
-            if real.is_relative_to(root.resolve()):
-                return real
+def tree_file(root: Path, relative: str) -> Path | None:
+    """The regular file a package tree holds at a path, links followed inside the tree."""
+    path = root / relative
+    for _ in range(16):  # a link chain longer than this is a loop
+        if not path.is_symlink():
+            break
+        target = os.readlink(path)
+        path = root / target.lstrip("/") if target.startswith("/") else path.parent / target
+    if path.is_file() and not path.is_symlink():
+        real = path.resolve()
+        if real.is_relative_to(root.resolve()):
+            return real
     return None
+
+
+def package_file(root: Path, name: str) -> Path | None:
+    """The regular file a package tree holds at a firmware name (trixie's root or the older one)."""
+    return next((found for base in PACKAGE_ROOTS if (found := tree_file(root, f"{base}/{name}")) is not None), None)
 
 
 def compress(data: bytes) -> bytes:
@@ -192,6 +199,10 @@ def build(cfg: Config, runner: Runner, kernel_entry: Path, archive: debian.Archi
             trees[pkg.name] = unpacked / pkg.name
         chosen, skipped = select(wanted, trees, fwlist)
         records = install(chosen, work / "tree")
+        for pkg in packages:
+            copyright_file = tree_file(trees[pkg.name], f"usr/share/doc/{pkg.name}/copyright")
+            if copyright_file is not None:
+                cache.atomic_write(work / "tree" / COPYRIGHTS / pkg.name, copyright_file.read_bytes())
         report = {"kernel_entry": kernel_entry.name,
                   "packages": {p.name: p.version for p in packages},
                   "files": records,

@@ -15,7 +15,9 @@ Licenses: each Debian package's declared license comes from its copyright file, 
 build time by mkosi.postinst.chroot (the image keeps no /usr/share/doc) into `LICENSES`: the
 License: short names of a machine-readable (DEP-5) file, mapped to SPDX ids (a name with no
 SPDX id becomes a LicenseRef, declared in the document); a package whose file is free-form
-says NOASSERTION. The kernel's is declared; Go modules and firmware say NOASSERTION. The
+says NOASSERTION. The firmware packages' copyright files come with the firmware tree
+(firmware.py) and are read the same way. The kernel's is declared; Go modules and firmware
+files say NOASSERTION. The
 document's time is SOURCE_DATE_EPOCH and its namespace a digest of its content, so the same
 image gives the same SBOM.
 """
@@ -369,6 +371,7 @@ def document(contents: Contents, kernel_info: dict[str, Any], kernel_config_sha2
         spdx_id = _spdx_id("firmware-deb", name)
         packages.append(_package(spdx_id, name, version, purl=f"pkg:deb/debian/{name}@{version}?arch=all",
                                  supplier="Organization: Debian",
+                                 licenseDeclared=declared_license(contents.licenses.get(name), refs),
                                  comment="firmware files are taken from it (not installed with dpkg)"))
         relations.append((root, "CONTAINS", spdx_id))
     files: list[dict[str, Any]] = []

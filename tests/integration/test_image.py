@@ -189,10 +189,14 @@ def test_the_sbom_lists_what_dpkg_says_is_installed(initramfs: Path, unpacked: P
 def test_every_package_with_a_machine_readable_copyright_file_declares_its_license(initramfs: Path,
                                                                                   unpacked: Path) -> None:
     """licenses.tsv (written from the copyright files at build time) lists every installed
-    package; exactly those whose file is free-form say NOASSERTION, and they are few."""
-    from captainos.stages import sbom
+    package and every firmware package the build took files from; exactly those whose file is
+    free-form say NOASSERTION, and they are few."""
+    from captainos.stages import firmware, sbom
     licenses = sbom.parse_licenses((unpacked / sbom.LICENSES).read_text())
-    debs = [p for p in sbom_of(initramfs)["packages"] if p["SPDXID"].startswith("SPDXRef-deb-")]
+    debs = [p for p in sbom_of(initramfs)["packages"] if p["SPDXID"].startswith(("SPDXRef-deb-",
+                                                                                 "SPDXRef-firmware-deb-"))]
+    assert any(p["SPDXID"].startswith("SPDXRef-firmware-deb-") for p in debs)
+    assert not (unpacked / firmware.COPYRIGHTS).exists()  # read at build time, not shipped
     assert {p["name"] for p in debs} <= set(licenses)
     unasserted = sorted({p["name"] for p in debs if p["licenseDeclared"] == "NOASSERTION"})
     assert unasserted == sorted({p["name"] for p in debs if not licenses[p["name"]]})

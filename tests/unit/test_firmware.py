@@ -48,9 +48,13 @@ def test_builtin_modinfo_gives_firmware_per_driver() -> None:
                                               "ice": ["intel/ice/ddp/ice.pkg"]}
 
 
-def make_deb(tmp_path: Path, name: str, files: dict[str, bytes], links: dict[str, str]) -> Path:
+def make_deb(tmp_path: Path, name: str, files: dict[str, bytes], links: dict[str, str],
+             copyright_text: str | None = None) -> Path:
     root = tmp_path / f"{name}-root"
     (root / "DEBIAN").mkdir(parents=True)
+    if copyright_text is not None:
+        (root / "usr/share/doc" / name).mkdir(parents=True)
+        (root / "usr/share/doc" / name / "copyright").write_text(copyright_text)
     (root / "DEBIAN" / "control").write_text(f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
                                              f"Maintainer: t <t@example.org>\nDescription: test\n")
     for rel, data in files.items():
@@ -90,19 +94,24 @@ def kernel_entry(tmp_path: Path, builtin: dict[str, list[str]]) -> Path:
 
 
 BLOB = bytes(range(256)) * 64
+COPYRIGHT = ("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+             "Files: *\nLicense: non-free\n")
 
 
 def test_build_packs_declared_files_as_xz_and_nothing_else(tmp_path: Path) -> None:
     deb = make_deb(tmp_path, "firmware-test", {"vendor/real-1.0.bin": BLOB, "vendor/old.fw": b"old",
                                                "vendor/unused.bin": b"nobody asks"},
-                   {"vendor/nic.bin": "real-1.0.bin"})
+                   {"vendor/nic.bin": "real-1.0.bin"}, copyright_text=COPYRIGHT)
     fwlist = tmp_path / "firmware.txt"
     fwlist.write_text("package firmware-test\nskip vendor/old.fw  fallback of the new one\n")
     entry = kernel_entry(tmp_path, {"nicdrv": ["vendor/nic.bin", "vendor/old.fw"], "other": ["vendor/nic.bin"]})
     cfg = Config(cache_dir=tmp_path / "cache")
     out = firmware.build(cfg, Runner(), entry, Debs({"firmware-test": deb}), fwlist)
     files = sorted(str(p.relative_to(out / "tree")) for p in (out / "tree").rglob("*") if p.is_file())
-    assert files == ["usr/lib/firmware/vendor/nic.bin.xz", "usr/share/captainos/firmware.json"]
+    assert files == ["usr/lib/firmware/vendor/nic.bin.xz", "usr/share/captainos/firmware-copyright/firmware-test",
+                     "usr/share/captainos/firmware.json"]
+    # The package's copyright file, for the SBOM's licenses (mkosi.postinst.chroot reads it).
+    assert (out / "tree" / firmware.COPYRIGHTS / "firmware-test").read_text() == COPYRIGHT
     packed = out / "tree/usr/lib/firmware/vendor/nic.bin.xz"
     assert not packed.is_symlink() and lzma.decompress(packed.read_bytes()) == BLOB
     assert packed.read_bytes()[6:8] == b"\x00\x01"  # stream flags: CRC32, what the kernel's loader checks

@@ -69,9 +69,11 @@ TOOLS_MANIFEST = {"components": {"tool": {"module": "github.com/example/tool@v9.
                                           "binaries": {"tool": {"path": "/usr/bin/tool"}}}}}
 
 
-# What mkosi.postinst.chroot writes: bash's copyright file is DEP-5, libc6's free-form.
+# What mkosi.postinst.chroot writes: bash's copyright file is DEP-5, libc6's free-form; the
+# firmware package (not installed with dpkg) comes last.
 LICENSES = ("bash\tdep5\tGPL-3+|GPL-3+ with Bison exception|public-domain|BSD-4-clause-UC and MIT-like\n"
-            "libc6\tother\t\n")
+            "libc6\tother\t\n"
+            "firmware-realtek\tdep5\tnon-free|GPL-2+\n")
 
 
 @pytest.fixture
@@ -169,8 +171,10 @@ def test_packages_declare_the_licenses_of_their_dep5_copyright_files(contents, t
     assert bash == ("GPL-3.0-or-later AND (GPL-3.0-or-later WITH Bison-exception-2.2) AND LicenseRef-deb-public-domain "
                     "AND LicenseRef-deb-BSD-4-clause-UC-and-MIT-like")
     assert by_id["SPDXRef-deb-libc6-amd64"]["licenseDeclared"] == "NOASSERTION"  # free-form copyright file
+    assert by_id["SPDXRef-firmware-deb-firmware-realtek"]["licenseDeclared"] == \
+        "LicenseRef-deb-non-free AND GPL-2.0-or-later"
     assert [e["licenseId"] for e in doc["hasExtractedLicensingInfos"]] == [
-        "LicenseRef-deb-BSD-4-clause-UC-and-MIT-like", "LicenseRef-deb-public-domain"]
+        "LicenseRef-deb-BSD-4-clause-UC-and-MIT-like", "LicenseRef-deb-non-free", "LicenseRef-deb-public-domain"]
     assert validate(doc, tmp_path) == []  # every LicenseRef declared, every id on SPDX's list
 
 
