@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from captainos import __version__
@@ -196,8 +197,6 @@ def _checksums(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _publish(cfg: Config, args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from captainos import host
     from captainos.stages import publish
 
@@ -227,10 +226,19 @@ def _lab_module(name: str) -> Any:
     import importlib
     import importlib.util
 
+    from captainos import host
+
     missing = [package for module, package in LAB_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
+        venv_python = host.VENV / "bin" / "python"
+        if venv_python.is_file() and Path(sys.prefix).resolve() != host.VENV.resolve():
+            # `./build.py` runs on the system's python3; `setup` put the lab extra in the venv:
+            # the same command line again, there.
+            log.info(f"    the lab extra is in {host.VENV}: running this command with {venv_python}")
+            os.execv(venv_python, [str(venv_python), *sys.orig_argv[1:]])
         raise CaptainError(f"this verb needs the lab extra, missing: {', '.join(missing)}",
-                           "pip install 'captainos[lab]' (from a checkout: pip install -e '.[lab]')")
+                           "'./build.py setup' makes .venv with it; or pip install 'captainos[lab]' "
+                           "(from a checkout: pip install -e '.[lab]')")
     return importlib.import_module(f"captainos.lab.{name}")
 
 
@@ -259,8 +267,6 @@ def _clean(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _bench(cfg: Config, args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     bench = _lab_module("bench")
     if args.runs < 1:
         raise CaptainError(f"invalid --runs {args.runs}", "use 1 or more")

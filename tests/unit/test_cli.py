@@ -182,16 +182,46 @@ def test_lab_run_without_a_workflow_is_refused(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["bench", "--only", "size"], ["lab", "status"]])
-def test_a_lab_verb_without_the_lab_extra_names_it(argv, capsys, monkeypatch):
+def test_a_lab_verb_without_the_lab_extra_names_it(argv, capsys, monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
     monkeypatch.setattr("captainos.host.check", lambda cfg, verb: None)
+    monkeypatch.setattr("captainos.host.VENV", tmp_path / "no-venv")  # setup has not run
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "needs the lab extra, missing: grpcio" in err and "captainos[lab]" in err
+    assert "needs the lab extra, missing: grpcio" in err and "./build.py setup" in err and "captainos[lab]" in err
     assert len([line for line in err.splitlines() if line.strip()]) == 2  # the error and its hint
+
+
+def test_a_lab_verb_on_the_systems_python_runs_again_in_the_venv_setup_made(capsys, monkeypatch, tmp_path):
+    """`./build.py lab ca` as the README writes it: the system's python3 has no lab extra, the
+    venv `setup` made has; the same command line runs again there."""
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    monkeypatch.setattr("captainos.host.VENV", venv)
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", "./build.py", "lab", "ca"])
+    execs: list[tuple[object, list[str]]] = []
+
+    def execv(path, args):
+        execs.append((path, args))
+        raise SystemExit(0)  # exec does not return
+
+    monkeypatch.setattr("os.execv", execv)
+    with pytest.raises(SystemExit):
+        cli.main(["lab", "ca"])
+    assert execs == [(venv / "bin" / "python", [str(venv / "bin" / "python"), "./build.py", "lab", "ca"])]
+    # Already in that venv: no second exec, the missing package is named.
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    assert cli.main(["lab", "ca"]) == 1 and len(execs) == 1
+    assert "needs the lab extra, missing: grpcio" in capsys.readouterr().err
 
 
 def test_the_stage_verbs_are_the_stage_table():
