@@ -17,9 +17,8 @@ License: short names of a machine-readable (DEP-5) file, mapped to SPDX ids (a n
 SPDX id becomes a LicenseRef, declared in the document); a package whose file is free-form
 says NOASSERTION. The firmware packages' copyright files come with the firmware tree
 (firmware.py) and are read the same way. The kernel's is declared; Go modules and firmware
-files say NOASSERTION. The
-document's time is SOURCE_DATE_EPOCH and its namespace a digest of its content, so the same
-image gives the same SBOM.
+files say NOASSERTION. The document's time is SOURCE_DATE_EPOCH and its namespace a digest
+of its content, so the same image gives the same SBOM.
 """
 
 from __future__ import annotations
