@@ -9,7 +9,9 @@ is followed, so the image holds no links and no file no driver asks for.
 
 The result is a cache entry holding `tree/usr/lib/firmware/...` (an extra tree of the image)
 and `firmware.json` (every file with its driver, package and sizes; every skipped file with
-its reason), which the image also ships as /usr/share/captainos/firmware.json.
+its reason), which the image also ships as /usr/share/captainos/firmware.json. The tree also
+carries each package's copyright file (COPYRIGHTS), which the image build reads for the
+SBOM's licenses and does not ship.
 """
 
 from __future__ import annotations
